@@ -1,0 +1,285 @@
+"""`lorastudio` command line. Bare `lorastudio` launches the web app.
+
+Subcommand names are a contract other tools use:
+  webui, list-presets, copy-preset, train, resume, runs, stop, preview
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import signal
+import sys
+import time
+from pathlib import Path
+
+EXIT_USAGE = 2
+
+
+def _err(msg: str, code: int = EXIT_USAGE) -> int:
+    print(f"error: {msg}", file=sys.stderr)
+    return code
+
+
+def _resolve_config_path(arg: str) -> Path:
+    p = Path(arg)
+    if p.exists():
+        return p
+    import presets
+
+    found = presets.find(arg) or (presets.find(p.name) if p.parent.name == "presets" else None)
+    return found or p
+
+
+# ---------------------------------------------------------------- presets
+
+def cmd_list_presets(a) -> int:
+    import presets
+    import yaml
+
+    rows = []
+    for name, path in sorted(presets.preset_files().items()):
+        data = yaml.safe_load(path.read_text()) or {}
+        rows.append((name, data.get("model", {}).get("name_or_path", "?"), data.get("method", "lora")))
+    w = max(len(r[0]) for r in rows) if rows else 4
+    print(f"{'NAME':<{w}}  {'METHOD':<6}  MODEL")
+    for name, model, method in rows:
+        print(f"{name:<{w}}  {method:<6}  {model}")
+    return 0
+
+
+def cmd_copy_preset(a) -> int:
+    import presets
+
+    src = presets.find(a.name)
+    if src is None:
+        return _err(f"no preset named {a.name!r} (see `lorastudio list-presets`)")
+    dest = Path(a.dest)
+    if dest.is_dir():
+        dest = dest / src.name
+    if dest.exists():
+        return _err(f"{dest} exists; not overwriting")
+    shutil.copyfile(src, dest)
+    print(dest)
+    return 0
+
+
+# ---------------------------------------------------------------- training
+
+def cmd_train(a) -> int:
+    from . import config as config_lib
+    from . import runs
+
+    cfg_path = _resolve_config_path(a.config)
+    try:
+        cfg = config_lib.load(cfg_path, a.set)
+        cfg = config_lib.resolve(cfg)
+    except config_lib.ConfigError as e:
+        return _err(str(e), runs.EXIT_CONFIG)
+    if a.run_dir:
+        run_dir = Path(a.run_dir).resolve()
+        if (run_dir / "run.json").exists():
+            return _err(f"{run_dir} already holds a run; use `lorastudio resume {run_dir}` or another --run-dir")
+        run_dir.mkdir(parents=True, exist_ok=True)
+    else:
+        run_dir = runs.new_run_dir(cfg.output.run_name, cfg.model.name_or_path, cfg.method)
+    config_lib.save(cfg, run_dir / "config.yaml",
+                    header=f"# lorastudio train {run_dir / 'config.yaml'}\n# resolved from {cfg_path}\n")
+    runs.write_json(run_dir, status="queued", created=time.time(), source_config=str(cfg_path),
+                    run_name=run_dir.name)
+    proc = runs.launch(run_dir)
+    print(f"run dir: {run_dir}", flush=True)
+    if a.detach:
+        return 0
+    return _follow(run_dir, proc)
+
+
+def cmd_resume(a) -> int:
+    from . import runs
+
+    run_dir = Path(a.run_dir).resolve()
+    info = runs.status(run_dir)
+    if not info:
+        return _err(f"{run_dir} is not a run directory (no run.json)")
+    if info.get("status") in runs.ACTIVE:
+        return _err(f"{run_dir} is still {info['status']} (pid {info.get('pid')}); stop it first")
+    proc = runs.launch(run_dir, resume=True)
+    print(f"resuming {run_dir}", flush=True)
+    if a.detach:
+        return 0
+    return _follow(run_dir, proc)
+
+
+def _follow(run_dir: Path, proc) -> int:
+    """Echo train.log while the child runs; Ctrl-C stops the run cleanly (SIGTERM, grace, SIGKILL)."""
+    from . import runs
+
+    log = run_dir / "train.log"
+    pos = 0
+    interrupted = False
+
+    def on_int(signum, frame):
+        nonlocal interrupted
+        interrupted = True
+
+    old = signal.signal(signal.SIGINT, on_int)
+    try:
+        while True:
+            if log.exists():
+                with open(log, "rb") as f:
+                    f.seek(pos)
+                    chunk = f.read()
+                    pos += len(chunk)
+                if chunk:
+                    sys.stdout.write(chunk.decode("utf-8", "replace"))
+                    sys.stdout.flush()
+            if interrupted:
+                print("\nstopping (saving at the next step)...", flush=True)
+                runs.stop(run_dir, grace=60)
+                interrupted = False
+            code = proc.poll()
+            if code is not None:
+                with open(log, "rb") as f:
+                    f.seek(pos)
+                    sys.stdout.write(f.read().decode("utf-8", "replace"))
+                info = runs.read_json(run_dir)
+                if code != 0 and info.get("error"):
+                    print(f"error: {info['error']}", file=sys.stderr)
+                return code
+            time.sleep(0.3)
+    finally:
+        signal.signal(signal.SIGINT, old)
+
+
+def cmd_runs(a) -> int:
+    from . import runs
+
+    items = runs.list_runs()
+    if a.json:
+        print(json.dumps(items, indent=2, default=str))
+        return 0
+    if not items:
+        print("no runs yet (lorastudio train presets/tiny_demo.yaml)")
+        return 0
+    print(f"{'STATUS':<9} {'STEP':>10} {'LOSS':>8}  RUN")
+    for info in items:
+        events, _ = runs.read_events(info["run_dir"])
+        steps = [e for e in events if e.get("event") == "step"]
+        last = steps[-1] if steps else {}
+        step = f"{last.get('step', 0)}/{last.get('total_steps', '?')}" if last else "-"
+        loss = f"{last['loss']:.4f}" if last.get("loss") is not None else "-"
+        print(f"{info.get('status', '?'):<9} {step:>10} {loss:>8}  {info['run_dir']}")
+        if info.get("status") == "failed" and info.get("error"):
+            print(f"          error: {info['error']}")
+    return 0
+
+
+def cmd_stop(a) -> int:
+    from . import runs
+
+    run_dir = Path(a.run_dir).resolve()
+    if not (run_dir / "run.json").exists():
+        return _err(f"{run_dir} is not a run directory (no run.json)")
+    print(runs.stop(run_dir, grace=a.grace))
+    return 0
+
+
+# ---------------------------------------------------------------- preview
+
+def cmd_preview(a) -> int:
+    from . import preview
+
+    try:
+        samples = preview.preview_samples(config=a.config, model=a.model, data=a.data, template=a.template,
+                                          n=a.n, fmt=a.format)
+    except Exception as e:  # noqa: BLE001 - bad input: one clear line, no traceback
+        return _err(str(e), 2)
+    if a.json:
+        print(json.dumps([{k: s[k] for k in ("messages", "text", "trained_spans")} | ({"text_only": s["text_only"]} if "text_only" in s else {}) for s in samples], ensure_ascii=False, indent=1))
+        return 0
+    color = sys.stdout.isatty() and not os.environ.get("NO_COLOR")
+    for i, s in enumerate(samples):
+        print(f"--- sample {i + 1}: {s['n_tokens']} tokens, {s['n_trained']} trained"
+              + (" (truncated)" if s["truncated"] else "") + " ---")
+        print(preview.highlight(s["text"], s["trained_spans"], color=color))
+    if samples and not color:
+        print("(trained text is shown between [[ and ]])")
+    return 0
+
+
+# ---------------------------------------------------------------- web app
+
+def cmd_webui(a) -> int:
+    from webui.app import launch
+
+    return launch(host=a.host, port=a.port) or 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    ap = argparse.ArgumentParser(prog="lorastudio", description="LoRA Studio: fine-tune LLMs with LoRA/QLoRA. "
+                                 "Run with no subcommand to open the web app.")
+    sub = ap.add_subparsers(dest="cmd")
+
+    p = sub.add_parser("webui", help="launch the web app (default)")
+    p.add_argument("--host", default="127.0.0.1")
+    p.add_argument("--port", type=int, default=7860)
+    p.set_defaults(func=cmd_webui)
+
+    p = sub.add_parser("list-presets", help="list shipped presets")
+    p.set_defaults(func=cmd_list_presets)
+
+    p = sub.add_parser("copy-preset", help="copy a preset to edit it")
+    p.add_argument("name")
+    p.add_argument("dest")
+    p.set_defaults(func=cmd_copy_preset)
+
+    p = sub.add_parser("train", help="train from a config (a YAML file or a preset name)")
+    p.add_argument("config")
+    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                   help="override a config value, e.g. --set training.learning_rate=1e-4")
+    p.add_argument("--run-dir", help="run directory (default: a new one under $LORASTUDIO_HOME/runs)")
+    p.add_argument("--detach", action="store_true", help="start the run and return")
+    p.set_defaults(func=cmd_train)
+
+    p = sub.add_parser("resume", help="continue a stopped or failed run from its last checkpoint")
+    p.add_argument("run_dir")
+    p.add_argument("--detach", action="store_true")
+    p.set_defaults(func=cmd_resume)
+
+    p = sub.add_parser("runs", help="list runs in the workspace")
+    p.add_argument("--json", action="store_true")
+    p.set_defaults(func=cmd_runs)
+
+    p = sub.add_parser("stop", help="stop a run (SIGTERM, then SIGKILL after --grace seconds)")
+    p.add_argument("run_dir")
+    p.add_argument("--grace", type=float, default=30.0)
+    p.set_defaults(func=cmd_stop)
+
+    p = sub.add_parser("preview", help="render samples exactly as training sees them")
+    p.add_argument("config", nargs="?")
+    p.add_argument("--model")
+    p.add_argument("--data")
+    p.add_argument("--template", default=None)
+    p.add_argument("--format", default="auto", help="dataset format (default: detect)")
+    p.add_argument("-n", type=int, default=3)
+    p.add_argument("--json", action="store_true")
+    p.set_defaults(func=cmd_preview)
+    return ap
+
+
+def main(argv: list[str] | None = None) -> int:
+    os.environ.setdefault("HF_HUB_DISABLE_TELEMETRY", "1")
+    os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")
+    ap = build_parser()
+    a = ap.parse_args(argv)
+    if a.cmd is None:
+        a = ap.parse_args(["webui"])
+    if a.cmd == "preview" and not a.config and not (a.model and a.data):
+        ap.error("preview needs CONFIG, or --model and --data")
+    return a.func(a)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

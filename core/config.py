@@ -1,0 +1,225 @@
+"""RunConfig: the one typed config for a training run, and its YAML form.
+
+Every knob has a visible default and one line of advice. Errors name the field path
+("training.learning_rate: must be > 0"). `resolve()` fills device-dependent values (dtype,
+gradient checkpointing, optimizer) so the run directory's config.yaml holds every value used.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+
+class ConfigError(ValueError):
+    """A config problem; the message names the field path(s)."""
+
+
+class _Section(BaseModel):
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+
+class ModelSection(_Section):
+    name_or_path: str = "builtin:tiny"  # local folder, hub id, or builtin:tiny (offline default)
+    revision: str | None = None  # hub revision (branch, tag or commit) for reproducibility
+    trust_remote_code: bool = False  # runs code shipped with the model: only for models you trust
+    dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"  # auto: bf16 on capable GPUs, fp32 on CPU
+    attn_implementation: Literal["sdpa", "eager", "flex_attention"] = "sdpa"
+
+
+class DataSource(_Section):
+    path: str  # json/jsonl/csv/parquet/txt file, or builtin:sample
+    format: Literal["auto", "openai", "sharegpt", "alpaca", "guanaco", "xtuner", "text"] = "auto"
+    columns: dict[str, str] | None = None  # column-mapping override, e.g. {instruction: question}
+    placeholders: dict[str, str] | None = None  # fills {{name}}/{{author}} as in identity data
+    ratio: float = Field(1.0, gt=0)  # rows taken = ratio x usable rows (>1 repeats, <1 subsamples)
+
+
+class DataSection(_Section):
+    sources: list[DataSource] = Field(default_factory=lambda: [DataSource(path="builtin:sample")], min_length=1)
+    eval_split: float = Field(0.0, ge=0, lt=0.5)  # fraction held out for eval loss (0 = none)
+    seed: int = 0  # shuffling and mixing
+
+
+class TemplateSection(_Section):
+    name: str = "auto"  # auto = the tokenizer's own; or chatml, qwen, llama3, mistral, ... or custom
+    custom_jinja: str | None = None  # with name: custom; rendered in a sandbox
+    cutoff_len: int = Field(1024, gt=0)  # tokens per sample; longer samples are truncated and counted
+    packing: bool = False  # pack samples into cutoff_len rows (no cross-sample attention)
+
+
+class LoraSection(_Section):
+    r: int = Field(16, gt=0)  # rank: 8-64 typical; higher = more capacity, more memory
+    alpha: float = Field(32, gt=0)  # scale = alpha / r (or alpha / sqrt(r) with rslora)
+    dropout: float = Field(0.05, ge=0, lt=1)
+    target_modules: list[str] | str = "all-linear"  # all-linear, or e.g. [q_proj, v_proj]
+    use_dora: bool = False  # weight-decomposed LoRA: a bit better, slower
+    use_rslora: bool = False  # rank-stabilised scaling, helps at high r
+
+
+class QuantSection(_Section):
+    bits: Literal[4, 8] | None = None  # only with method: qlora (defaults to 4)
+    quant_type: Literal["nf4", "fp4"] = "nf4"
+    double_quant: bool = True  # quantise the quantisation constants: ~0.4 bit/param saved
+
+
+class TrainingSection(_Section):
+    epochs: float = Field(3.0, gt=0)
+    max_steps: int = -1  # > 0 overrides epochs
+    micro_batch_size: int = Field(4, gt=0)  # per device; lower it first when out of memory
+    grad_accum: int = Field(4, gt=0)  # effective batch = micro_batch_size x grad_accum
+    learning_rate: float = Field(2e-4, gt=0)  # LoRA: 1e-4..5e-4; full fine-tuning: 1e-5..5e-5
+    lr_scheduler: Literal["cosine", "linear", "constant", "constant_with_warmup"] = "cosine"
+    warmup_ratio: float = Field(0.03, ge=0, lt=1)
+    weight_decay: float = Field(0.0, ge=0)
+    max_grad_norm: float = Field(1.0, gt=0)
+    optimizer: str = "auto"  # auto: paged_adamw_32bit for QLoRA on CUDA, else adamw_torch
+    neftune_alpha: float | None = Field(None, gt=0)  # noisy embeddings (5 is common); None = off
+    gradient_checkpointing: Literal["auto", True, False] = "auto"  # auto: on for CUDA, off on CPU (12x slower there)
+    seed: int = 42
+    logging_steps: int = Field(1, gt=0)
+    eval_steps: int = Field(50, gt=0)
+    save_steps: int = Field(100, gt=0)  # checkpoint every N optimizer steps
+    save_total_limit: int = Field(2, gt=0)  # keep the last K checkpoints
+    sample_every: int = Field(0, ge=0)  # sample generations every N steps (0 = only at the end)
+    sample_prompts: list[str] = Field(default_factory=list)  # XTuner's evaluation_inputs
+    sample_max_new_tokens: int = Field(64, gt=0)
+    device: Literal["auto", "cpu", "cuda"] = "auto"
+
+
+class OutputSection(_Section):
+    run_name: str | None = None  # default: <model>-<method>-<timestamp>
+
+
+class RunConfig(_Section):
+    model: ModelSection = Field(default_factory=ModelSection)
+    data: DataSection = Field(default_factory=DataSection)
+    template: TemplateSection = Field(default_factory=TemplateSection)
+    method: Literal["lora", "qlora", "full"] = "lora"
+    lora: LoraSection = Field(default_factory=LoraSection)
+    quantization: QuantSection = Field(default_factory=QuantSection)
+    training: TrainingSection = Field(default_factory=TrainingSection)
+    output: OutputSection = Field(default_factory=OutputSection)
+    resolved: dict[str, Any] = Field(default_factory=dict)  # written by resolve(); informational
+
+    @model_validator(mode="after")
+    def _check(self) -> "RunConfig":
+        q = self.quantization
+        if self.method == "full" and q.bits is not None:
+            raise ValueError("quantization.bits: full fine-tuning cannot train quantized weights; "
+                             "use method: qlora, or drop quantization.bits")
+        if self.method == "lora" and q.bits is not None:
+            raise ValueError("quantization.bits: set method: qlora to train on a quantized base")
+        if self.method == "qlora" and q.bits is None:
+            q.bits = 4
+        if self.template.name == "custom" and not self.template.custom_jinja:
+            raise ValueError("template.custom_jinja: required when template.name is custom")
+        return self
+
+
+# ---------------------------------------------------------------- YAML in and out
+
+def _format_errors(err: ValidationError, source: str = "") -> str:
+    lines = []
+    for e in err.errors():
+        path = ".".join(str(p) for p in e["loc"])
+        msg = e["msg"].removeprefix("Value error, ")
+        if e["type"] == "extra_forbidden":
+            msg = "unknown key"
+        elif "input" in e and e["type"] not in ("missing",) and not isinstance(e["input"], dict):
+            msg += f" (got {e['input']!r})"
+        lines.append(f"{path}: {msg}" if path else msg)
+    head = f"invalid config{' in ' + source if source else ''}:"
+    return head + "\n  " + "\n  ".join(lines)
+
+
+def from_dict(data: dict, source: str = "") -> RunConfig:
+    if not isinstance(data, dict):
+        raise ConfigError(f"invalid config{' in ' + source if source else ''}: expected a mapping at the top level")
+    try:
+        return RunConfig.model_validate(data)
+    except ValidationError as e:
+        raise ConfigError(_format_errors(e, source)) from None
+
+
+def load(path: str | Path, overrides: list[str] | None = None) -> RunConfig:
+    path = Path(path)
+    try:
+        text = path.read_text(encoding="utf-8")
+    except FileNotFoundError:
+        raise ConfigError(f"config file not found: {path}") from None
+    try:
+        data = yaml.safe_load(text) or {}
+    except yaml.YAMLError as e:
+        raise ConfigError(f"{path}: not valid YAML: {e}") from None
+    for item in overrides or []:
+        apply_override(data, item)
+    return from_dict(data, str(path))
+
+
+def apply_override(data: dict, item: str) -> None:
+    """`--set training.learning_rate=1e-4`: the value is parsed as YAML (numbers, lists, bools)."""
+    if "=" not in item:
+        raise ConfigError(f"--set {item!r}: expected key.path=value")
+    key, raw = item.split("=", 1)
+    node = data
+    parts = key.strip().split(".")
+    for p in parts[:-1]:
+        node = node.setdefault(p, {})
+        if not isinstance(node, dict):
+            raise ConfigError(f"--set {key}: {p} is not a section")
+    node[parts[-1]] = yaml.safe_load(raw)
+
+
+def to_yaml(cfg: RunConfig, header: str = "") -> str:
+    body = yaml.safe_dump(cfg.model_dump(mode="json"), sort_keys=False, allow_unicode=True)
+    return header + body
+
+
+def save(cfg: RunConfig, path: str | Path, header: str = "") -> None:
+    Path(path).write_text(to_yaml(cfg, header), encoding="utf-8")
+
+
+# ---------------------------------------------------------------- device-dependent defaults
+
+def detect_device(requested: str = "auto") -> str:
+    import torch
+
+    if requested == "cuda" and not torch.cuda.is_available():
+        raise ConfigError("training.device: cuda requested but no CUDA GPU is visible")
+    if requested != "auto":
+        return requested
+    return "cuda" if torch.cuda.is_available() else "cpu"
+
+
+def resolve(cfg: RunConfig) -> RunConfig:
+    """Fill every 'auto' with the concrete value for this machine; the result is what runs."""
+    import torch
+
+    cfg = cfg.model_copy(deep=True)
+    t = cfg.training
+    device = detect_device(t.device)
+    t.device = device
+    if cfg.model.dtype == "auto":
+        if device == "cuda":
+            cfg.model.dtype = "bfloat16" if torch.cuda.is_bf16_supported() else "float16"
+        else:
+            cfg.model.dtype = "float32"  # bf16 on CPU is far slower and less exact
+    if device == "cpu" and cfg.model.dtype != "float32":
+        raise ConfigError(f"model.dtype: {cfg.model.dtype} training on CPU is not supported; use float32 or auto")
+    if t.gradient_checkpointing == "auto":
+        t.gradient_checkpointing = device == "cuda"
+    if t.optimizer == "auto":
+        t.optimizer = "paged_adamw_32bit" if (cfg.method == "qlora" and device == "cuda") else "adamw_torch"
+    if t.optimizer.startswith("paged_") and device != "cuda":
+        raise ConfigError(f"training.optimizer: {t.optimizer} pages optimizer state between GPU and CPU and "
+                          "needs CUDA; on CPU use adamw_torch (or optimizer: auto)")
+    cfg.resolved = {"device": device, "torch": torch.__version__}
+    return cfg
+
+
+def preset_header(command: str) -> str:
+    return f"# {command}\n"

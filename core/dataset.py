@@ -1,0 +1,65 @@
+"""From normalised examples to what the Trainer eats: input_ids + labels, via the one
+labelling function `templates.encode_example` (the same one the preview shows)."""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field
+
+from . import templates
+
+
+@dataclass
+class TokenStats:
+    samples: int = 0  # examples in
+    kept: int = 0  # examples with at least one trained token
+    truncated: int = 0  # longer than cutoff_len (head kept)
+    no_trained_tokens: int = 0  # dropped: nothing left to learn after truncation
+    tokens: int = 0
+    trained_tokens: int = 0
+    lengths: list[int] = field(default_factory=list)
+
+    def summary(self) -> dict:
+        d = asdict(self)
+        lens = sorted(d.pop("lengths"))
+        if lens:
+            d["length_mean"] = round(sum(lens) / len(lens), 1)
+            d["length_p90"] = lens[int(0.9 * (len(lens) - 1))]
+            d["length_max"] = lens[-1]
+        return d
+
+
+def tokenize(dataset, tokenizer, template, cutoff_len: int):
+    """datasets.Dataset of {messages}|{text} -> Dataset(input_ids, labels) and TokenStats."""
+    from datasets import Dataset
+
+    stats = TokenStats()
+    ids_col, labels_col = [], []
+    for example in dataset:
+        stats.samples += 1
+        enc = templates.encode_example(tokenizer, template, example, max_length=cutoff_len)
+        stats.truncated += int(enc.truncated)
+        if enc.n_trained == 0:
+            stats.no_trained_tokens += 1
+            continue
+        stats.kept += 1
+        stats.tokens += len(enc.input_ids)
+        stats.trained_tokens += enc.n_trained
+        stats.lengths.append(len(enc.input_ids))
+        ids_col.append(enc.input_ids)
+        labels_col.append(templates.labels_from(enc))
+    return Dataset.from_dict({"input_ids": ids_col, "labels": labels_col}), stats
+
+
+def pack(dataset, seq_length: int):
+    """Best-fit-decreasing packing (TRL): rows keep `seq_lengths`, so the collator emits
+    position_ids that restart per sample and attention never crosses samples."""
+    from trl import pack_dataset
+
+    return pack_dataset(dataset, seq_length, strategy="bfd")
+
+
+def collator(tokenizer, packing: bool):
+    """Pads by position: labels are padded with -100, never masked by token id (pad may == eos)."""
+    from trl.trainer.sft_trainer import DataCollatorForLanguageModeling
+
+    return DataCollatorForLanguageModeling(pad_token_id=tokenizer.pad_token_id, padding_free=packing)

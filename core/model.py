@@ -1,0 +1,148 @@
+"""Loading tokenizers and models (local folder, hub id or the embedded tiny default),
+quantization, and the LoRA wrapper. Used by training, merging and chat."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from . import tiny
+from .config import ConfigError, RunConfig
+
+
+class ModelError(ValueError):
+    """The model path is wrong, is not a model, or needs remote code that was not allowed."""
+
+
+DTYPES = {"float32": "float32", "bfloat16": "bfloat16", "float16": "float16"}
+
+
+def resolve_path(name_or_path: str) -> str:
+    return tiny.resolve_model(name_or_path)
+
+
+def _check_local(path: str) -> None:
+    p = Path(path)
+    looks_local = p.is_absolute() or path.startswith((".", "~")) or p.exists()
+    if looks_local and not p.exists():
+        raise ModelError(f"model.name_or_path: folder not found: {path}")
+    if p.is_dir() and not any((p / f).exists() for f in ("config.json", "tokenizer.json", "tokenizer_config.json",
+                                                          "tokenizer.model", "vocab.json")):
+        raise ModelError(f"model.name_or_path: {path} is not a model folder (no config.json or tokenizer files)")
+
+
+def _needs_remote_code(path: str) -> bool:
+    cfg = Path(path) / "config.json"
+    if cfg.exists():
+        try:
+            return "auto_map" in json.loads(cfg.read_text())
+        except json.JSONDecodeError:
+            return False
+    return False
+
+
+def load_tokenizer(name_or_path: str, revision: str | None = None, trust_remote_code: bool = False):
+    from transformers import AutoTokenizer
+
+    path = resolve_path(name_or_path)
+    _check_local(path)
+    if _needs_remote_code(path) and not trust_remote_code:
+        raise ModelError(f"model.name_or_path: {name_or_path} ships its own code (auto_map in config.json); "
+                         "tick trust_remote_code (model.trust_remote_code: true) only if you trust its author")
+    try:
+        tok = AutoTokenizer.from_pretrained(path, revision=revision, trust_remote_code=trust_remote_code)
+    except (OSError, ValueError) as e:
+        raise ModelError(f"model.name_or_path: cannot load a tokenizer from {name_or_path}: {e}") from None
+    if tok.pad_token is None:
+        # Labels are masked by position, not by id, so pad == eos is safe here.
+        tok.pad_token = tok.eos_token or tok.unk_token
+    return tok
+
+
+def torch_dtype(name: str):
+    import torch
+
+    return getattr(torch, DTYPES[name])
+
+
+def load_for_training(cfg: RunConfig, tokenizer, new_token_ids: list[int] | None = None):
+    """Base model (optionally 4/8-bit), resized for added tokens, wrapped with LoRA unless full."""
+    import torch
+    from transformers import AutoModelForCausalLM, BitsAndBytesConfig
+
+    path = resolve_path(cfg.model.name_or_path)
+    _check_local(path)
+    if _needs_remote_code(path) and not cfg.model.trust_remote_code:
+        raise ModelError(f"model.name_or_path: {cfg.model.name_or_path} needs trust_remote_code")
+    dtype = torch_dtype(cfg.model.dtype)
+    device = cfg.training.device
+    kwargs: dict = dict(dtype=dtype, revision=cfg.model.revision, trust_remote_code=cfg.model.trust_remote_code,
+                        attn_implementation=cfg.model.attn_implementation)
+    if cfg.method == "qlora":
+        q = cfg.quantization
+        if q.bits == 4:
+            kwargs["quantization_config"] = BitsAndBytesConfig(
+                load_in_4bit=True, bnb_4bit_quant_type=q.quant_type, bnb_4bit_use_double_quant=q.double_quant,
+                bnb_4bit_compute_dtype=dtype, bnb_4bit_quant_storage=dtype)
+        else:
+            kwargs["quantization_config"] = BitsAndBytesConfig(load_in_8bit=True)
+        kwargs["device_map"] = {"": 0} if device == "cuda" else {"": "cpu"}
+    try:
+        model = AutoModelForCausalLM.from_pretrained(path, **kwargs)
+    except OSError as e:
+        raise ModelError(f"model.name_or_path: cannot load model weights from {cfg.model.name_or_path}: {e}") from None
+    if device == "cuda" and cfg.method != "qlora":
+        model = model.to("cuda")
+
+    if new_token_ids:
+        # Template tokens the tokenizer lacked: grow the embedding (mean-initialised by HF).
+        model.resize_token_embeddings(len(tokenizer))
+    model.config.use_cache = False  # the KV cache is useless (and wasteful) while training
+
+    gc = bool(cfg.training.gradient_checkpointing)
+    if cfg.method == "full":
+        if gc:
+            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        return model
+
+    from peft import LoraConfig, get_peft_model, prepare_model_for_kbit_training
+
+    if cfg.method == "qlora":
+        model = prepare_model_for_kbit_training(
+            model, use_gradient_checkpointing=gc, gradient_checkpointing_kwargs={"use_reentrant": False})
+    elif gc:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        model.enable_input_require_grads()
+    lc = cfg.lora
+    trainable_tokens = None
+    if new_token_ids:
+        trainable_tokens = {_embedding_name(model): list(new_token_ids)}
+        out = model.get_output_embeddings()
+        if out is not None and not model.config.get_text_config().tie_word_embeddings:
+            trainable_tokens[_output_name(model)] = list(new_token_ids)
+    peft_cfg = LoraConfig(
+        r=lc.r, lora_alpha=lc.alpha, lora_dropout=lc.dropout, target_modules=lc.target_modules,
+        use_dora=lc.use_dora, use_rslora=lc.use_rslora, task_type="CAUSAL_LM",
+        trainable_token_indices=trainable_tokens,
+    )
+    try:
+        model = get_peft_model(model, peft_cfg)
+    except ValueError as e:
+        raise ConfigError(f"lora.target_modules: {e}") from None
+    return model
+
+
+def _embedding_name(model) -> str:
+    emb = model.get_input_embeddings()
+    return next(n.split(".")[-1] for n, m in model.named_modules() if m is emb)
+
+
+def _output_name(model) -> str:
+    out = model.get_output_embeddings()
+    return next(n.split(".")[-1] for n, m in model.named_modules() if m is out)
+
+
+def count_parameters(model) -> tuple[int, int]:
+    total = sum(p.numel() for p in model.parameters())
+    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    return trainable, total

@@ -1,0 +1,61 @@
+"""Dataset preview: samples rendered exactly as training sees them (same encode_example).
+
+Needs only the tokenizer: works on a folder holding just tokenizer files."""
+
+from __future__ import annotations
+
+
+def preview_samples(config: str | None = None, model: str | None = None, data: str | None = None,
+                    template: str | None = None, n: int = 3, fmt: str = "auto", custom_jinja: str | None = None,
+                    cutoff_len: int | None = None) -> list[dict]:
+    from . import config as config_lib
+    from . import data as data_lib
+    from . import model as model_lib
+    from . import templates, tiny
+
+    if config:
+        from .cli import _resolve_config_path
+
+        cfg = config_lib.load(_resolve_config_path(config))
+        model = model or cfg.model.name_or_path
+        template = template or cfg.template.name
+        custom_jinja = custom_jinja or cfg.template.custom_jinja
+        cutoff_len = cutoff_len or cfg.template.cutoff_len
+        sources = [s.model_dump() for s in cfg.data.sources] if not data else [{"path": data, "format": fmt}]
+        trust = cfg.model.trust_remote_code
+    else:
+        sources = [{"path": data, "format": fmt}]
+        trust = False
+    for s in sources:
+        s["path"] = tiny.resolve_data(s["path"])
+    tokenizer = model_lib.load_tokenizer(model, trust_remote_code=trust)
+    tmpl = templates.resolve_template(tokenizer, template or "auto", custom_jinja)
+    missing = templates.missing_special_tokens(tokenizer, tmpl)
+    if missing:  # as training does: add them, so the preview shows the same ids
+        tokenizer.add_special_tokens({"additional_special_tokens": missing})
+    out = []
+    for src in sources:
+        rows, _report = data_lib.load_file(src["path"], src.get("format", "auto"), src.get("columns"),
+                                           src.get("placeholders"))
+        for ex in rows:
+            if len(out) >= n:
+                break
+            enc = templates.encode_example(tokenizer, tmpl, ex, max_length=cutoff_len)
+            out.append({
+                "messages": ex.get("messages"), "text": enc.text,
+                "trained_spans": [list(s) for s in templates.trained_spans_chars(enc)],
+                "n_tokens": len(enc.input_ids), "n_trained": enc.n_trained, "truncated": enc.truncated,
+                **({"text_only": ex["text"]} if "text" in ex else {}),
+            })
+    return out
+
+
+def highlight(text: str, spans: list, color: bool = True) -> str:
+    """Trained text in green (tty) or between [[ ]] markers (pipes, logs)."""
+    on, off = ("\x1b[42;30m", "\x1b[0m") if color else ("[[", "]]")
+    parts, pos = [], 0
+    for start, end in spans:
+        parts += [text[pos:start], on, text[start:end], off]
+        pos = end
+    parts.append(text[pos:])
+    return "".join(parts)

@@ -1,0 +1,344 @@
+"""The training child: `python -m core.train RUN_DIR [--resume]`.
+
+Reads RUN_DIR/config.yaml, writes run.json, metrics.jsonl and the adapter. The spine:
+
+    load config -> tokenizer + template -> data -> labels (templates.encode_example)
+    -> model (+ quantization, + LoRA) -> Trainer with our callbacks -> save adapter
+
+Exit codes: 0 done, 1 failed, 2 config/input error, 3 stopped (SIGTERM: save at the next
+step, then exit). The parent (CLI or UI) never reads our output through a pipe: stdout and
+stderr go to RUN_DIR/train.log.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import signal
+import sys
+import time
+import traceback
+from pathlib import Path
+
+from . import config as config_lib
+from . import runs
+
+_STOP = {"requested": False, "in_training": False}
+
+
+class StopRequested(Exception):
+    pass
+
+
+def _on_sigterm(signum, frame):
+    _STOP["requested"] = True
+    print(f"[lorastudio] received signal {signum}: stopping at the next step", flush=True)
+    if not _STOP["in_training"]:
+        raise StopRequested()
+
+
+def versions() -> dict:
+    import importlib.metadata as md
+
+    out = {"python": platform.python_version()}
+    for pkg in ("lorastudio", "torch", "transformers", "peft", "trl", "datasets", "accelerate", "bitsandbytes"):
+        try:
+            out[pkg] = md.version(pkg)
+        except md.PackageNotFoundError:
+            out[pkg] = None
+    return out
+
+
+def log(msg: str) -> None:
+    print(f"[lorastudio {time.strftime('%H:%M:%S')}] {msg}", flush=True)
+
+
+# ---------------------------------------------------------------- Trainer callbacks
+
+def make_callbacks(run_dir: Path, cfg, tokenizer, template, model_for_samples):
+    from transformers import TrainerCallback
+
+    t = cfg.training
+
+    class Metrics(TrainerCallback):
+        """Writes start/step/eval/checkpoint events; honours Stop at step boundaries."""
+
+        def __init__(self):
+            self.t0 = self.t_last = time.time()
+            self.tokens_last = 0
+
+        def on_train_begin(self, args, state, control, **kw):
+            self.t0 = self.t_last = time.time()
+            self.tokens_last = state.num_input_tokens_seen
+            self.step0 = state.global_step
+            runs.append_event(run_dir, "start", total_steps=state.max_steps, step=state.global_step,
+                              epochs=args.num_train_epochs)
+            log(f"training: {state.max_steps} steps (from step {state.global_step})")
+
+        def on_log(self, args, state, control, logs=None, **kw):
+            logs = logs or {}
+            now = time.time()
+            if "loss" in logs:
+                dt = max(now - self.t_last, 1e-6)
+                tok = state.num_input_tokens_seen - self.tokens_last
+                done = state.global_step - self.step0
+                eta = (now - self.t0) / done * (state.max_steps - state.global_step) if done else None
+                rec = dict(step=state.global_step, loss=logs["loss"], lr=logs.get("learning_rate"),
+                           grad_norm=logs.get("grad_norm"), epoch=round(state.epoch or 0, 4),
+                           tokens_per_s=round(tok / dt, 1), tokens_seen=state.num_input_tokens_seen,
+                           mem_mb=_memory_mb(), elapsed_s=round(now - self.t0, 2),
+                           eta_s=round(eta, 1) if eta is not None else None, total_steps=state.max_steps)
+                runs.append_event(run_dir, "step", **rec)
+                log(f"step {state.global_step}/{state.max_steps} loss {logs['loss']:.4f} "
+                    f"lr {logs.get('learning_rate', 0):.2e} {rec['tokens_per_s']} tok/s")
+                self.t_last, self.tokens_last = now, state.num_input_tokens_seen
+            if "eval_loss" in logs:
+                runs.append_event(run_dir, "eval", step=state.global_step, eval_loss=logs["eval_loss"])
+                log(f"eval at step {state.global_step}: loss {logs['eval_loss']:.4f}")
+
+        def on_save(self, args, state, control, **kw):
+            path = run_dir / f"checkpoint-{state.global_step}"
+            runs.append_event(run_dir, "checkpoint", step=state.global_step, path=str(path))
+
+        def on_step_end(self, args, state, control, **kw):
+            if t.sample_every and t.sample_prompts and state.global_step % t.sample_every == 0:
+                write_samples(run_dir, cfg, model_for_samples, tokenizer, template, state.global_step)
+            if _STOP["requested"]:
+                control.should_save = True  # a checkpoint to resume from
+                control.should_training_stop = True
+            return control
+
+    return [Metrics()]
+
+
+def _memory_mb() -> float:
+    import torch
+
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        return round(torch.cuda.max_memory_allocated() / 2**20, 1)
+    import psutil
+
+    return round(psutil.Process().memory_info().rss / 2**20, 1)
+
+
+def write_samples(run_dir, cfg, model, tokenizer, template, step):
+    from .generate import generate_reply
+
+    for prompt in cfg.training.sample_prompts:
+        reply = generate_reply(model, tokenizer, template, [{"role": "user", "content": prompt}],
+                               max_new_tokens=cfg.training.sample_max_new_tokens)
+        runs.append_event(run_dir, "sample", step=step, prompt=prompt, reply=reply)
+        log(f"sample @ {step}: {prompt!r} -> {reply!r}")
+
+
+# ---------------------------------------------------------------- the spine
+
+def load_tokenizer_and_template(cfg):
+    """The tokenizer plus the template training (and later chat) uses; adds template tokens
+    the tokenizer lacks and returns their new ids (their embedding rows get trained)."""
+    from . import model as model_lib
+    from . import templates
+
+    tokenizer = model_lib.load_tokenizer(cfg.model.name_or_path, cfg.model.revision, cfg.model.trust_remote_code)
+    template = templates.resolve_template(tokenizer, cfg.template.name, cfg.template.custom_jinja)
+    missing = templates.missing_special_tokens(tokenizer, template)
+    new_ids: list[int] = []
+    if missing:
+        tokenizer.add_special_tokens({"additional_special_tokens": missing})
+        new_ids = tokenizer.convert_tokens_to_ids(missing)
+    return tokenizer, template, missing, new_ids
+
+
+def prepare_data(cfg, tokenizer, template):
+    """Files -> normalised messages -> input_ids + labels (templates.encode_example) -> split/pack."""
+    from . import data as data_lib
+    from . import dataset as dataset_lib
+    from . import tiny
+
+    sources = [s.model_dump() for s in cfg.data.sources]
+    for s in sources:
+        s["path"] = tiny.resolve_data(s["path"])
+    ds, reports = data_lib.load_mixture(sources, seed=cfg.data.seed)
+    tokenized, stats = dataset_lib.tokenize(ds, tokenizer, template, cfg.template.cutoff_len)
+    if stats.kept == 0:
+        raise data_lib.DataError("no sample has a trained token after truncation: raise template.cutoff_len "
+                                 f"(now {cfg.template.cutoff_len})")
+    eval_ds = None
+    if cfg.data.eval_split > 0 and len(tokenized) >= 10:
+        split = tokenized.train_test_split(test_size=cfg.data.eval_split, seed=cfg.data.seed)
+        tokenized, eval_ds = split["train"], split["test"]
+    if cfg.template.packing:
+        tokenized = dataset_lib.pack(tokenized, cfg.template.cutoff_len)
+    return tokenized, eval_ds, stats, reports, data_lib.dataset_hash(sources)
+
+
+def build_trainer(cfg, run_dir: Path, model, tokenizer, template, train_ds, eval_ds, callbacks=None):
+    from transformers import Trainer, TrainingArguments
+    from transformers.trainer_callback import PrinterCallback
+
+    from . import dataset as dataset_lib
+
+    t = cfg.training
+    on_cuda = t.device == "cuda"
+    args = TrainingArguments(
+        output_dir=str(run_dir), report_to="none", disable_tqdm=True,
+        num_train_epochs=t.epochs, max_steps=t.max_steps,
+        per_device_train_batch_size=t.micro_batch_size, per_device_eval_batch_size=t.micro_batch_size,
+        gradient_accumulation_steps=t.grad_accum, learning_rate=t.learning_rate,
+        lr_scheduler_type=t.lr_scheduler, warmup_steps=t.warmup_ratio, weight_decay=t.weight_decay,
+        max_grad_norm=t.max_grad_norm, optim=t.optimizer, neftune_noise_alpha=t.neftune_alpha,
+        gradient_checkpointing=False,  # already enabled on the model (use_reentrant=False)
+        bf16=on_cuda and cfg.model.dtype == "bfloat16", fp16=on_cuda and cfg.model.dtype == "float16",
+        use_cpu=not on_cuda, seed=t.seed, data_seed=t.seed,
+        logging_steps=t.logging_steps, save_strategy="steps", save_steps=t.save_steps,
+        save_total_limit=t.save_total_limit, eval_strategy="steps" if eval_ds is not None else "no",
+        eval_steps=t.eval_steps, remove_unused_columns=False, dataloader_num_workers=0,
+        include_num_input_tokens_seen="non_padding",
+    )
+    trainer = Trainer(
+        model=model, args=args, train_dataset=train_ds, eval_dataset=eval_ds,
+        data_collator=dataset_lib.collator(tokenizer, cfg.template.packing), processing_class=tokenizer,
+        callbacks=callbacks or [],
+    )
+    trainer.remove_callback(PrinterCallback)  # our Metrics callback logs one line per step instead
+    return trainer
+
+
+def train(cfg, run_dir: Path, resume: bool) -> int:
+    from transformers import set_seed
+
+    from . import model as model_lib
+    from . import templates
+
+    t = cfg.training
+    set_seed(t.seed)
+
+    # 1. tokenizer and template (the same template chat will use)
+    tokenizer, template, missing, new_ids = load_tokenizer_and_template(cfg)
+    if missing:
+        log(f"added template tokens {missing} as ids {new_ids}; their embedding rows are trained")
+    warnings = templates.template_warnings(tokenizer, template)
+    for w in warnings:
+        log(f"template warning: {w}")
+
+    # 2. data -> labels
+    train_ds, eval_ds, stats, reports, data_hash = prepare_data(cfg, tokenizer, template)
+    summary = stats.summary()
+    for r in reports:
+        log(f"data: {r.summary()}")
+    log(f"tokens: {summary}" + (f"; packed into {len(train_ds)} rows" if cfg.template.packing else ""))
+    runs.write_json(run_dir, dataset_hash=data_hash, template=template.name, template_warnings=warnings,
+                    added_tokens=missing,
+                    data={"reports": [{"path": r.path, "format": r.format, "rows_used": r.rows_used,
+                                       "rows_skipped": r.rows_skipped, "summary": r.summary(),
+                                       "skipped": [s.reason for s in r.skipped[:20]]} for r in reports],
+                          "tokens": summary})
+    runs.append_event(run_dir, "data", **summary)
+
+    # 3. model (+ 4/8-bit base, + LoRA or full)
+    model = model_lib.load_for_training(cfg, tokenizer, new_ids)
+    trainable, total = model_lib.count_parameters(model)
+    log(f"model: {trainable:,} trainable of {total:,} parameters ({cfg.method}, {cfg.model.dtype}, {t.device})")
+    runs.write_json(run_dir, params={"trainable": trainable, "total": total})
+
+    # 4. train
+    trainer = build_trainer(cfg, run_dir, model, tokenizer, template, train_ds, eval_ds,
+                            callbacks=make_callbacks(run_dir, cfg, tokenizer, template, model))
+    ckpt = runs.last_checkpoint(run_dir) if resume else None
+    if resume and ckpt is None:
+        log("resume: no checkpoint found, starting from step 0")
+    if ckpt:
+        runs.append_event(run_dir, "resume", checkpoint=str(ckpt), step=int(ckpt.name.split("-")[-1]))
+        log(f"resuming from {ckpt.name}")
+    runs.write_json(run_dir, status="running")
+    _STOP["in_training"] = True
+    result = trainer.train(resume_from_checkpoint=str(ckpt) if ckpt else None)
+    _STOP["in_training"] = False
+
+    # 5. save: adapter (or full model) with tokenizer and the exact template used
+    out_dir = run_dir / ("model" if cfg.method == "full" else "adapter")
+    model.save_pretrained(out_dir, safe_serialization=True)
+    tokenizer.chat_template = template.source
+    tokenizer.save_pretrained(out_dir)
+    (out_dir / "lorastudio.json").write_text(json.dumps({
+        "base_model": cfg.model.name_or_path, "method": cfg.method, "template": template.name,
+        "eot_token": template.eot_token, "stop_strings": template.stop_strings, "added_tokens": missing,
+        "step": trainer.state.global_step}, indent=2))
+    if t.sample_prompts:
+        write_samples(run_dir, cfg, model, tokenizer, template, trainer.state.global_step)
+    stopped = _STOP["requested"]
+    runs.append_event(run_dir, "stopped" if stopped else "end", step=trainer.state.global_step,
+                      train_loss=result.training_loss, runtime_s=result.metrics.get("train_runtime"))
+    return runs.EXIT_STOPPED if stopped else runs.EXIT_DONE
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(prog="python -m core.train")
+    ap.add_argument("run_dir")
+    ap.add_argument("--resume", action="store_true")
+    a = ap.parse_args(argv)
+    run_dir = Path(a.run_dir).resolve()
+    signal.signal(signal.SIGTERM, _on_sigterm)
+    signal.signal(signal.SIGINT, _on_sigterm)
+    try:
+        os.setpgid(0, 0)  # own process group even when started without start_new_session
+    except (PermissionError, OSError):
+        pass
+    import psutil
+
+    runs.write_json(run_dir, status="starting", pid=os.getpid(), pgid=os.getpgrp(),
+                    pid_start_time=psutil.Process().create_time(), started=time.time(), versions=versions(),
+                    host=platform.node(), exit_code=None, error=None)
+    code, error = runs.EXIT_FAILED, None
+    try:
+        from . import data as data_lib
+        from . import model as model_lib
+        from . import templates
+
+        bad_input = (config_lib.ConfigError, data_lib.DataError, templates.TemplateError, model_lib.ModelError)
+        cfg = config_lib.load(run_dir / "config.yaml")
+        cfg = config_lib.resolve(cfg)
+        runs.write_json(run_dir, model_revision=_model_revision(cfg))
+        code = train(cfg, run_dir, a.resume)
+    except StopRequested:
+        code = runs.EXIT_STOPPED
+        runs.append_event(run_dir, "stopped", step=0)
+    except Exception as e:  # noqa: BLE001 - every failure must reach run.json with a message
+        traceback.print_exc()
+        error = _explain(e)
+        code = runs.EXIT_CONFIG if isinstance(e, locals().get("bad_input", ())) else runs.EXIT_FAILED
+        runs.append_event(run_dir, "failed", error=error)
+        log(f"FAILED: {error}")
+    status = {runs.EXIT_DONE: "done", runs.EXIT_STOPPED: "stopped"}.get(code, "failed")
+    runs.write_json(run_dir, status=status, exit_code=code, error=error, ended=time.time())
+    log(f"exit {code} ({status})")
+    return code
+
+
+def _model_revision(cfg) -> str | None:
+    from . import model as model_lib
+
+    path = Path(model_lib.resolve_path(cfg.model.name_or_path))
+    if cfg.model.revision:
+        return cfg.model.revision
+    if path.is_dir():  # a local folder has no commit: fingerprint its config instead
+        import hashlib
+
+        cfgf = path / "config.json"
+        return "local:" + hashlib.sha256(cfgf.read_bytes()).hexdigest()[:12] if cfgf.exists() else "local"
+    return None
+
+
+def _explain(e: Exception) -> str:
+    import torch
+
+    if isinstance(e, torch.OutOfMemoryError):
+        return ("out of GPU memory: lower training.micro_batch_size (raise grad_accum to keep the effective "
+                "batch) or template.cutoff_len, or use method: qlora")
+    return f"{type(e).__name__}: {e}" if not isinstance(e, ValueError) else str(e)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

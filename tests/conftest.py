@@ -1,0 +1,56 @@
+"""Shared test helpers."""
+
+import os
+from pathlib import Path
+
+import pytest
+
+# ../shared/assets next to the repo checkout: real data files and models the tests read.
+SHARED = Path(__file__).resolve().parents[2] / "shared" / "assets"
+
+
+def shared_assets() -> Path:
+    """Path to ../shared/assets. Missing: skip locally, but FAIL under CI=true (CI must have it)."""
+    if SHARED.is_dir():
+        return SHARED
+    if os.environ.get("CI", "").lower() == "true":
+        pytest.fail(f"{SHARED} is missing (required when CI=true)")
+    pytest.skip(f"{SHARED} not present")
+
+
+@pytest.fixture
+def shared_dir() -> Path:
+    return shared_assets()
+
+
+# ---------------------------------------------------------------- environment for every test
+# Offline, single-threaded (2-core machines are 5-12x faster this way under load), and a
+# throwaway workspace unless the caller chose one (.ci/run sets LORASTUDIO_HOME).
+import subprocess  # noqa: E402
+import sys  # noqa: E402
+import tempfile  # noqa: E402
+
+for _k, _v in {"OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false",
+               "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "HF_HUB_DISABLE_TELEMETRY": "1",
+               "GRADIO_ANALYTICS_ENABLED": "False"}.items():
+    os.environ.setdefault(_k, _v)
+os.environ.setdefault("LORASTUDIO_HOME", tempfile.mkdtemp(prefix="lorastudio-test-"))
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def lorastudio(*args: str, timeout: float = 600, check: bool = False, env: dict | None = None):
+    """Run the real CLI in a subprocess (the way users and the UI do)."""
+    proc = subprocess.run([sys.executable, "-m", "core.cli", *args], cwd=ROOT, capture_output=True, text=True,
+                          timeout=timeout, env={**os.environ, **(env or {})})
+    if check and proc.returncode != 0:
+        raise AssertionError(f"lorastudio {' '.join(args)} -> {proc.returncode}\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}")
+    return proc
+
+
+@pytest.fixture(scope="session")
+def smoke_run(tmp_path_factory) -> Path:
+    """One trained tiny_smoke run, shared by every test that only reads a finished run."""
+    run_dir = tmp_path_factory.mktemp("runs") / "smoke"
+    lorastudio("train", "presets/tiny_smoke.yaml", "--run-dir", str(run_dir), check=True)
+    return run_dir

@@ -1,0 +1,324 @@
+"""core.templates against real tokenizers and real chat templates (../shared/assets/tokenizers)."""
+
+from functools import lru_cache
+
+import pytest
+from conftest import shared_assets
+
+from core.templates import (
+    NAMED,
+    QWEN_DEFAULT_SYSTEM,
+    SMOLLM_DEFAULT_SYSTEM,
+    TemplateError,
+    encode_example,
+    labels_from,
+    missing_special_tokens,
+    resolve_template,
+    template_warnings,
+    trained_spans_chars,
+)
+
+FAMILIES = ["qwen2.5", "llama2-chat", "tinyllama-chat", "mistral-instruct-v0.3", "phi3-mini-instruct", "smollm"]
+
+
+def _u(text):
+    return {"role": "user", "content": text}
+
+
+def _a(text):
+    return {"role": "assistant", "content": text}
+
+
+SYSTEM = {"role": "system", "content": "You answer in one short sentence."}
+SINGLE = [_u("What is the capital of France?"), _a("Paris is the capital of France.")]
+MULTI = [
+    _u("Name a red fruit."), _a("A strawberry is red."),
+    _u("Name a yellow one."), _a("Bananas are yellow."),
+    _u("Thanks, and a green one?"), _a("Limes are green."),
+]  # fmt: skip
+WITH_SYSTEM = [SYSTEM, *SINGLE]
+CONVERSATIONS = {"single": SINGLE, "multi": MULTI, "system": WITH_SYSTEM}
+
+
+def fresh(name):
+    from transformers import AutoTokenizer
+
+    return AutoTokenizer.from_pretrained(shared_assets() / "tokenizers" / name)
+
+
+@lru_cache
+def _cached(name):
+    return fresh(name)
+
+
+def load(name):
+    shared_assets()  # skip (or fail under CI=true) before touching the cache
+    return _cached(name)  # read-only use; tests that change a tokenizer take fresh()
+
+
+def ids_of(result):
+    # transformers 5 returns a BatchEncoding from apply_chat_template(tokenize=True)
+    return list(result["input_ids"]) if hasattr(result, "keys") else list(result)
+
+
+def split_decode(tok, enc):
+    trained = tok.decode([i for i, m in zip(enc.input_ids, enc.mask) if m])
+    untrained = tok.decode([i for i, m in zip(enc.input_ids, enc.mask) if not m])
+    return trained, untrained
+
+
+def test_every_template_folder_is_covered():
+    import json
+
+    folders = shared_assets() / "tokenizers"
+    with_template = {
+        d.name for d in folders.iterdir()
+        if json.loads((d / "tokenizer_config.json").read_text()).get("chat_template")
+    }  # fmt: skip
+    assert with_template == set(FAMILIES)
+
+
+# --- "auto": the tokenizer's own template ------------------------------------------------------
+
+@pytest.mark.parametrize("conv", CONVERSATIONS)
+@pytest.mark.parametrize("family", FAMILIES)
+def test_auto_matches_apply_chat_template_and_trains_only_answers(family, conv):
+    tok = load(family)
+    msgs = CONVERSATIONS[conv]
+    template = resolve_template(tok, "auto")
+    assert template.has_markers
+    enc = encode_example(tok, template, {"messages": msgs})
+
+    assert enc.text == tok.apply_chat_template(msgs, tokenize=False)
+    assert enc.input_ids == ids_of(tok.apply_chat_template(msgs, tokenize=True))
+    assert not enc.truncated and enc.n_trained == sum(enc.mask) > 0
+
+    trained, untrained = split_decode(tok, enc)
+    answers = [m["content"] for m in msgs if m["role"] == "assistant"]
+    eot = template.eot(tok)
+    assert trained.count(eot) == len(answers)  # every answer's end-of-turn token, once each
+    residue = trained
+    for answer in answers:
+        assert answer in trained and answer not in untrained
+        residue = residue.replace(answer, "")
+    residue = residue.replace(eot, "").replace(tok.eos_token, "")
+    assert residue.strip() == ""  # nothing but answers + end-of-turn tokens is trained
+    for m in msgs:
+        if m["role"] != "assistant" and m["content"] in enc.text:  # mistral drops the system prompt
+            assert m["content"] in untrained
+
+
+def test_chatml_layout_tokens_are_not_trained():
+    tok = load("qwen2.5")
+    enc = encode_example(tok, resolve_template(tok, "auto"), {"messages": SINGLE})
+    trained = [tok.convert_ids_to_tokens(i) for i, m in zip(enc.input_ids, enc.mask) if m]
+    assert trained[-1] == "<|im_end|>"
+    assert "assistant" not in trained and "Ċ" not in trained  # header and layout newlines
+    assert labels_from(enc) == [i if m else -100 for i, m in zip(enc.input_ids, enc.mask)]
+    (start, end), *_ = trained_spans_chars(enc)
+    assert enc.text[start:end] == "Paris is the capital of France.<|im_end|>"
+
+
+@pytest.mark.parametrize(
+    "name, family",
+    [("qwen", "qwen2.5"), ("smollm", "smollm"), ("llama2", "llama2-chat"), ("zephyr", "tinyllama-chat"),
+     ("mistral", "mistral-instruct-v0.3"), ("phi3", "phi3-mini-instruct")],
+)  # fmt: skip
+def test_named_template_renders_like_the_real_one(name, family):
+    tok = load(family)
+    for msgs in [*CONVERSATIONS.values(), [SYSTEM, _u("hi")], [_u("hi")]]:
+        prompt = msgs[-1]["role"] == "user"
+        assert NAMED[name].render(msgs, prompt, tok) == tok.apply_chat_template(
+            msgs, tokenize=False, add_generation_prompt=prompt
+        )
+
+
+@pytest.mark.parametrize(
+    "name, family, extra_tokens",
+    [("qwen", "qwen2.5", []), ("chatml", "smollm", []), ("llama2", "llama2-chat", []),
+     ("mistral", "mistral-instruct-v0.3", []), ("zephyr", "tinyllama-chat", []),
+     ("llama3", "qwen2.5", ["<|begin_of_text|>", "<|start_header_id|>", "<|end_header_id|>", "<|eot_id|>"]),
+     ("gemma", "qwen2.5", ["<start_of_turn>", "<end_of_turn>"])],
+)  # fmt: skip
+def test_mask_equals_transformers_assistant_masks(name, family, extra_tokens):
+    tok = fresh(family) if extra_tokens else load(family)
+    if extra_tokens:
+        tok.add_special_tokens({"additional_special_tokens": extra_tokens})
+        if name == "llama3":
+            tok.add_special_tokens({"bos_token": "<|begin_of_text|>"})
+    template = resolve_template(tok, name)
+    for msgs in CONVERSATIONS.values():
+        if name == "gemma" and msgs[0]["role"] == "system":
+            msgs = msgs[1:]  # gemma has no system role
+        enc = encode_example(tok, template, {"messages": msgs})
+        out = tok.apply_chat_template(
+            msgs, tokenize=True, return_dict=True, return_assistant_tokens_mask=True, chat_template=template.source
+        )
+        assert list(out["input_ids"]) == enc.input_ids
+        assert list(out["assistant_masks"]) == enc.mask
+
+
+def test_aliases_and_unknown_names():
+    tok = load("qwen2.5")
+    assert resolve_template(tok, "qwen2.5").name == "qwen"
+    assert resolve_template(tok, "ChatML").source == NAMED["chatml"].source
+    with pytest.raises(TemplateError, match="unknown template"):
+        resolve_template(tok, "no-such-family")
+
+
+# --- warnings and special tokens ---------------------------------------------------------------
+
+def test_mistral_warns_system_dropped():
+    tok = load("mistral-instruct-v0.3")
+    assert any("drops the system prompt" in w for w in template_warnings(tok, resolve_template(tok, "auto")))
+    # and it really is gone from the training text
+    enc = encode_example(tok, resolve_template(tok, "mistral"), {"messages": WITH_SYSTEM})
+    assert SYSTEM["content"] not in enc.text
+
+
+@pytest.mark.parametrize("family, default", [("qwen2.5", QWEN_DEFAULT_SYSTEM), ("smollm", SMOLLM_DEFAULT_SYSTEM)])
+def test_default_system_prompt_warning(family, default):
+    tok = load(family)
+    for name in ("auto", family.split(".")[0]):
+        warnings = template_warnings(tok, resolve_template(tok, name))
+        assert any("default system prompt" in w and default[:60] in w for w in warnings), warnings
+    assert not any("default system" in w for w in template_warnings(tok, resolve_template(tok, "chatml")))
+
+
+def test_other_template_than_the_models_own_warns():
+    tok = load("qwen2.5")
+    assert any("differently from the model's own" in w for w in template_warnings(tok, resolve_template(tok, "chatml")))
+    assert not any("differently" in w for w in template_warnings(tok, resolve_template(tok, "qwen")))
+
+
+def test_gpt2_has_no_template_and_lacks_chatml_tokens():
+    tok = load("gpt2")
+    with pytest.raises(TemplateError, match="model has no chat template; pick a named template"):
+        resolve_template(tok, "auto")
+    chatml = resolve_template(tok, "chatml")
+    assert missing_special_tokens(tok, chatml) == ["<|im_start|>", "<|im_end|>"]
+    assert any("lacks the template's special tokens" in w for w in template_warnings(tok, chatml))
+    assert missing_special_tokens(tok, resolve_template(tok, "plain")) == []
+
+
+def test_untrained_eos_warns():
+    tok = load("qwen2.5")
+    # answers marked without their <|im_end|>
+    source = NAMED["chatml"].source.replace("message.content + '<|im_end|>' }}", "message.content }}{{- '<|im_end|>' }}")
+    source = source.replace("{%- endgeneration %}\n        {{- '\\n' }}", "{%- endgeneration %}{{- '<|im_end|>\\n' }}")
+    source = source.replace("{{- '<|im_end|>' }}{%- endgeneration %}", "{%- endgeneration %}")
+    template = resolve_template(tok, "custom", source)
+    enc = encode_example(tok, template, {"messages": SINGLE})
+    assert enc.text == NAMED["chatml"].render(SINGLE, tokenizer=tok)
+    assert any("not trained" in w for w in template_warnings(tok, template))
+
+
+@pytest.mark.parametrize("name", NAMED)
+def test_every_named_template_with_qwen_tokenizer(name):
+    tok = fresh("qwen2.5")
+    template = NAMED[name]
+    assert template.has_markers
+    missing = missing_special_tokens(tok, template)
+    if missing:
+        tok.add_special_tokens({"additional_special_tokens": missing})
+    assert missing_special_tokens(tok, template) == []
+    msgs = [SYSTEM, _u("Hi there."), _a("Hello! How can I help?"), _u("Tell me a joke."), _a("Why not.")]
+    enc = encode_example(tok, template, {"messages": msgs})
+    assert enc.n_trained > 0
+    eot_ids = tok.encode(template.eot(tok), add_special_tokens=False)
+    assert len(eot_ids) == 1
+    trained = [i for i, m in zip(enc.input_ids, enc.mask) if m]
+    assert trained.count(eot_ids[0]) == 2
+    assert template.render(msgs[:2], add_generation_prompt=True, tokenizer=tok)
+
+
+# --- custom templates: sandbox and errors ------------------------------------------------------
+
+def test_sandbox_refuses_unsafe_access():
+    template = resolve_template(None, "custom", "{{ ''.__class__.__mro__ }}")
+    with pytest.raises(TemplateError, match="unsafe"):
+        template.render(SINGLE)
+
+
+def test_syntax_error_reports_line():
+    with pytest.raises(TemplateError, match="line 2"):
+        resolve_template(None, "custom", "{% for m in messages %}\n{{ m.content }\n{% endfor %}")
+
+
+def test_raising_template_reports_message():
+    template = resolve_template(None, "custom", "{{ raise_exception('x-boom: roles must alternate') }}")
+    with pytest.raises(TemplateError, match="x-boom: roles must alternate"):
+        template.render(SINGLE)
+
+
+def test_custom_template_marking_nothing_is_an_error():
+    tok = load("qwen2.5")
+    users_only = "{% for m in messages %}{% if m.role == 'user' %}{{ m.content + '\\n' }}{% endif %}{% endfor %}"
+    template = resolve_template(tok, "custom", users_only)
+    with pytest.raises(TemplateError, match="marks no assistant tokens"):
+        encode_example(tok, template, {"messages": SINGLE})
+
+
+def test_unmarked_custom_template_uses_prefix_diff():
+    tok = load("qwen2.5")
+    unmarked = (
+        "{% for m in messages %}{{ '<|im_start|>' + m.role + '\\n' + m.content + '<|im_end|>\\n' }}{% endfor %}"
+        "{% if add_generation_prompt %}{{ '<|im_start|>assistant\\n' }}{% endif %}"
+    )
+    template = resolve_template(tok, "custom", unmarked)
+    assert not template.has_markers and template.eot_token == "<|im_end|>"
+    enc = encode_example(tok, template, {"messages": MULTI})
+    assert enc.mask == encode_example(tok, NAMED["chatml"], {"messages": MULTI}).mask
+
+
+def test_auto_falls_back_to_prefix_diff_or_asks_for_a_named_template():
+    tok = fresh("smollm")
+    tok.chat_template = (  # unknown to TRL and to NAMED (another default system prompt)
+        "{% if messages[0].role != 'system' %}{{ '<|im_start|>system\\nBe nice.<|im_end|>\\n' }}{% endif %}"
+        "{% for m in messages %}{{ '<|im_start|>' + m.role + '\\n' + m.content + '<|im_end|>\\n' }}{% endfor %}"
+        "{% if add_generation_prompt %}{{ '<|im_start|>assistant\\n' }}{% endif %}"
+    )
+    template = resolve_template(tok, "auto")
+    assert not template.has_markers and template.eot_token == "<|im_end|>"
+    assert any('default system prompt when a conversation has none: "Be nice."' in w for w in template_warnings(tok, template))
+    enc = encode_example(tok, template, {"messages": MULTI})
+    assert enc.input_ids == ids_of(tok.apply_chat_template(MULTI, tokenize=True))
+    trained, untrained = split_decode(tok, enc)
+    assert trained == "A strawberry is red.<|im_end|>Bananas are yellow.<|im_end|>Limes are green.<|im_end|>"
+
+    # system moved to the last user turn with "  " (so no NAMED twin): not prefix-preserving
+    tok.chat_template = NAMED["mistral"].source.replace("'\\n\\n'", "'\\n \\n'").replace("{%- generation %}", "").replace(
+        "{%- endgeneration %}", ""
+    )
+    with pytest.raises(TemplateError, match="pick a named template"):
+        resolve_template(tok, "auto")
+
+
+# --- pretraining text and truncation -----------------------------------------------------------
+
+@pytest.mark.parametrize("family", ["gpt2", "llama2-chat"])
+def test_pretraining_text_is_all_trained_with_eos(family):
+    tok = load(family)
+    enc = encode_example(tok, None, {"text": "The quick brown fox jumps over the lazy dog."})
+    expected = tok("The quick brown fox jumps over the lazy dog.", add_special_tokens=True)["input_ids"]
+    assert enc.input_ids == [*expected, tok.eos_token_id]
+    assert enc.mask == [1] * len(enc.input_ids) and enc.n_trained == len(enc.input_ids)
+    assert labels_from(enc) == enc.input_ids
+    # already ends with EOS: not doubled
+    enc = encode_example(tok, None, {"text": "Done." + tok.eos_token})
+    assert enc.input_ids[-1] == tok.eos_token_id and enc.input_ids[-2] != tok.eos_token_id
+
+
+def test_truncation_keeps_the_head():
+    tok = load("qwen2.5")
+    template = resolve_template(tok, "auto")
+    long_user = [_u("word " * 200), _a("Short answer.")]
+    enc = encode_example(tok, template, {"messages": long_user}, max_length=64)
+    assert enc.truncated and len(enc.input_ids) == 64 and enc.n_trained == 0  # counted by caller, no raise
+    assert trained_spans_chars(enc) == []
+
+    full = encode_example(tok, template, {"messages": MULTI})
+    cut = encode_example(tok, template, {"messages": MULTI}, max_length=len(full.input_ids) - 3)
+    assert cut.truncated and 0 < cut.n_trained < full.n_trained
+    assert cut.input_ids == full.input_ids[: len(cut.input_ids)] and cut.text == full.text
+    assert trained_spans_chars(cut)[-1][1] < trained_spans_chars(full)[-1][1]

@@ -1,0 +1,199 @@
+"""The training child end to end: real subprocesses, the real tiny model, the run-dir contract."""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import yaml
+
+from conftest import ROOT, lorastudio, shared_assets
+from core import config as config_lib
+from core import runs
+
+
+def events(run_dir, kind=None):
+    evs, _ = runs.read_events(run_dir)
+    return [e for e in evs if kind is None or e["event"] == kind]
+
+
+def step_losses(run_dir):
+    return {e["step"]: e["loss"] for e in events(run_dir, "step")}
+
+
+# ---------------------------------------------------------------- the shared smoke run
+
+def test_run_dir_contract(smoke_run):
+    info = json.loads((smoke_run / "run.json").read_text())
+    assert info["status"] == "done" and info["exit_code"] == 0
+    assert info["pid"] and info["pid_start_time"]
+    assert info["versions"]["torch"] and info["versions"]["transformers"] and info["versions"]["peft"]
+    assert len(info["dataset_hash"]) == 64
+    assert info["model_revision"].startswith("local:")
+    assert info["data"]["reports"][0]["rows_used"] == 302
+    # config.yaml holds every resolved value and reproduces the run with the CLI
+    cfg = yaml.safe_load((smoke_run / "config.yaml").read_text())
+    assert cfg["training"]["device"] == "cpu" and cfg["model"]["dtype"] == "float32"
+    assert cfg["training"]["gradient_checkpointing"] is False and cfg["training"]["optimizer"] == "adamw_torch"
+    assert (smoke_run / "config.yaml").read_text().startswith("# lorastudio train ")
+    config_lib.load(smoke_run / "config.yaml")  # valid as a config for `lorastudio train`
+    # metrics.jsonl: every event type, steps in order, totals known up front
+    kinds = {e["event"] for e in events(smoke_run)}
+    assert {"data", "start", "step", "eval", "sample", "checkpoint", "end"} <= kinds
+    steps = events(smoke_run, "step")
+    assert [e["step"] for e in steps] == list(range(1, 31))
+    assert events(smoke_run, "start")[0]["total_steps"] == 30
+    for key in ("loss", "lr", "grad_norm", "tokens_per_s", "mem_mb", "epoch", "eta_s"):
+        assert key in steps[-1], key
+    assert (smoke_run / "train.log").stat().st_size > 0
+    # save_total_limit: 2 keeps the last two checkpoints
+    assert sorted(p.name for p in smoke_run.glob("checkpoint-*")) == ["checkpoint-20", "checkpoint-30"]
+
+
+def test_adapter_loads_with_plain_peft(smoke_run):
+    import torch
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from core import tiny
+
+    base = AutoModelForCausalLM.from_pretrained(tiny.model_path())
+    model = PeftModel.from_pretrained(base, smoke_run / "adapter")
+    tok = AutoTokenizer.from_pretrained(smoke_run / "adapter")
+    ids = tok("hello", return_tensors="pt")
+    with torch.no_grad():
+        tuned = model(**ids).logits
+        with model.disable_adapter():
+            plain = model(**ids).logits
+    assert not torch.allclose(tuned, plain)  # the adapter really changes the model
+    assert (smoke_run / "adapter" / "adapter_model.safetensors").exists()
+    assert tok.chat_template  # the training template travels with the adapter
+
+
+def test_golden_losses_with_fixed_seed(smoke_run):
+    """Same seed, same data, same versions -> the same loss curve (to float noise)."""
+    golden = {1: 6.7077, 10: 5.8305, 20: 5.7861, 30: 5.6766}
+    got = step_losses(smoke_run)
+    for step, loss in golden.items():
+        assert got[step] == pytest.approx(loss, rel=1e-2), (step, got[step])
+    assert got[30] < got[1]
+
+
+def test_cli_runs_lists_the_run(smoke_run):
+    out = lorastudio("runs", "--json", env={"LORASTUDIO_HOME": os.environ["LORASTUDIO_HOME"]})
+    assert out.returncode == 0
+
+
+# ---------------------------------------------------------------- stop and resume
+
+def _wait_for(cond, timeout=120, every=0.2):
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        if cond():
+            return True
+        time.sleep(every)
+    return False
+
+
+def test_sigterm_stops_with_adapter_then_resume_continues(tmp_path):
+    run_dir = tmp_path / "stoppable"
+    # slow enough that SIGTERM lands mid-training
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "core.cli", "train", "presets/tiny_smoke.yaml", "--run-dir", str(run_dir), "--detach",
+         "--set", "training.max_steps=400", "--set", "training.save_steps=5", "--set", "training.sample_every=0",
+         "--set", "data.eval_split=0"], cwd=ROOT)
+    assert proc.wait(60) == 0
+    assert _wait_for(lambda: len(events(run_dir, "step")) >= 7), (run_dir / "train.log").read_text()[-2000:]
+    info = runs.read_json(run_dir)
+    os.killpg(info["pgid"], signal.SIGTERM)
+    assert _wait_for(lambda: runs.read_json(run_dir).get("status") in ("stopped", "failed"), timeout=60)
+    info = runs.read_json(run_dir)
+    assert info["status"] == "stopped" and info["exit_code"] == 3, info
+    assert (run_dir / "adapter" / "adapter_model.safetensors").exists()
+    stop_step = events(run_dir, "stopped")[-1]["step"]
+    assert (run_dir / f"checkpoint-{stop_step}").is_dir()  # saved at the step it stopped
+
+    # resume: continues from that checkpoint, not from step 0
+    out = lorastudio("resume", str(run_dir), "--detach")
+    assert out.returncode == 0, out.stderr
+    assert _wait_for(lambda: any(e["step"] > stop_step for e in events(run_dir, "step")), timeout=120)
+    resume_ev = events(run_dir, "resume")[-1]
+    assert resume_ev["step"] == stop_step
+    starts = events(run_dir, "start")
+    assert starts[-1]["step"] == stop_step and starts[-1]["total_steps"] == 400
+    assert runs.stop(run_dir, grace=30) == "stopped"
+
+
+def test_stop_before_training_and_dead_child_is_failed(tmp_path):
+    """A killed child reads as failed (pid + start time), with the last log lines."""
+    run_dir = tmp_path / "killed"
+    out = lorastudio("train", "presets/tiny_smoke.yaml", "--run-dir", str(run_dir), "--detach",
+                     "--set", "training.max_steps=2000", "--set", "training.sample_every=0")
+    assert out.returncode == 0
+    assert _wait_for(lambda: len(events(run_dir, "step")) >= 2)
+    os.killpg(runs.read_json(run_dir)["pgid"], signal.SIGKILL)
+    assert _wait_for(lambda: runs.status(run_dir).get("status") == "failed", timeout=30)
+    info = runs.status(run_dir)
+    assert "died" in info["error"] and info["log_tail"]
+
+
+# ---------------------------------------------------------------- other methods and bad input
+
+def test_qlora_nf4_on_cpu(tmp_path):
+    pytest.importorskip("bitsandbytes")
+    run_dir = tmp_path / "qlora"
+    out = lorastudio("train", "presets/tiny_smoke.yaml", "--run-dir", str(run_dir), "--set", "method=qlora",
+                     "--set", "training.max_steps=4", "--set", "training.sample_every=0", "--set", "data.eval_split=0")
+    assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
+    cfg = yaml.safe_load((run_dir / "config.yaml").read_text())
+    assert cfg["quantization"] == {"bits": 4, "quant_type": "nf4", "double_quant": True}
+    log = (run_dir / "train.log").read_text()
+    assert "(qlora, float32, cpu)" in log
+    assert len(events(run_dir, "step")) == 4
+    assert (run_dir / "adapter" / "adapter_model.safetensors").exists()
+
+
+def test_full_finetune_writes_model(tmp_path):
+    run_dir = tmp_path / "full"
+    out = lorastudio("train", "presets/tiny_smoke.yaml", "--run-dir", str(run_dir), "--set", "method=full",
+                     "--set", "training.max_steps=3", "--set", "training.sample_every=0", "--set", "data.eval_split=0",
+                     "--set", "training.learning_rate=1e-4")
+    assert out.returncode == 0, out.stdout[-3000:]
+    assert (run_dir / "model" / "model.safetensors").exists()
+
+
+def test_bad_config_exit_2_names_field(tmp_path):
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("training:\n  learning_rate: -1\n  micro_batch: 4\n")
+    out = lorastudio("train", str(bad), "--run-dir", str(tmp_path / "r"))
+    assert out.returncode == 2
+    assert "training.learning_rate" in out.stderr and "training.micro_batch: unknown key" in out.stderr
+    assert "Traceback" not in out.stderr
+
+
+def test_paged_optimizer_on_cpu_clear_message(tmp_path):
+    out = lorastudio("train", "presets/tiny_smoke.yaml", "--run-dir", str(tmp_path / "r"),
+                     "--set", "method=qlora", "--set", "training.optimizer=paged_adamw_32bit")
+    assert out.returncode == 2 and "needs CUDA" in out.stderr
+
+
+def test_bad_data_fails_with_exit_2_and_message(tmp_path):
+    data = tmp_path / "empty.jsonl"
+    data.write_text("{not json}\n")
+    out = lorastudio("train", "presets/tiny_smoke.yaml", "--run-dir", str(tmp_path / "r"),
+                     "--set", f"data.sources=[{{path: {data}}}]")
+    assert out.returncode == 2
+    info = runs.read_json(tmp_path / "r")
+    assert info["status"] == "failed" and "empty.jsonl" in info["error"]
+    assert events(tmp_path / "r", "failed")
+
+
+def test_missing_model_folder(tmp_path):
+    out = lorastudio("train", "presets/tiny_smoke.yaml", "--run-dir", str(tmp_path / "r"),
+                     "--set", f"model.name_or_path={tmp_path / 'nope'}")
+    assert out.returncode == 2
+    assert "folder not found" in runs.read_json(tmp_path / "r")["error"]

@@ -1,0 +1,1 @@
+"""LoRA Studio web app. Importing it loads no torch."""
