@@ -241,7 +241,8 @@ def train(cfg, run_dir: Path, resume: bool) -> int:
     model = model_lib.load_for_training(cfg, tokenizer, new_ids)
     trainable, total = model_lib.count_parameters(model)
     log(f"model: {trainable:,} trainable of {total:,} parameters ({cfg.method}, {cfg.model.dtype}, {t.device})")
-    runs.write_json(run_dir, params={"trainable": trainable, "total": total})
+    quantized = sum(type(m).__name__ in ("Linear4bit", "Linear8bitLt") for m in model.modules())
+    runs.write_json(run_dir, params={"trainable": trainable, "total": total, "quantized_linear": quantized})
 
     # 4. train
     trainer = build_trainer(cfg, run_dir, model, tokenizer, template, train_ds, eval_ds,

@@ -153,6 +153,7 @@ def test_qlora_nf4_on_cpu(tmp_path):
     assert cfg["quantization"] == {"bits": 4, "quant_type": "nf4", "double_quant": True}
     log = (run_dir / "train.log").read_text()
     assert "(qlora, float32, cpu)" in log
+    assert runs.read_json(run_dir)["params"]["quantized_linear"] == 4 * 7  # every projection is 4-bit
     assert len(events(run_dir, "step")) == 4
     assert (run_dir / "adapter" / "adapter_model.safetensors").exists()
 
