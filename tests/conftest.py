@@ -54,3 +54,11 @@ def smoke_run(tmp_path_factory) -> Path:
     run_dir = tmp_path_factory.mktemp("runs") / "smoke"
     lorastudio("train", "presets/tiny_smoke.yaml", "--run-dir", str(run_dir), check=True)
     return run_dir
+
+
+@pytest.fixture(scope="session")
+def demo_run(tmp_path_factory) -> Path:
+    """One trained presets/tiny_demo.yaml run (~1 min on 2 cores), shared by persona/chat/merge tests."""
+    run_dir = tmp_path_factory.mktemp("runs") / "demo"
+    lorastudio("train", "presets/tiny_demo.yaml", "--run-dir", str(run_dir), check=True)
+    return run_dir

@@ -198,3 +198,76 @@ def test_missing_model_folder(tmp_path):
                      "--set", f"model.name_or_path={tmp_path / 'nope'}")
     assert out.returncode == 2
     assert "folder not found" in runs.read_json(tmp_path / "r")["error"]
+
+
+def test_tiny_demo_preset_learns(demo_run):
+    """Acceptance: the demo preset trains on CPU, loss falls >= 50%, adapter loads with plain PEFT."""
+    steps = events(demo_run, "step")
+    first = sum(e["loss"] for e in steps[:3]) / 3
+    last = sum(e["loss"] for e in steps[-3:]) / 3
+    assert last <= 0.5 * first, (first, last)
+    assert runs.read_json(demo_run)["status"] == "done"
+    samples = [e for e in events(demo_run, "sample") if e["prompt"] == "What is your name?"]
+    assert samples[-1]["reply"] == "My name is Lumen."
+
+
+def _tiny_model_with_tokenizer(tok_dir: Path, out: Path) -> Path:
+    import torch
+    from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
+
+    tok = AutoTokenizer.from_pretrained(tok_dir)
+    torch.manual_seed(0)
+    model = LlamaForCausalLM(LlamaConfig(vocab_size=len(tok), hidden_size=32, intermediate_size=64,
+                                         num_hidden_layers=2, num_attention_heads=2, num_key_value_heads=1,
+                                         tie_word_embeddings=False))
+    model.save_pretrained(out)
+    tok.save_pretrained(out)
+    return out
+
+
+def test_named_template_adds_missing_tokens_and_trains_their_rows(tmp_path):
+    """gpt2 has no <|im_start|>/<|im_end|>: chatml adds them, resizes embeddings, trains the new
+    rows (PEFT trainable_token_indices) and saves them with the adapter."""
+    import torch
+    from peft import PeftModel
+    from safetensors.torch import load_file
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    model_dir = _tiny_model_with_tokenizer(shared_assets() / "tokenizers" / "gpt2", tmp_path / "gpt2-tiny")
+    run_dir = tmp_path / "run"
+    out = lorastudio("train", "presets/tiny_smoke.yaml", "--run-dir", str(run_dir),
+                     "--set", f"model.name_or_path={model_dir}", "--set", "template.name=chatml",
+                     "--set", "training.max_steps=3", "--set", "training.sample_every=0", "--set", "data.eval_split=0")
+    assert out.returncode == 0, (run_dir / "train.log").read_text()[-3000:]
+    info = runs.read_json(run_dir)
+    assert info["added_tokens"] == ["<|im_start|>", "<|im_end|>"]
+    weights = load_file(run_dir / "adapter" / "adapter_model.safetensors")
+    token_keys = [k for k in weights if "trainable_tokens" in k]
+    assert any("embed_tokens" in k for k in token_keys) and any("lm_head" in k for k in token_keys), token_keys
+    tok = AutoTokenizer.from_pretrained(run_dir / "adapter")
+    assert tok.convert_tokens_to_ids("<|im_end|>") == 50258
+    base = AutoModelForCausalLM.from_pretrained(model_dir)
+    base.resize_token_embeddings(len(tok))
+    model = PeftModel.from_pretrained(base, run_dir / "adapter")
+    with torch.no_grad():
+        emb = model.get_input_embeddings()(torch.tensor([[50257, 50258]]))
+    assert emb.shape == (1, 2, 32)
+
+
+def test_dora_rslora_neftune_and_mixture(tmp_path):
+    """Less common knobs reach PEFT/Trainer; two sources mix by ratio in one run."""
+    extra = tmp_path / "extra.jsonl"
+    extra.write_text("".join(json.dumps({"instruction": f"Echo {i}", "output": f"{i}"}) + "\n" for i in range(40)))
+    run_dir = tmp_path / "run"
+    out = lorastudio("train", "presets/tiny_smoke.yaml", "--run-dir", str(run_dir),
+                     "--set", "lora.use_dora=true", "--set", "lora.use_rslora=true",
+                     "--set", "training.neftune_alpha=5", "--set", "training.max_steps=3",
+                     "--set", "training.sample_every=0", "--set", "data.eval_split=0",
+                     "--set", f"data.sources=[{{path: 'builtin:sample', ratio: 0.5}}, {{path: '{extra}', ratio: 2}}]")
+    assert out.returncode == 0, (run_dir / "train.log").read_text()[-3000:]
+    info = runs.read_json(run_dir)
+    reports = info["data"]["reports"]
+    assert [r["format"] for r in reports] == ["openai", "alpaca"]
+    assert info["data"]["tokens"]["samples"] == 151 + 80  # round(0.5 * 302) + 2 * 40
+    cfg = json.loads((run_dir / "adapter" / "adapter_config.json").read_text())
+    assert cfg["use_dora"] is True and cfg["use_rslora"] is True
