@@ -241,7 +241,9 @@ def train(cfg, run_dir: Path, resume: bool) -> int:
     model = model_lib.load_for_training(cfg, tokenizer, new_ids)
     trainable, total = model_lib.count_parameters(model)
     log(f"model: {trainable:,} trainable of {total:,} parameters ({cfg.method}, {cfg.model.dtype}, {t.device})")
-    quantized = sum(type(m).__name__ in ("Linear4bit", "Linear8bitLt") for m in model.modules())
+    # bitsandbytes' own layers only (PEFT's LoRA wrappers reuse the class names)
+    quantized = sum(type(m).__module__.startswith("bitsandbytes") and type(m).__name__ in ("Linear4bit", "Linear8bitLt")
+                    for m in model.modules())
     runs.write_json(run_dir, params={"trainable": trainable, "total": total, "quantized_linear": quantized})
 
     # 4. train

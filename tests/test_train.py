@@ -271,3 +271,32 @@ def test_dora_rslora_neftune_and_mixture(tmp_path):
     assert info["data"]["tokens"]["samples"] == 151 + 80  # round(0.5 * 302) + 2 * 40
     cfg = json.loads((run_dir / "adapter" / "adapter_config.json").read_text())
     assert cfg["use_dora"] is True and cfg["use_rslora"] is True
+
+
+def test_cli_presets_commands(tmp_path):
+    out = lorastudio("list-presets")
+    assert out.returncode == 0 and "tiny_demo" in out.stdout and "tiny_smoke" in out.stdout
+    out = lorastudio("copy-preset", "tiny_demo", str(tmp_path))
+    assert out.returncode == 0 and (tmp_path / "tiny_demo.yaml").exists()
+    assert lorastudio("copy-preset", "tiny_demo", str(tmp_path)).returncode != 0  # never overwrites
+    assert "no preset" in lorastudio("copy-preset", "nope", str(tmp_path)).stderr
+    # a preset name works where a file is expected
+    out = lorastudio("preview", "tiny_smoke", "-n", "1", "--json")
+    assert out.returncode == 0 and json.loads(out.stdout)[0]["trained_spans"]
+
+
+def test_cli_runs_and_stop_report_status(smoke_run, tmp_path):
+    home = str(smoke_run.parent.parent)
+    out = lorastudio("stop", str(smoke_run))
+    assert out.returncode == 0 and out.stdout.strip() == "done"  # nothing to stop
+    assert "not a run directory" in lorastudio("stop", str(tmp_path)).stderr
+
+
+def test_qlora_8bit_on_cpu(tmp_path):
+    pytest.importorskip("bitsandbytes")
+    run_dir = tmp_path / "q8"
+    out = lorastudio("train", "presets/tiny_smoke.yaml", "--run-dir", str(run_dir), "--set", "method=qlora",
+                     "--set", "quantization.bits=8", "--set", "training.max_steps=2", "--set", "training.sample_every=0",
+                     "--set", "data.eval_split=0")
+    assert out.returncode == 0, (run_dir / "train.log").read_text()[-3000:]
+    assert runs.read_json(run_dir)["params"]["quantized_linear"] == 4 * 7
