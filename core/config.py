@@ -88,6 +88,8 @@ class TrainingSection(_Section):
     sample_prompts: list[str] = Field(default_factory=list)  # XTuner's evaluation_inputs
     sample_max_new_tokens: int = Field(64, gt=0)
     device: Literal["auto", "cpu", "cuda"] = "auto"
+    exclusive: Literal["auto", True, False] = "auto"  # one job per device (file lock); auto: on for CUDA
+    queue: bool = True  # device busy: wait in the queue (True) or refuse at once (False)
 
 
 class OutputSection(_Section):
@@ -212,6 +214,8 @@ def resolve(cfg: RunConfig) -> RunConfig:
         raise ConfigError(f"model.dtype: {cfg.model.dtype} training on CPU is not supported; use float32 or auto")
     if t.gradient_checkpointing == "auto":
         t.gradient_checkpointing = device == "cuda"
+    if t.exclusive == "auto":
+        t.exclusive = device == "cuda"
     if t.optimizer == "auto":
         t.optimizer = "paged_adamw_32bit" if (cfg.method == "qlora" and device == "cuda") else "adamw_torch"
     if t.optimizer.startswith("paged_") and device != "cuda":

@@ -152,20 +152,39 @@ def new_run_dir(name: str | None, model: str, method: str) -> Path:
     return path
 
 
-def launch(run_dir: str | Path, resume: bool = False, env: dict | None = None) -> subprocess.Popen:
-    """Start the training child: own session/process group, stdout+stderr appended to train.log."""
+def launch(run_dir: str | Path, resume: bool = False, env: dict | None = None,
+           python_args: list[str] | None = None) -> subprocess.Popen:
+    """Start the training child: own session/process group, stdout+stderr appended to train.log.
+    (`python_args` replaces `-m core.train`; fault tests use it to wrap the real trainer.)"""
     run_dir = Path(run_dir)
-    cmd = [sys.executable, "-m", "core.train", str(run_dir)] + (["--resume"] if resume else [])
-    child_env = {**os.environ, **(env or {}), "PYTHONUNBUFFERED": "1"}
-    # make sure the child imports this very package even when run from elsewhere
-    pkg_root = str(Path(__file__).resolve().parents[1])
-    child_env["PYTHONPATH"] = os.pathsep.join(p for p in [pkg_root, child_env.get("PYTHONPATH", "")] if p)
+    cmd = [sys.executable, *(python_args or ["-m", "core.train"]), str(run_dir)] + (["--resume"] if resume else [])
+    child_env = _child_env(env)
     with open(run_dir / "train.log", "ab") as log:
         proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
                                 start_new_session=True, env=child_env, cwd=str(run_dir))
     write_json(run_dir, status="starting", pid=proc.pid, pgid=proc.pid,
                pid_start_time=process_start_time(proc.pid), launched=time.time())
     return proc
+
+
+def _child_env(env: dict | None = None) -> dict:
+    child_env = {**os.environ, **(env or {}), "PYTHONUNBUFFERED": "1"}
+    # make sure the child imports this very package even when run from elsewhere
+    pkg_root = str(Path(__file__).resolve().parents[1])
+    child_env["PYTHONPATH"] = os.pathsep.join(p for p in [pkg_root, child_env.get("PYTHONPATH", "")] if p)
+    return child_env
+
+
+def spawn(cmd: list[str], log_path: str | Path, cwd: str | Path | None = None,
+          env: dict | None = None) -> subprocess.Popen:
+    """Start any child job (convert, chat worker) like `launch` starts training: own session and
+    process group, stdout+stderr appended to `log_path`, no pipe for anyone to drain."""
+    log_path = Path(log_path)
+    log_path.parent.mkdir(parents=True, exist_ok=True)
+    with open(log_path, "ab") as log:
+        return subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
+                                start_new_session=True, env=_child_env(env),
+                                cwd=str(cwd) if cwd else None)
 
 
 def stop(run_dir: str | Path, grace: float = 30.0) -> str:
@@ -206,5 +225,8 @@ def list_runs() -> list[dict]:
 
 
 def last_checkpoint(run_dir: str | Path) -> Path | None:
-    cps = [p for p in Path(run_dir).glob("checkpoint-*") if p.is_dir() and p.name.split("-")[-1].isdigit()]
+    """The newest *complete* checkpoint: the Trainer writes trainer_state.json last, so a save
+    cut short (disk full, kill -9) is never resumed from."""
+    cps = [p for p in Path(run_dir).glob("checkpoint-*")
+           if p.is_dir() and p.name.split("-")[-1].isdigit() and (p / "trainer_state.json").exists()]
     return max(cps, key=lambda p: int(p.name.split("-")[-1])) if cps else None

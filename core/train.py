@@ -300,9 +300,18 @@ def main(argv: list[str] | None = None) -> int:
         from . import model as model_lib
         from . import templates
 
-        bad_input = (config_lib.ConfigError, data_lib.DataError, templates.TemplateError, model_lib.ModelError)
+        from .locks import Busy
+
+        bad_input = (config_lib.ConfigError, data_lib.DataError, templates.TemplateError, model_lib.ModelError, Busy)
+        from . import locks
+
+        if os.environ.get("LORASTUDIO_FAULTS"):
+            _install_faults(os.environ["LORASTUDIO_FAULTS"])
         cfg = config_lib.load(run_dir / "config.yaml")
         cfg = config_lib.resolve(cfg)
+        held = [locks.writer_lock(run_dir)]  # never two writers on one run dir
+        if cfg.training.exclusive:
+            held.append(_take_device(cfg, run_dir))
         runs.write_json(run_dir, model_revision=_model_revision(cfg))
         code = train(cfg, run_dir, a.resume)
     except StopRequested:
@@ -310,7 +319,13 @@ def main(argv: list[str] | None = None) -> int:
         runs.append_event(run_dir, "stopped", step=0)
     except Exception as e:  # noqa: BLE001 - every failure must reach run.json with a message
         traceback.print_exc()
-        error = _explain(e)
+        if isinstance(e, OSError):
+            _discard_partial_checkpoints(run_dir)
+        error = _explain(e, run_dir)
+        if type(e).__name__ == "OutOfMemoryError" and "cfg" in locals():
+            from .recovery import oom_retry_overrides
+
+            runs.write_json(run_dir, retry=oom_retry_overrides(cfg))
         code = runs.EXIT_CONFIG if isinstance(e, locals().get("bad_input", ())) else runs.EXIT_FAILED
         runs.append_event(run_dir, "failed", error=error)
         log(f"FAILED: {error}")
@@ -318,6 +333,23 @@ def main(argv: list[str] | None = None) -> int:
     runs.write_json(run_dir, status=status, exit_code=code, error=error, ended=time.time())
     log(f"exit {code} ({status})")
     return code
+
+
+def _take_device(cfg, run_dir: Path):
+    """Wait (visibly) for the device lock, or refuse at once when training.queue is false."""
+    from . import locks
+
+    lock = locks.DeviceLock(cfg.training.device, "training", run_dir)
+
+    def on_wait(position, holder):
+        who = (holder or {}).get("run_dir") or (holder or {}).get("job", "another job")
+        runs.write_json(run_dir, status="queued", queue_position=position, queue_device=lock.key, queue_holder=who)
+        runs.append_event(run_dir, "queued", position=position, device=lock.key, holder=who)
+        log(f"waiting for {lock.key}: position {position} in the queue (held by {who})")
+
+    lock.acquire(wait=cfg.training.queue, on_wait=on_wait)
+    runs.write_json(run_dir, status="starting", queue_position=None)
+    return lock
 
 
 def _model_revision(cfg) -> str | None:
@@ -334,13 +366,63 @@ def _model_revision(cfg) -> str | None:
     return None
 
 
-def _explain(e: Exception) -> str:
+_DISK_FULL = (28, 122, 27)  # ENOSPC, EDQUOT, EFBIG
+
+
+def _explain(e: Exception, run_dir: Path) -> str:
     import torch
 
     if isinstance(e, torch.OutOfMemoryError):
         return ("out of GPU memory: lower training.micro_batch_size (raise grad_accum to keep the effective "
-                "batch) or template.cutoff_len, or use method: qlora")
+                "batch) or template.cutoff_len, or use method: qlora. Retry with half the micro-batch and the "
+                "same effective batch: lorastudio retry " + str(run_dir))
+    if isinstance(e, OSError) and e.errno in _DISK_FULL:
+        good = runs.last_checkpoint(run_dir)
+        return (f"disk full while writing under {run_dir} ({e.strerror}); free some space, then "
+                + (f"`lorastudio resume {run_dir}` continues from {good.name}, which is intact"
+                   if good else "start again (no complete checkpoint yet)"))
     return f"{type(e).__name__}: {e}" if not isinstance(e, ValueError) else str(e)
+
+
+def _discard_partial_checkpoints(run_dir: Path) -> None:
+    """A save cut short leaves a checkpoint without trainer_state.json: remove it."""
+    import shutil
+
+    for cp in run_dir.glob("checkpoint-*"):
+        if cp.is_dir() and not (cp / "trainer_state.json").exists():
+            shutil.rmtree(cp, ignore_errors=True)
+            log(f"removed incomplete {cp.name}")
+
+
+def _install_faults(spec: str) -> None:
+    """Fault injection for tests, e.g. LORASTUDIO_FAULTS="enospc_on_save=2,oom_at_step=3": drives the
+    real error paths for a full disk (mid-checkpoint) and CUDA out-of-memory on any machine."""
+    import errno
+
+    import torch
+    from transformers import Trainer
+
+    faults = dict(item.split("=") for item in spec.split(",") if "=" in item)
+    if "enospc_on_save" in faults:
+        nth, calls = int(faults["enospc_on_save"]), {"n": 0}
+        orig_rng = Trainer._save_rng_state
+
+        def save_rng(self, output_dir):  # runs mid-checkpoint: weights+optimizer already written
+            calls["n"] += 1
+            if calls["n"] == nth:
+                raise OSError(errno.ENOSPC, "No space left on device (simulated)", output_dir)
+            return orig_rng(self, output_dir)
+
+        Trainer._save_rng_state = save_rng
+    if "oom_at_step" in faults:
+        at, orig_step = int(faults["oom_at_step"]), Trainer.training_step
+
+        def step(self, *args, **kwargs):
+            if self.state.global_step + 1 >= at:
+                raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB (simulated)")
+            return orig_step(self, *args, **kwargs)
+
+        Trainer.training_step = step
 
 
 if __name__ == "__main__":
