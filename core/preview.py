@@ -8,6 +8,13 @@ from __future__ import annotations
 def preview_samples(config: str | None = None, model: str | None = None, data: str | None = None,
                     template: str | None = None, n: int = 3, fmt: str = "auto", custom_jinja: str | None = None,
                     cutoff_len: int | None = None) -> list[dict]:
+    return preview_with_reports(config, model, data, template, n, fmt, custom_jinja, cutoff_len)[0]
+
+
+def preview_with_reports(config: str | None = None, model: str | None = None, data: str | None = None,
+                         template: str | None = None, n: int = 3, fmt: str = "auto", custom_jinja: str | None = None,
+                         cutoff_len: int | None = None):
+    """(samples, data load reports, template warnings)."""
     from . import config as config_lib
     from . import data as data_lib
     from . import model as model_lib
@@ -33,10 +40,11 @@ def preview_samples(config: str | None = None, model: str | None = None, data: s
     missing = templates.missing_special_tokens(tokenizer, tmpl)
     if missing:  # as training does: add them, so the preview shows the same ids
         tokenizer.add_special_tokens({"additional_special_tokens": missing})
-    out = []
+    out, reports = [], []
     for src in sources:
-        rows, _report = data_lib.load_file(src["path"], src.get("format", "auto"), src.get("columns"),
-                                           src.get("placeholders"))
+        rows, report = data_lib.load_file(src["path"], src.get("format", "auto"), src.get("columns"),
+                                          src.get("placeholders"))
+        reports.append(report)
         for ex in rows:
             if len(out) >= n:
                 break
@@ -47,7 +55,7 @@ def preview_samples(config: str | None = None, model: str | None = None, data: s
                 "n_tokens": len(enc.input_ids), "n_trained": enc.n_trained, "truncated": enc.truncated,
                 **({"text_only": ex["text"]} if "text" in ex else {}),
             })
-    return out
+    return out, reports, templates.template_warnings(tokenizer, tmpl)
 
 
 def highlight(text: str, spans: list, color: bool = True) -> str:
