@@ -291,6 +291,13 @@ def main(argv: list[str] | None = None) -> int:
         pass
     import psutil
 
+    from . import locks
+
+    try:  # first of all: a second writer must not touch run.json (it would hide the real pid)
+        writer = locks.writer_lock(run_dir)
+    except locks.Busy as e:
+        log(f"refused: {e}")
+        return runs.EXIT_CONFIG
     runs.write_json(run_dir, status="starting", pid=os.getpid(), pgid=os.getpgrp(),
                     pid_start_time=psutil.Process().create_time(), started=time.time(), versions=versions(),
                     host=platform.node(), exit_code=None, error=None)
@@ -303,13 +310,11 @@ def main(argv: list[str] | None = None) -> int:
         from .locks import Busy
 
         bad_input = (config_lib.ConfigError, data_lib.DataError, templates.TemplateError, model_lib.ModelError, Busy)
-        from . import locks
-
         if os.environ.get("LORASTUDIO_FAULTS"):
             _install_faults(os.environ["LORASTUDIO_FAULTS"])
         cfg = config_lib.load(run_dir / "config.yaml")
         cfg = config_lib.resolve(cfg)
-        held = [locks.writer_lock(run_dir)]  # never two writers on one run dir
+        held = [writer]  # held until exit: never two writers on one run dir
         if cfg.training.exclusive:
             held.append(_take_device(cfg, run_dir))
         runs.write_json(run_dir, model_revision=_model_revision(cfg))

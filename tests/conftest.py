@@ -62,3 +62,22 @@ def demo_run(tmp_path_factory) -> Path:
     run_dir = tmp_path_factory.mktemp("runs") / "demo"
     lorastudio("train", "presets/tiny_demo.yaml", "--run-dir", str(run_dir), check=True)
     return run_dir
+
+
+@pytest.fixture(scope="session", autouse=True)
+def _no_leaked_children():
+    """After the session, end any training/convert/chat child a failed test left behind (they run
+    in their own process groups, so pytest would not reap them)."""
+    yield
+    import signal
+
+    import psutil
+
+    for p in psutil.process_iter(["pid", "cmdline"]):
+        cmd = " ".join(p.info["cmdline"] or [])
+        if any(m in cmd for m in ("core.train", "core.convert", "core.chat_worker")) and \
+                ("pytest-of-" in cmd or os.environ["LORASTUDIO_HOME"] in cmd):
+            try:
+                os.killpg(os.getpgid(p.info["pid"]), signal.SIGKILL)
+            except (ProcessLookupError, PermissionError):
+                pass

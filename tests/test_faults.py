@@ -69,7 +69,8 @@ def test_never_two_writers_on_one_run_dir(tmp_path):
     child = subprocess.run([sys.executable, "-m", "core.train", str(run_dir)], cwd=ROOT, capture_output=True,
                            text=True, timeout=120)
     assert child.returncode == 2 and "already being written" in child.stdout
-    runs.stop(run_dir, grace=30)
+    assert runs.read_json(run_dir)["status"] == "running"  # the refused child left run.json alone
+    assert runs.stop(run_dir, grace=30) == "stopped"
 
 
 def test_stop_kills_a_group_that_ignores_sigterm(tmp_path):
