@@ -1,7 +1,7 @@
 """`lorastudio` command line. Bare `lorastudio` launches the web app.
 
 Subcommand names are a contract other tools use:
-  webui, list-presets, copy-preset, train, resume, runs, stop, preview
+  webui, list-presets, copy-preset, train, resume, runs, stop, preview, convert, chat
 """
 
 from __future__ import annotations
@@ -209,6 +209,98 @@ def cmd_preview(a) -> int:
     return 0
 
 
+# ---------------------------------------------------------------- convert and chat
+
+def cmd_convert(a) -> int:
+    """Export (or --merge) in a child job with its own log, RUN_DIR/convert.log, followed here."""
+    from . import runs
+
+    run_dir = Path(a.run_dir).resolve()
+    if not (run_dir / "config.yaml").exists():
+        return _err(f"{run_dir} is not a run directory (no config.yaml)")
+    cmd = [sys.executable, "-m", "core.convert", str(run_dir), "--dtype", a.dtype]
+    cmd += ["--merge"] if a.merge else []
+    cmd += ["--checkpoint", str(a.checkpoint)] if a.checkpoint is not None else []
+    cmd += ["--out", str(Path(a.out).resolve())] if a.out else []
+    _, offset = runs.read_events(run_dir)
+    log = run_dir / "convert.log"
+    pos = log.stat().st_size if log.exists() else 0  # echo only this conversion's part of the log
+    proc = runs.spawn(cmd, log, cwd=run_dir)
+    try:
+        while True:
+            code = proc.poll()
+            with open(log, "rb") as f:
+                f.seek(pos)
+                chunk = f.read()
+            pos += len(chunk)
+            if chunk:
+                sys.stdout.write(chunk.decode("utf-8", "replace"))
+                sys.stdout.flush()
+            if code is not None:
+                break
+            time.sleep(0.3)
+    except KeyboardInterrupt:  # the child removes its half-written output on SIGTERM
+        os.killpg(proc.pid, signal.SIGTERM)
+        proc.wait(60)
+        return _err("interrupted", runs.EXIT_STOPPED)
+    if code != 0:
+        events, _ = runs.read_events(run_dir, offset)
+        failed = [e for e in events if e.get("event") == "convert_failed"]
+        return _err(failed[-1]["error"] if failed else f"convert exited with {code} (see {log})", code)
+    return 0
+
+
+def cmd_chat(a) -> int:
+    """One scripted answer (--prompt) or an interactive chat (RESET clears, EXIT quits)."""
+    from . import chat
+    from . import model as model_lib
+
+    try:
+        model, tokenizer, template = chat.load_chat_model(a.target, a.checkpoint, a.device)
+    except (chat.ChatError, model_lib.ModelError, ValueError, OSError) as e:
+        return _err(str(e))
+    if template is None:
+        print(f"note: {chat.COMPLETION_NOTICE}", file=sys.stderr)
+    use_adapter = not a.base
+    if a.base and not hasattr(model, "disable_adapter"):
+        print("note: --base: this target has no adapter; answering with the model as it is", file=sys.stderr)
+    gen = dict(system=a.system, greedy=a.greedy, max_new_tokens=a.max_new_tokens, temperature=a.temperature,
+               top_p=a.top_p, top_k=a.top_k, repetition_penalty=a.repetition_penalty, use_adapter=use_adapter)
+    if a.prompt is not None:  # scripted: only the answer on stdout
+        try:
+            print(chat.reply(model, tokenizer, template, [{"role": "user", "content": a.prompt}], **gen))
+        except chat.ChatError as e:
+            return _err(str(e), 1)
+        return 0
+    print("type RESET to clear the history, EXIT to quit", file=sys.stderr)
+    history: list[dict] = []
+    while True:
+        try:
+            text = input("\n>>> ")
+        except (EOFError, KeyboardInterrupt):
+            print()
+            return 0
+        if text.strip() == "EXIT":
+            return 0
+        if text.strip() == "RESET":
+            history = []
+            print("(history cleared)", file=sys.stderr)
+            continue
+        history.append({"role": "user", "content": text})
+        answer = ""
+        try:
+            for chunk in chat.stream_reply(model, tokenizer, template, history, **gen):
+                answer += chunk
+                sys.stdout.write(chunk)
+                sys.stdout.flush()
+        except KeyboardInterrupt:  # stop this answer, keep the chat
+            pass
+        except chat.ChatError as e:
+            print(f"\nerror: {e}", file=sys.stderr)
+        print()
+        history.append({"role": "assistant", "content": answer.strip()})
+
+
 # ---------------------------------------------------------------- web app
 
 def cmd_webui(a) -> int:
@@ -266,6 +358,30 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("-n", type=int, default=3)
     p.add_argument("--json", action="store_true")
     p.set_defaults(func=cmd_preview)
+
+    p = sub.add_parser("convert", help="export a run's adapter, or --merge it into a full model")
+    p.add_argument("run_dir")
+    p.add_argument("--checkpoint", type=int, help="convert RUN_DIR/checkpoint-N instead of adapter/")
+    p.add_argument("--merge", action="store_true", help="write a full merged model (safetensors)")
+    p.add_argument("--dtype", default="auto", choices=["auto", "fp32", "bf16", "fp16", "float32", "bfloat16", "float16"],
+                   help="merged weights dtype (auto: the base model's)")
+    p.add_argument("--out", help="output folder (default RUN_DIR/export-adapter or RUN_DIR/merged); never overwritten")
+    p.set_defaults(func=cmd_convert)
+
+    p = sub.add_parser("chat", help="chat with a run, a merged model or a base model (RESET, EXIT)")
+    p.add_argument("target", help="a run dir, a merged/model folder, a hub id or builtin:tiny")
+    p.add_argument("--checkpoint", type=int)
+    p.add_argument("--system", help="system prompt")
+    p.add_argument("--prompt", help="answer this one prompt on stdout and exit")
+    p.add_argument("--greedy", action="store_true", help="greedy decoding (deterministic)")
+    p.add_argument("--base", action="store_true", help="answer with the base model (adapter disabled)")
+    p.add_argument("--max-new-tokens", type=int, default=256)
+    p.add_argument("--temperature", type=float, default=0.7)
+    p.add_argument("--top-p", type=float, default=0.9)
+    p.add_argument("--top-k", type=int, default=50)
+    p.add_argument("--repetition-penalty", type=float, default=1.0)
+    p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
+    p.set_defaults(func=cmd_chat)
     return ap
 
 
