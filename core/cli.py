@@ -192,12 +192,26 @@ def cmd_preview(a) -> int:
     from . import preview
 
     try:
-        samples = preview.preview_samples(config=a.config, model=a.model, data=a.data, template=a.template,
-                                          n=a.n, fmt=a.format)
+        custom = Path(a.custom_template).read_text(encoding="utf-8") if a.custom_template else None
+        template = "custom" if custom and not a.template else a.template
+        samples, reports, warnings = preview.preview_with_reports(
+            config=a.config, model=a.model, data=a.data, template=template, n=a.n, fmt=a.format,
+            custom_jinja=custom, cutoff_len=a.cutoff)
     except Exception as e:  # noqa: BLE001 - bad input: one clear line, no traceback
         return _err(str(e), 2)
+    # what was skipped and why goes to stderr, so --json output stays clean
+    for r in reports:
+        print(f"data: {r.summary()}", file=sys.stderr)
+        for sk in r.skipped[:5]:
+            print(f"  skipped {sk.reason}", file=sys.stderr)
+        if r.rows_skipped > 5:
+            print(f"  ... and {r.rows_skipped - 5} more", file=sys.stderr)
+    for w in warnings:
+        print(f"template warning: {w}", file=sys.stderr)
     if a.json:
-        print(json.dumps([{k: s[k] for k in ("messages", "text", "trained_spans")} | ({"text_only": s["text_only"]} if "text_only" in s else {}) for s in samples], ensure_ascii=False, indent=1))
+        print(json.dumps([{k: s[k] for k in ("messages", "text", "trained_spans")}
+                          | ({"text_only": s["text_only"]} if "text_only" in s else {}) for s in samples],
+                         ensure_ascii=False, indent=1))
         return 0
     color = sys.stdout.isatty() and not os.environ.get("NO_COLOR")
     for i, s in enumerate(samples):
@@ -207,6 +221,26 @@ def cmd_preview(a) -> int:
     if samples and not color:
         print("(trained text is shown between [[ and ]])")
     return 0
+
+
+def cmd_retry(a) -> int:
+    """Start a new run from a failed one with the suggested change (after OOM: half the
+    micro-batch, double the accumulation, same effective batch)."""
+    from . import config as config_lib
+    from . import recovery
+
+    run_dir = Path(a.run_dir).resolve()
+    if not (run_dir / "config.yaml").exists():
+        return _err(f"{run_dir} is not a run directory (no config.yaml)")
+    try:
+        new_dir = recovery.retry(run_dir, launch=False)
+    except config_lib.ConfigError as e:
+        return _err(str(e))
+    from . import runs
+
+    proc = runs.launch(new_dir)
+    print(f"run dir: {new_dir}", flush=True)
+    return 0 if a.detach else _follow(new_dir, proc)
 
 
 # ---------------------------------------------------------------- convert and chat
@@ -355,9 +389,16 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--data")
     p.add_argument("--template", default=None)
     p.add_argument("--format", default="auto", help="dataset format (default: detect)")
+    p.add_argument("--custom-template", metavar="FILE", help="a Jinja chat template file (rendered in a sandbox)")
+    p.add_argument("--cutoff", type=int, default=None, help="truncate samples to N tokens, as training would")
     p.add_argument("-n", type=int, default=3)
     p.add_argument("--json", action="store_true")
     p.set_defaults(func=cmd_preview)
+
+    p = sub.add_parser("retry", help="start a failed run again with the suggested fix (e.g. after out-of-memory)")
+    p.add_argument("run_dir")
+    p.add_argument("--detach", action="store_true")
+    p.set_defaults(func=cmd_retry)
 
     p = sub.add_parser("convert", help="export a run's adapter, or --merge it into a full model")
     p.add_argument("run_dir")

@@ -75,9 +75,14 @@ def _no_leaked_children():
 
     for p in psutil.process_iter(["pid", "cmdline"]):
         cmd = " ".join(p.info["cmdline"] or [])
-        if any(m in cmd for m in ("core.train", "core.convert", "core.chat_worker")) and \
-                ("pytest-of-" in cmd or os.environ["LORASTUDIO_HOME"] in cmd):
-            try:
-                os.killpg(os.getpgid(p.info["pid"]), signal.SIGKILL)
-            except (ProcessLookupError, PermissionError):
-                pass
+        if not any(m in cmd for m in ("core.train", "core.convert", "core.chat_worker")):
+            continue
+        try:  # only this session's children: they inherited our workspace
+            if p.environ().get("LORASTUDIO_HOME") != os.environ["LORASTUDIO_HOME"]:
+                continue
+        except (psutil.NoSuchProcess, psutil.AccessDenied):
+            continue
+        try:
+            os.killpg(os.getpgid(p.info["pid"]), signal.SIGKILL)
+        except (ProcessLookupError, PermissionError):
+            pass

@@ -208,3 +208,19 @@ def test_tampered_pickle_in_a_checkpoint_is_refused(smoke_run, tmp_path):
     assert not marker.exists()  # the payload never ran
     assert out.returncode == 1 and runs.read_json(run_dir)["status"] == "failed"
     assert "weights_only" in runs.read_json(run_dir)["error"] or "Unpickl" in runs.read_json(run_dir)["error"]
+
+
+def test_cli_retry_after_oom(tmp_path):
+    run_dir = tmp_path / "oom2"
+    out = lorastudio("train", "presets/tiny_smoke.yaml", "--run-dir", str(run_dir), "--set", "training.max_steps=3",
+                     "--set", "training.micro_batch_size=2", "--set", "training.sample_every=0",
+                     "--set", "data.eval_split=0", env={"LORASTUDIO_FAULTS": "oom_at_step=1"})
+    assert out.returncode == 1 and "lorastudio retry" in out.stderr
+    out = lorastudio("retry", str(run_dir))
+    assert out.returncode == 0, out.stderr
+    new_dir = Path(out.stdout.split("run dir: ")[1].split()[0])
+    from core import config as config_lib
+
+    cfg = config_lib.load(new_dir / "config.yaml")
+    assert (cfg.training.micro_batch_size, cfg.training.grad_accum) == (1, 2)
+    assert runs.read_json(new_dir)["status"] == "done"
