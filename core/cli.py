@@ -338,9 +338,18 @@ def cmd_chat(a) -> int:
 # ---------------------------------------------------------------- web app
 
 def cmd_webui(a) -> int:
-    from webui.app import launch
+    from webui.app import LaunchError, launch
 
-    return launch(host=a.host, port=a.port) or 0
+    credentials = None
+    if a.auth:
+        if ":" not in a.auth:
+            return _err("--auth expects USER:PASSWORD")
+        credentials = tuple(a.auth.split(":", 1))
+    try:
+        return launch(host=a.host, port=a.port, auth=False if a.no_auth else None, allow_dirs=a.allow_dir, share=a.share,
+                      credentials=credentials, max_upload_mb=a.max_upload_mb) or 0
+    except LaunchError as e:
+        return _err(str(e))
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -351,6 +360,12 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("webui", help="launch the web app (default)")
     p.add_argument("--host", default="127.0.0.1")
     p.add_argument("--port", type=int, default=7860)
+    p.add_argument("--no-auth", action="store_true", help="no access token (anyone on this machine can use it)")
+    p.add_argument("--auth", metavar="USER:PASSWORD", help="login required; needed for --share or a non-local --host")
+    p.add_argument("--share", action="store_true", help="a public Gradio link (requires --auth)")
+    p.add_argument("--allow-dir", action="append", default=[], metavar="DIR",
+                   help="let the app read files under DIR (default: the workspace and the current folder)")
+    p.add_argument("--max-upload-mb", type=int, default=200, help="largest upload accepted (MB)")
     p.set_defaults(func=cmd_webui)
 
     p = sub.add_parser("list-presets", help="list shipped presets")

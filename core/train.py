@@ -314,6 +314,8 @@ def main(argv: list[str] | None = None) -> int:
             _install_faults(os.environ["LORASTUDIO_FAULTS"])
         cfg = config_lib.load(run_dir / "config.yaml")
         cfg = config_lib.resolve(cfg)
+        # runs started from the UI (which never imports torch) get their resolved values here
+        config_lib.save(cfg, run_dir / "config.yaml", header=_config_header(run_dir))
         held = [writer]  # held until exit: never two writers on one run dir
         if cfg.training.exclusive:
             held.append(_take_device(cfg, run_dir))
@@ -338,6 +340,11 @@ def main(argv: list[str] | None = None) -> int:
     runs.write_json(run_dir, status=status, exit_code=code, error=error, ended=time.time())
     log(f"exit {code} ({status})")
     return code
+
+
+def _config_header(run_dir: Path) -> str:
+    lines = [ln for ln in (run_dir / "config.yaml").read_text().splitlines() if ln.startswith("#")]
+    return "\n".join(lines or [f"# lorastudio train {run_dir / 'config.yaml'}"]) + "\n"
 
 
 def _take_device(cfg, run_dir: Path):

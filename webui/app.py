@@ -1,53 +1,112 @@
 """The LoRA Studio web app (Gradio). Importing this module loads no torch: every model or
-tokenizer touch happens in core functions called from handlers, and training runs in a child.
+tokenizer touch happens in core functions called from handlers, training, converting and chat run
+in child processes.
+
+One module per tab (tab_model, tab_dataset, tab_template, tab_train, tab_convert, tab_chat): each
+has build(ui) that adds its components to the shared `ui` dict, and wire(ui, demo) that connects
+events once every tab exists (tabs read each other's inputs: the Dataset tab uses the model from the
+Model tab and the template from the Template tab).
 
 Flow a newcomer can follow: Start -> core.runs.launch (child `python -m core.train`) ->
-RUN_DIR/metrics.jsonl -> the gr.Timer tick below reads new lines -> gr.LinePlot.
+RUN_DIR/metrics.jsonl -> the gr.Timer tick in tab_train reads it -> gr.LinePlot.
 """
 
 from __future__ import annotations
 
 import os
+from pathlib import Path
+import threading
 
 import gradio as gr
 
-from . import helpers
+from . import tab_chat, tab_convert, tab_dataset, tab_model, tab_template, tab_train
+
+TABS = [("Model", tab_model), ("Dataset", tab_dataset), ("Template", tab_template), ("Train", tab_train),
+        ("Convert", tab_convert), ("Chat", tab_chat)]
 
 
 def build() -> gr.Blocks:
+    ui: dict = {}
     with gr.Blocks(title="LoRA Studio") as demo:
         gr.Markdown("# LoRA Studio\nFine-tune a chat model with LoRA/QLoRA. The embedded tiny model and "
                     "sample dataset work offline.")
-        with gr.Tab("Dataset"):
-            with gr.Row():
-                model_box = gr.Textbox(value="builtin:tiny", label="Model (folder, hub id or builtin:tiny)")
-                data_box = gr.Textbox(value="builtin:sample", label="Dataset file")
-                template_box = gr.Textbox(value="auto", label="Template (auto or a name)")
-            n_box = gr.Slider(1, 20, value=3, step=1, label="Samples")
-            preview_btn = gr.Button("Preview", variant="primary")
-            preview_status = gr.Markdown()
-            preview_out = gr.HighlightedText(label="Rendered as training sees it (trained tokens highlighted)",
-                                             combine_adjacent=True, color_map={"trained": "green"})
-            preview_btn.click(helpers.preview_highlight, [model_box, data_box, template_box, n_box],
-                              [preview_out, preview_status], api_name="preview")
-        with gr.Tab("Train"):
-            preset_box = gr.Dropdown(helpers.preset_names(), value="tiny_smoke", label="Preset")
-            start_btn = gr.Button("Start", variant="primary")
-            stop_btn = gr.Button("Stop")
-            run_box = gr.Textbox(label="Run directory", interactive=False)
-            run_status = gr.Markdown()
-            loss_plot = gr.LinePlot(x="step", y="loss", title="Training loss", height=300)
-            log_box = gr.Textbox(label="Log tail", lines=10, interactive=False)
-            start_btn.click(helpers.start_preset, [preset_box], [run_box, run_status], api_name="start")
-            stop_btn.click(helpers.stop_run, [run_box], [run_status], api_name="stop")
-            timer = gr.Timer(1.0)
-            timer.tick(helpers.poll_run, [run_box], [loss_plot, run_status, log_box])
-            demo.load(helpers.latest_run, None, [run_box])
+        with gr.Tabs():
+            for name, mod in TABS:
+                with gr.Tab(name, id=name.lower(), elem_id=f"tab-{name.lower()}"):
+                    mod.build(ui)
+        with gr.Row(visible=False):  # API-only endpoints (JSON-native twins of UI events)
+            ui["api_stats_btn"] = gr.Button("dataset stats api")
+            ui["api_preview_btn"] = gr.Button("preview api")
+            ui["api_json"] = gr.JSON()
+        for _name, mod in TABS:
+            mod.wire(ui, demo)
     return demo
 
 
-def launch(host: str = "127.0.0.1", port: int = 7860) -> int:
+def _warm_up() -> None:
+    """Import the tokenizer stack and load the default tokenizer in the background after launch,
+    so the first preview doesn't pay for it (the UI process still never loads a model)."""
+    try:
+        from .tab_dataset import tokenizer_and_template
+
+        tokenizer_and_template("builtin:tiny", "auto", "", False)
+    except Exception:  # noqa: BLE001 - only a head start; the handler reports real errors
+        pass
+
+
+LOCAL_HOSTS = ("127.0.0.1", "localhost", "::1")
+
+
+class LaunchError(ValueError):
+    pass
+
+
+def launch(host: str = "127.0.0.1", port: int = 7860, auth: bool | None = None, token: str | None = None,
+           allow_dirs: list[str] | tuple[str, ...] = (), share: bool = False,
+           credentials: tuple[str, str] | None = None, max_upload_mb: int = 200) -> int:
+    """Serve the app. With auth (the default; --no-auth / LORASTUDIO_NO_AUTH=1 turns it off) every
+    request needs the access token (webui.auth): printed in the URL at launch, or fixed by
+    LORASTUDIO_TOKEN. A public link (--share) or a non-local host needs a username and password
+    (--auth USER:PASSWORD): a URL token is not enough once strangers can reach the port.
+    Handlers read local paths only inside core.access.allowed_dirs() (+ --allow-dir)."""
+    from . import auth as auth_mod
+
+    if (share or host not in LOCAL_HOSTS) and not credentials:
+        raise LaunchError(f"{'--share' if share else '--host ' + host} exposes the app beyond this machine: "
+                          "it requires --auth USER:PASSWORD")
     os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")
+    if allow_dirs:
+        extra = [p for p in os.environ.get("LORASTUDIO_ALLOW_DIRS", "").split(os.pathsep) if p]
+        os.environ["LORASTUDIO_ALLOW_DIRS"] = os.pathsep.join(extra + [str(Path(d).resolve()) for d in allow_dirs])
+    if auth is None:
+        auth = os.environ.get("LORASTUDIO_NO_AUTH", "") not in ("1", "true", "yes")
+    token = token or os.environ.get("LORASTUDIO_TOKEN") or auth_mod.new_token()
     demo = build()
-    demo.queue().launch(server_name=host, server_port=port, show_error=False)
+    if os.environ.get("LORASTUDIO_NO_WARMUP") != "1":
+        warm = threading.Timer(2.0, _warm_up)
+        warm.daemon = True
+        warm.start()
+    kwargs: dict = {"app_kwargs": {"middleware": [auth_mod.middleware(token)]}} if auth and not credentials else {}
+    if credentials:
+        kwargs["auth"] = [credentials]
+    # the default theme: it renders fully offline (no web fonts to fetch)
+    demo.queue(default_concurrency_limit=4).launch(
+        server_name=host, server_port=port, show_error=False, quiet=True, share=share,
+        max_file_size=f"{max_upload_mb}mb", prevent_thread_lock=True, **kwargs)
+    shown = "127.0.0.1" if host in ("0.0.0.0", "") else host
+    if credentials:
+        print(f"LoRA Studio: open http://{shown}:{port}/ (log in as {credentials[0]})"
+              + (f"; public link: {demo.share_url}" if share else ""), flush=True)
+    elif auth:
+        print(f"LoRA Studio: open http://{shown}:{port}/?token={token}", flush=True)
+    else:
+        print(f"LoRA Studio: open http://{shown}:{port}/ (no access token: --no-auth)", flush=True)
+    from core import access
+
+    print(f"reads local files only under: {', '.join(map(str, access.allowed_dirs()))} (add more with --allow-dir)",
+          flush=True)
+    try:
+        demo.block_thread()
+    except KeyboardInterrupt:
+        pass
     return 0

@@ -1,0 +1,275 @@
+"""Chat tab: the base model, a run (base + adapter, any checkpoint) or a merged folder, served by the
+core's chat worker (a child process: no model in the UI process); streaming replies; system prompt
+and generation settings; side by side: base vs fine-tuned on the same prompt (one run worker
+answers both, the base through the adapter switched off)."""
+
+from __future__ import annotations
+
+import json
+import threading
+from pathlib import Path
+
+import gradio as gr
+
+from core import runs
+
+from .helpers import error_text
+
+MAX_WORKERS = 2
+_workers: dict[tuple[str, int | None], tuple[object, threading.Lock]] = {}
+_registry_lock = threading.Lock()
+
+
+# ---------------------------------------------------------------- targets and workers
+
+def target_choices() -> list[str]:
+    """builtin:tiny, every run with an adapter, and every merged folder, newest runs first."""
+    from .tab_convert import checkpoint_choices
+
+    out = ["builtin:tiny"]
+    for info in runs.list_runs():
+        d = info["run_dir"]
+        if checkpoint_choices(d):
+            out.append(d)
+        out += [str(p) for p in sorted(Path(d).glob("merged*")) if p.is_dir() and not p.name.endswith(".partial")]
+    return out
+
+
+def is_run(target: str) -> bool:
+    return bool(target) and (Path(target) / "config.yaml").exists()
+
+
+def base_of(target: str) -> str | None:
+    """The base model of a run or a merged/exported folder (its lorastudio.json)."""
+    if is_run(target):
+        from core import history
+
+        return (history.load_config_dict(target).get("model") or {}).get("name_or_path")
+    meta = Path(target) / "lorastudio.json"
+    if meta.exists():
+        return json.loads(meta.read_text()).get("base_model")
+    return None
+
+
+def _ckpt(checkpoint: str | None) -> int | None:
+    if not checkpoint or checkpoint == "final":
+        return None
+    return int(str(checkpoint).split("-")[-1])
+
+
+def get_worker(target: str, checkpoint: int | None = None):
+    """A live ChatWorker for (target, checkpoint), started on first use; at most MAX_WORKERS kept."""
+    from core.chat import ChatError, ChatWorker
+
+    from .helpers import readable
+
+    if not target:
+        raise ChatError("pick a model or run to chat with")
+    target = readable(target)
+    key = (target, checkpoint if is_run(target) else None)
+    with _registry_lock:
+        entry = _workers.get(key)
+        if entry and entry[0].proc.poll() is not None:  # died: start again
+            _workers.pop(key, None)
+            entry = None
+        if entry is None:
+            # a run worker switches checkpoints in place instead of loading the base again
+            same_run = next((k for k in _workers if k[0] == target and is_run(target)), None)
+            if same_run is not None:
+                worker, lock = _workers.pop(same_run)
+                with lock:
+                    worker.set_checkpoint(checkpoint)
+                entry = (worker, lock)
+            else:
+                while len(_workers) >= MAX_WORKERS:
+                    old_key = next(iter(_workers))
+                    old, _ = _workers.pop(old_key)
+                    old.close()
+                entry = (ChatWorker(target, checkpoint=key[1], device="auto"), threading.Lock())
+            _workers[key] = entry
+        else:  # most recently used last
+            _workers[key] = _workers.pop(key)
+    return entry
+
+
+def close_workers() -> str:
+    with _registry_lock:
+        items = list(_workers.values())
+        _workers.clear()
+    for worker, _ in items:
+        worker.close()
+    return f"unloaded {len(items)} model(s)"
+
+
+# ---------------------------------------------------------------- messages
+
+def _text(content) -> str:
+    """Chatbot content arrives as a string or a list of parts ({"type": "text", "text": ...})."""
+    if isinstance(content, str):
+        return content
+    if isinstance(content, dict):
+        return content.get("text") or content.get("content") or ""
+    if isinstance(content, (list, tuple)):
+        return "".join(_text(p) for p in content)
+    return "" if content is None else str(content)
+
+
+def to_messages(history: list | None) -> list[dict]:
+    out = []
+    for m in history or []:
+        if isinstance(m, dict) and m.get("role") in ("user", "assistant"):
+            out.append({"role": m["role"], "content": _text(m.get("content"))})
+    return out
+
+
+def gen_kwargs(temperature, top_p, max_new_tokens, greedy) -> dict:
+    return dict(temperature=float(temperature or 0), top_p=float(top_p or 1.0),
+                max_new_tokens=int(max_new_tokens or 64), greedy=bool(greedy))
+
+
+def stream_answer(target, checkpoint, messages, system=None, use_adapter=True, **gen):
+    """Yield the growing reply text (the data the Chatbot shows)."""
+    worker, lock = get_worker(target, _ckpt(checkpoint))
+    text = ""
+    with lock:
+        for chunk in worker.stream(messages, system=system or None, use_adapter=use_adapter, **gen):
+            text += chunk
+            yield text
+
+
+# ---------------------------------------------------------------- handlers
+
+def chat(message, history, target, checkpoint, mode, system, temperature, top_p, max_new_tokens, greedy):
+    """Streaming chat: yields (chat history, cleared input box)."""
+    history = to_messages(history)
+    message = _text(message).strip()
+    if not message:
+        yield history, ""
+        return
+    history = history + [{"role": "user", "content": message}]
+    yield history + [{"role": "assistant", "content": "…"}], ""
+    try:
+        reply = ""
+        for reply in stream_answer(target, checkpoint, history, system, mode != "base",
+                                   **gen_kwargs(temperature, top_p, max_new_tokens, greedy)):
+            yield history + [{"role": "assistant", "content": reply}], ""
+        if not reply:
+            yield history + [{"role": "assistant", "content": "(empty reply)"}], ""
+    except Exception as e:  # noqa: BLE001
+        yield history + [{"role": "assistant", "content": f"⚠️ {error_text(e)}"}], ""
+
+
+def compare(prompt, target, checkpoint, system, temperature, top_p, max_new_tokens, greedy):
+    """Side by side on the same prompt: (base history, fine-tuned history), streamed one after the
+    other. A run answers both (adapter off / on); a merged folder is compared with its base model."""
+    prompt = _text(prompt).strip()
+    if not prompt:
+        yield [], []
+        return
+    user = [{"role": "user", "content": prompt}]
+    gen = gen_kwargs(temperature, top_p, max_new_tokens, greedy)
+    left, right = user + [{"role": "assistant", "content": "…"}], list(user)
+    yield left, right
+    try:
+        if is_run(target):
+            base_stream = stream_answer(target, checkpoint, user, system, False, **gen)
+        else:
+            base = base_of(target)
+            if not base:
+                raise ValueError("side by side needs a run or a merged folder (to know its base model)")
+            base_stream = stream_answer(base, None, user, system, True, **gen)
+        reply = ""
+        for reply in base_stream:
+            left = user + [{"role": "assistant", "content": reply}]
+            yield left, right
+        left = user + [{"role": "assistant", "content": reply or "(empty reply)"}]
+        right = user + [{"role": "assistant", "content": "…"}]
+        yield left, right
+        reply = ""
+        for reply in stream_answer(target, checkpoint, user, system, True, **gen):
+            right = user + [{"role": "assistant", "content": reply}]
+            yield left, right
+        right = user + [{"role": "assistant", "content": reply or "(empty reply)"}]
+        yield left, right
+    except Exception as e:  # noqa: BLE001
+        msg = {"role": "assistant", "content": f"⚠️ {error_text(e)}"}
+        yield (left if left[-1]["content"] != "…" else user + [msg]), user + [msg]
+
+
+def chat_api(message: str, target: str, checkpoint: str, mode: str, system: str, temperature: float,
+             top_p: float, max_new_tokens: float, greedy: bool) -> dict:
+    """Blocking JSON-native chat (api_name="chat_once"): {"reply"} or {"error"}."""
+    try:
+        reply = ""
+        for reply in stream_answer(target, checkpoint, [{"role": "user", "content": message}], system,
+                                   mode != "base", **gen_kwargs(temperature, top_p, max_new_tokens, greedy)):
+            pass
+        return {"reply": reply}
+    except Exception as e:  # noqa: BLE001
+        return {"error": error_text(e)}
+
+
+# ---------------------------------------------------------------- UI
+
+def build(ui: dict) -> None:
+    gr.Markdown("Chat with the base model, a run (any checkpoint) or a merged model. The model runs in a "
+                "separate worker process.")
+    with gr.Row():
+        ui["ch_target"] = gr.Dropdown(["builtin:tiny"], value="builtin:tiny", allow_custom_value=True, scale=3,
+                                      label="Model, run or merged folder", elem_id="chat-target")
+        ui["ch_ckpt"] = gr.Dropdown(["final"], value="final", allow_custom_value=True, label="Checkpoint", scale=1)
+        ui["ch_mode"] = gr.Radio(["fine-tuned", "base"], value="fine-tuned", label="Adapter", scale=1)
+        ui["ch_refresh"] = gr.Button("↻", scale=0, min_width=40, elem_id="ch-refresh")
+    with gr.Accordion("System prompt and generation settings", open=False):
+        ui["ch_system"] = gr.Textbox(label="System prompt", lines=2)
+        with gr.Row():
+            ui["ch_temp"] = gr.Slider(0, 2, value=0.7, step=0.05, label="Temperature")
+            ui["ch_top_p"] = gr.Slider(0.05, 1, value=0.9, step=0.05, label="Top-p")
+            ui["ch_max"] = gr.Slider(1, 1024, value=64, step=1, label="Max new tokens")
+            ui["ch_greedy"] = gr.Checkbox(value=True, label="Greedy (deterministic)")
+    with gr.Tab("Chat"):
+        ui["ch_bot"] = gr.Chatbot(label="Chat", height=320, elem_id="chat-bot")
+        with gr.Row():
+            ui["ch_msg"] = gr.Textbox(placeholder="Message", show_label=False, scale=4, elem_id="chat-msg")
+            ui["ch_send"] = gr.Button("Send", variant="primary", scale=1, elem_id="chat-send")
+            ui["ch_clear"] = gr.Button("Clear", scale=0)
+    with gr.Tab("Side by side", elem_id="tab-side-by-side"):
+        with gr.Row():
+            ui["cmp_prompt"] = gr.Textbox(placeholder="Prompt for both", show_label=False, scale=4,
+                                          elem_id="cmp-prompt")
+            ui["cmp_btn"] = gr.Button("Compare", variant="primary", scale=1, elem_id="cmp-btn")
+        with gr.Row():
+            ui["cmp_left"] = gr.Chatbot(label="Base", height=280, elem_id="cmp-left")
+            ui["cmp_right"] = gr.Chatbot(label="Fine-tuned", height=280, elem_id="cmp-right")
+    ui["ch_unload"] = gr.Button("Unload models")
+    ui["ch_md"] = gr.Markdown()
+    with gr.Row(visible=False):
+        ui["api_chat_btn"] = gr.Button("chat api")
+        ui["api_chat_json"] = gr.JSON()
+
+
+def wire(ui: dict, demo) -> None:
+    from .tab_convert import checkpoint_choices
+
+    def on_target(target):
+        ck = (checkpoint_choices(target) if is_run(target) else []) or ["final"]
+        return gr.Dropdown(choices=ck, value=ck[0])  # "final" first when the run has finished
+
+    def refresh(current=None):
+        choices = target_choices()
+        value = current if current in choices else (next((c for c in choices if is_run(c)), choices[0]))
+        return gr.Dropdown(choices=choices, value=value), on_target(value)
+
+    ui["ch_refresh"].click(refresh, [ui["ch_target"]], [ui["ch_target"], ui["ch_ckpt"]], api_visibility="private")
+    demo.load(lambda: refresh(None), None, [ui["ch_target"], ui["ch_ckpt"]], api_visibility="private")
+    ui["ch_target"].change(on_target, [ui["ch_target"]], [ui["ch_ckpt"]], api_visibility="private")
+    gen = [ui["ch_system"], ui["ch_temp"], ui["ch_top_p"], ui["ch_max"], ui["ch_greedy"]]
+    chat_in = [ui["ch_msg"], ui["ch_bot"], ui["ch_target"], ui["ch_ckpt"], ui["ch_mode"]] + gen
+    ui["ch_send"].click(chat, chat_in, [ui["ch_bot"], ui["ch_msg"]], api_name="chat")
+    ui["ch_msg"].submit(chat, chat_in, [ui["ch_bot"], ui["ch_msg"]], api_visibility="private")
+    ui["ch_clear"].click(lambda: [], None, [ui["ch_bot"]], api_visibility="private")
+    ui["cmp_btn"].click(compare, [ui["cmp_prompt"], ui["ch_target"], ui["ch_ckpt"]] + gen,
+                        [ui["cmp_left"], ui["cmp_right"]], api_name="compare")
+    ui["ch_unload"].click(close_workers, None, [ui["ch_md"]], api_name="unload")
+    ui["api_chat_btn"].click(chat_api, [ui["ch_msg"], ui["ch_target"], ui["ch_ckpt"], ui["ch_mode"]] + gen,
+                             [ui["api_chat_json"]], api_name="chat_once")

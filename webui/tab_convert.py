@@ -1,0 +1,182 @@
+"""Convert tab: pick a run and a checkpoint; export the adapter or merge it into the base. The work
+runs in the core's child job (`python -m core.convert`, output to RUN_DIR/convert.log), reporting
+convert_start / convert_end / convert_failed in RUN_DIR/metrics.jsonl, which this tab reads."""
+
+from __future__ import annotations
+
+import sys
+import time
+from pathlib import Path
+
+import gradio as gr
+import pandas as pd
+
+from core import runs
+
+from .helpers import err_md
+
+
+def checkpoint_choices(run_dir: str) -> list[str]:
+    """"final" (RUN_DIR/adapter) plus every checkpoint-N holding an adapter, newest first."""
+    if not run_dir or not Path(run_dir).is_dir():
+        return []
+    p = Path(run_dir)
+    steps = sorted((int(c.name.split("-")[-1]) for c in p.glob("checkpoint-*")
+                    if c.name.split("-")[-1].isdigit() and (c / "adapter_config.json").exists()), reverse=True)
+    return (["final"] if (p / "adapter" / "adapter_config.json").exists() else []) + [f"checkpoint-{s}" for s in steps]
+
+
+def _checkpoint_arg(checkpoint: str | None) -> int | None:
+    if not checkpoint or checkpoint == "final":
+        return None
+    return int(str(checkpoint).split("-")[-1])
+
+
+def convert_events(run_dir: str, since: float = 0.0) -> list[dict]:
+    events, _ = runs.read_events(run_dir)
+    return [e for e in events if str(e.get("event", "")).startswith("convert_") and e.get("time", 0) >= since]
+
+
+def launch_convert(run_dir: str, checkpoint: str | None, merge: bool, dtype: str = "auto"):
+    """Start the convert child; returns (Popen, start time)."""
+    from .helpers import readable
+
+    run_dir = readable(run_dir)
+    if not run_dir or not (Path(run_dir) / "config.yaml").exists():
+        raise ValueError("pick a run first (a run directory with config.yaml)")
+    info = runs.status(run_dir)
+    if info.get("status") in runs.ACTIVE:
+        raise ValueError(f"{Path(run_dir).name} is still {info['status']}: wait for it to finish or stop it")
+    if not checkpoint_choices(run_dir):
+        raise ValueError(f"{Path(run_dir).name} has no adapter or checkpoint to convert")
+    cmd = [sys.executable, "-m", "core.convert", str(run_dir), "--dtype", dtype or "auto"]
+    ck = _checkpoint_arg(checkpoint)
+    if ck is not None:
+        cmd += ["--checkpoint", str(ck)]
+    if merge:
+        cmd.append("--merge")
+    t0 = time.time()
+    proc = runs.spawn(cmd, Path(run_dir) / "convert.log", cwd=run_dir)
+    return proc, t0
+
+
+def verification_rows(report: dict | None) -> list[dict]:
+    rows = []
+    for name, figs in ((report or {}).items()):
+        if isinstance(figs, dict):
+            rows.append({"comparison": name, "max_abs_logit_diff": figs.get("max_abs_logit_diff"),
+                         "top1_agreement": figs.get("top1_agreement"), "positions": figs.get("positions"),
+                         "finite": figs.get("finite")})
+    return rows
+
+
+def convert_job(run_dir: str, checkpoint: str, kind: str, dtype: str = "auto"):
+    """Generator: (status md, verification df, log tail) while the child runs, then its result."""
+    merge = kind == "merge"
+    empty = pd.DataFrame(columns=["comparison", "max_abs_logit_diff", "top1_agreement", "positions", "finite"])
+    try:
+        proc, t0 = launch_convert(run_dir, checkpoint, merge, dtype)
+    except Exception as e:  # noqa: BLE001
+        yield err_md(e), empty, ""
+        return
+    what = "merging" if merge else "exporting the adapter"
+    log = Path(run_dir) / "convert.log"
+    while proc.poll() is None:
+        yield f"⏳ {what} ({checkpoint or 'final'}) · {time.time() - t0:.0f}s", empty, _tail(log)
+        time.sleep(0.5)
+    yield convert_result(run_dir, t0, proc.returncode)
+
+
+def convert_result(run_dir: str, since: float, code: int | None = None):
+    empty = pd.DataFrame(columns=["comparison", "max_abs_logit_diff", "top1_agreement", "positions", "finite"])
+    log = Path(run_dir) / "convert.log"
+    ev = convert_events(run_dir, since - 1)
+    end = next((e for e in reversed(ev) if e["event"] in ("convert_end", "convert_failed")), None)
+    if end is None:
+        return err_md(f"the convert job exited ({code}) without a result; see the log"), empty, _tail(log)
+    if end["event"] == "convert_failed":
+        return err_md(end.get("error", "convert failed")), empty, _tail(log)
+    v = end.get("verification") or {}
+    md = f"✅ done in {end.get('elapsed_s', 0):.1f}s: `{end['out']}`"
+    if v:
+        md += (f"\n\nverification **{'PASSED' if v.get('passed') else 'FAILED'}** ({v.get('criterion')})")
+    rows = verification_rows(v)
+    return md, (pd.DataFrame(rows) if rows else empty), _tail(log)
+
+
+def convert_api(run_dir: str, checkpoint: str, kind: str, dtype: str) -> dict:
+    """Blocking JSON-native twin (api_name="convert_run"): {"ok", "out", "verification", "error"}."""
+    try:
+        proc, t0 = launch_convert(run_dir, checkpoint, kind == "merge", dtype)
+    except Exception as e:  # noqa: BLE001
+        return {"ok": False, "error": str(e)}
+    proc.wait()
+    ev = convert_events(run_dir, t0 - 1)
+    end = next((e for e in reversed(ev) if e["event"] in ("convert_end", "convert_failed")), {})
+    if end.get("event") != "convert_end":
+        return {"ok": False, "error": end.get("error") or f"convert exited {proc.returncode}"}
+    return {"ok": True, "out": end["out"], "elapsed_s": end.get("elapsed_s"), "verification": end.get("verification")}
+
+
+def _tail(path: Path, n: int = 15) -> str:
+    try:
+        return "\n".join(path.read_text(errors="replace").splitlines()[-n:])
+    except FileNotFoundError:
+        return ""
+
+
+def outputs_of(run_dir: str) -> list[str]:
+    """Finished export/merge folders in the run (what Chat can load)."""
+    if not run_dir or not Path(run_dir).is_dir():
+        return []
+    return sorted(str(p) for p in Path(run_dir).iterdir()
+                  if p.is_dir() and p.name.startswith(("merged", "export-adapter")) and not p.name.endswith(".partial"))
+
+
+def build(ui: dict) -> None:
+    gr.Markdown("Export the adapter (a standard PEFT folder) or merge it into the base model (a full model "
+                "folder any transformers code loads). Runs as a child job; the merge is verified against "
+                "base + adapter.")
+    with gr.Row():
+        ui["cv_run"] = gr.Dropdown([], label="Run", allow_custom_value=True, scale=3, elem_id="cv-run")
+        ui["cv_ckpt"] = gr.Dropdown([], label="Checkpoint", allow_custom_value=True, scale=1)
+        ui["cv_refresh"] = gr.Button("↻", scale=0, min_width=40, elem_id="cv-refresh")
+    with gr.Row():
+        ui["cv_kind"] = gr.Radio(["merge", "export adapter"], value="merge", label="Action")
+        ui["cv_dtype"] = gr.Dropdown(["auto", "float32", "bfloat16", "float16"], value="auto", label="Merged dtype")
+        ui["cv_btn"] = gr.Button("Convert", variant="primary", elem_id="convert-btn")
+    ui["cv_status"] = gr.Markdown(elem_id="convert-status")
+    ui["cv_verify"] = gr.Dataframe(label="Verification (merged vs base + adapter logits)", interactive=False)
+    ui["cv_outputs"] = gr.JSON(label="Outputs in this run")
+    ui["cv_log"] = gr.Textbox(label="Convert log", lines=8, interactive=False)
+    with gr.Row(visible=False):
+        ui["api_convert_btn"] = gr.Button("convert api")
+        ui["api_convert_json"] = gr.JSON()
+
+
+def wire(ui: dict, demo) -> None:
+    def refresh(selected=None):
+        dirs = [i["run_dir"] for i in runs.list_runs() if checkpoint_choices(i["run_dir"])]
+        value = selected if selected in dirs else (dirs[0] if dirs else None)
+        ck = checkpoint_choices(value) if value else []
+        return (gr.Dropdown(choices=dirs, value=value), gr.Dropdown(choices=ck, value=ck[0] if ck else None),
+                outputs_of(value))
+
+    outs = [ui["cv_run"], ui["cv_ckpt"], ui["cv_outputs"]]
+    ui["cv_refresh"].click(refresh, [ui["cv_run"]], outs, api_visibility="private")
+    demo.load(refresh, None, outs, api_visibility="private")
+
+    def on_run(run_dir):
+        ck = checkpoint_choices(run_dir)
+        return gr.Dropdown(choices=ck, value=ck[0] if ck else None), outputs_of(run_dir)
+
+    ui["cv_run"].change(on_run, [ui["cv_run"]], [ui["cv_ckpt"], ui["cv_outputs"]], api_visibility="private")
+
+    def job(run_dir, ck, kind, dtype):
+        yield from convert_job(run_dir, ck, "merge" if kind == "merge" else "export", dtype)
+
+    ui["cv_btn"].click(job, [ui["cv_run"], ui["cv_ckpt"], ui["cv_kind"], ui["cv_dtype"]],
+                       [ui["cv_status"], ui["cv_verify"], ui["cv_log"]], api_name="convert").then(
+        on_run, [ui["cv_run"]], [ui["cv_ckpt"], ui["cv_outputs"]], api_visibility="private")
+    ui["api_convert_btn"].click(convert_api, [ui["cv_run"], ui["cv_ckpt"], ui["cv_kind"], ui["cv_dtype"]],
+                                [ui["api_convert_json"]], api_name="convert_run")

@@ -1,0 +1,104 @@
+"""Template tab: the tokenizer's own (auto), a named family, or custom Jinja; a rendered sample with
+trained vs masked tokens highlighted (core.templates.encode_example, the one labelling function);
+and the core's warnings (EOS not trained, system prompt dropped or injected, differs from own)."""
+
+from __future__ import annotations
+
+import gradio as gr
+
+from .helpers import err_md, highlight_pieces, parse_sources
+
+SAMPLE = {"messages": [{"role": "system", "content": "You are a helpful assistant."},
+                       {"role": "user", "content": "What is the capital of France?"},
+                       {"role": "assistant", "content": "Paris."},
+                       {"role": "user", "content": "And of Italy?"},
+                       {"role": "assistant", "content": "Rome."}]}
+
+
+# core.templates.NAMED, spelled out: importing core.templates loads transformers, and building the
+# app must not (tests/test_webui_handlers.py checks the two lists agree)
+NAMED = ["chatml", "qwen", "llama2", "llama3", "mistral", "gemma", "phi3", "zephyr", "vicuna", "alpaca",
+         "deepseek", "internlm2", "smollm", "plain"]
+
+
+def template_choices() -> list[str]:
+    return ["auto"] + NAMED + ["custom"]
+
+
+def render_template(model: str, template: str, custom_jinja: str = "", data: str = "", fmt: str = "auto",
+                    index: int = 0, trust: bool = False) -> dict:
+    """{"text", "trained_spans", "n_tokens", "n_trained", "warnings", "template", "source"} for one
+    example: row INDEX of the dataset when given, else a built-in two-turn conversation."""
+    from core import templates
+
+    from .tab_dataset import load_source, tokenizer_and_template
+
+    tokenizer, tmpl = tokenizer_and_template(model or "builtin:tiny", template or "auto",
+                                             custom_jinja if template == "custom" else "", bool(trust))
+    example = SAMPLE
+    if (data or "").strip():
+        rows, _ = load_source(parse_sources(data)[0]["path"], fmt or "auto")
+        example = rows[min(max(0, int(index or 0)), len(rows) - 1)]
+    enc = templates.encode_example(tokenizer, tmpl, example)
+    return {"template": tmpl.name, "text": enc.text, "trained_spans": [list(s) for s in templates.trained_spans_chars(enc)],
+            "n_tokens": len(enc.input_ids), "n_trained": enc.n_trained,
+            "warnings": templates.template_warnings(tokenizer, tmpl), "source": tmpl.source}
+
+
+def template_view(model, template, custom_jinja, data, fmt, index, trust):
+    """-> (highlight pieces, warnings markdown)"""
+    try:
+        r = render_template(model, template, custom_jinja, data, fmt, index, trust)
+    except Exception as e:  # noqa: BLE001
+        return [], err_md(e)
+    md = f"Template **{r['template']}** · {r['n_tokens']} tokens, {r['n_trained']} trained (highlighted)"
+    if r["warnings"]:
+        md += "\n\n" + "\n\n".join(f"⚠️ {w}" for w in r["warnings"])
+    else:
+        md += "\n\nNo warnings."
+    return highlight_pieces(r["text"], r["trained_spans"]), md
+
+
+def own_source(model: str, trust: bool = False) -> str:
+    """The tokenizer's own chat template source (to start a custom one from)."""
+    from core import templates
+
+    from .tab_dataset import tokenizer_and_template
+
+    try:
+        tokenizer, _ = tokenizer_and_template(model or "builtin:tiny", "auto", "", bool(trust))
+    except Exception:  # noqa: BLE001 - no usable auto template: fall back to chatml as a start
+        return templates.NAMED["chatml"].source
+    return templates._own_source(tokenizer) or templates.NAMED["chatml"].source
+
+
+def build(ui: dict) -> None:
+    gr.Markdown("How conversations become training text. `auto` keeps the model's own chat template; trained "
+                "tokens (assistant answers and their end-of-turn) are highlighted.")
+    with gr.Row():
+        ui["template"] = gr.Dropdown(template_choices(), value="auto", label="Template")
+        ui["template_row"] = gr.Number(value=0, precision=0, minimum=0, label="Dataset row to render (0-based)")
+        ui["template_use_data"] = gr.Checkbox(value=True, label="Render a dataset row (else a built-in sample)")
+    ui["custom_jinja"] = gr.Code(label="Custom Jinja (template: custom)", language="jinja2", lines=10)
+    with gr.Row():
+        ui["template_btn"] = gr.Button("Render", variant="primary")
+        ui["template_load_own"] = gr.Button("Load the tokenizer's template into the editor")
+    ui["template_md"] = gr.Markdown(elem_id="template-warnings")
+    ui["template_out"] = gr.HighlightedText(label="Rendered (trained tokens highlighted)", combine_adjacent=True,
+                                            color_map={"trained": "green"}, elem_id="template-out")
+
+
+def wire(ui: dict, demo) -> None:
+    def view(model, template, custom_jinja, use_data, data, fmt, index, trust):
+        return template_view(model, template, custom_jinja, data if use_data else "", fmt, index, trust)
+
+    inputs = [ui["model"], ui["template"], ui["custom_jinja"], ui["template_use_data"], ui["data"], ui["fmt"],
+              ui["template_row"], ui["trust_remote_code"]]
+    ui["template_btn"].click(view, inputs, [ui["template_out"], ui["template_md"]], api_name="template")
+    ui["template"].change(view, inputs, [ui["template_out"], ui["template_md"]], api_visibility="private")
+
+    def load_own(model, trust):
+        return own_source(model, trust), "custom"
+
+    ui["template_load_own"].click(load_own, [ui["model"], ui["trust_remote_code"]],
+                                  [ui["custom_jinja"], ui["template"]], api_name="template_source")
