@@ -84,6 +84,7 @@ class TrainingSection(_Section):
     eval_steps: int = Field(50, gt=0)
     save_steps: int = Field(100, gt=0)  # checkpoint every N optimizer steps
     save_total_limit: int = Field(2, gt=0)  # keep the last K checkpoints
+    early_stopping_patience: int | None = Field(None, gt=0)  # stop after N evals without a better eval loss; keeps the best
     sample_every: int = Field(0, ge=0)  # sample generations every N steps (0 = only at the end)
     sample_prompts: list[str] = Field(default_factory=list)  # XTuner's evaluation_inputs
     sample_max_new_tokens: int = Field(64, gt=0)
@@ -117,6 +118,13 @@ class RunConfig(_Section):
             raise ValueError("quantization.bits: set method: qlora to train on a quantized base")
         if self.method == "qlora" and q.bits is None:
             q.bits = 4
+        t = self.training
+        if t.early_stopping_patience is not None:
+            if self.data.eval_split <= 0:
+                raise ValueError("training.early_stopping_patience: needs an eval split (data.eval_split > 0)")
+            if t.save_steps % t.eval_steps:
+                raise ValueError(f"training.save_steps: must be a multiple of training.eval_steps ({t.eval_steps}) "
+                                 "with early stopping, so the best evaluated step has a checkpoint")
         if self.template.name == "custom" and not self.template.custom_jinja:
             raise ValueError("template.custom_jinja: required when template.name is custom")
         return self

@@ -196,6 +196,10 @@ def build_trainer(cfg, run_dir: Path, model, tokenizer, template, train_ds, eval
         save_total_limit=t.save_total_limit, eval_strategy="steps" if eval_ds is not None else "no",
         eval_steps=t.eval_steps, remove_unused_columns=False, dataloader_num_workers=0,
         include_num_input_tokens_seen="non_padding",
+        # early stopping keeps the best checkpoint by eval loss and ends with it loaded
+        load_best_model_at_end=t.early_stopping_patience is not None,
+        metric_for_best_model="eval_loss" if t.early_stopping_patience is not None else None,
+        greater_is_better=False if t.early_stopping_patience is not None else None,
     )
     trainer = Trainer(
         model=model, args=args, train_dataset=train_ds, eval_dataset=eval_ds,
@@ -203,6 +207,10 @@ def build_trainer(cfg, run_dir: Path, model, tokenizer, template, train_ds, eval
         callbacks=callbacks or [],
     )
     trainer.remove_callback(PrinterCallback)  # our Metrics callback logs one line per step instead
+    if t.early_stopping_patience is not None:
+        from transformers import EarlyStoppingCallback
+
+        trainer.add_callback(EarlyStoppingCallback(early_stopping_patience=t.early_stopping_patience))
     return trainer
 
 
@@ -272,6 +280,14 @@ def train(cfg, run_dir: Path, resume: bool) -> int:
     if t.sample_prompts:
         write_samples(run_dir, cfg, model, tokenizer, template, trainer.state.global_step)
     stopped = _STOP["requested"]
+    st = trainer.state
+    if st.best_model_checkpoint:
+        runs.write_json(run_dir, best_checkpoint=Path(st.best_model_checkpoint).name, best_eval_loss=st.best_metric)
+    if t.early_stopping_patience is not None and not stopped and st.global_step < st.max_steps:
+        runs.append_event(run_dir, "early_stop", step=st.global_step, best_checkpoint=st.best_model_checkpoint,
+                          best_eval_loss=st.best_metric)
+        log(f"early stop at step {st.global_step}: no better eval loss in {t.early_stopping_patience} evals; "
+            f"kept {Path(st.best_model_checkpoint).name} (eval loss {st.best_metric:.4f})")
     runs.append_event(run_dir, "stopped" if stopped else "end", step=trainer.state.global_step,
                       train_loss=result.training_loss, runtime_s=result.metrics.get("train_runtime"))
     return runs.EXIT_STOPPED if stopped else runs.EXIT_DONE

@@ -300,3 +300,32 @@ def test_qlora_8bit_on_cpu(tmp_path):
                      "--set", "data.eval_split=0")
     assert out.returncode == 0, (run_dir / "train.log").read_text()[-3000:]
     assert runs.read_json(run_dir)["params"]["quantized_linear"] == 4 * 7
+
+
+def test_early_stopping_keeps_the_best_checkpoint(tmp_path):
+    """lr so high that eval loss gets worse: early stopping ends the run and keeps the best."""
+    run_dir = tmp_path / "early"
+    out = lorastudio("train", "presets/tiny_smoke.yaml", "--run-dir", str(run_dir), "--set", "training.max_steps=200",
+                     "--set", "training.learning_rate=0.3", "--set", "training.lr_scheduler=constant",
+                     "--set", "training.eval_steps=4", "--set", "training.save_steps=4",
+                     "--set", "training.save_total_limit=1", "--set", "training.early_stopping_patience=2",
+                     "--set", "training.sample_every=0", "--set", "data.eval_split=0.2")
+    assert out.returncode == 0, (run_dir / "train.log").read_text()[-3000:]
+    stop = events(run_dir, "early_stop")
+    assert stop and stop[0]["step"] < 200
+    evals = {e["step"]: e["eval_loss"] for e in events(run_dir, "eval")}
+    best_step = min(evals, key=evals.get)
+    info = runs.read_json(run_dir)
+    assert info["best_checkpoint"] == f"checkpoint-{best_step}"
+    assert info["best_eval_loss"] == pytest.approx(evals[best_step])
+    assert (run_dir / f"checkpoint-{best_step}").is_dir()  # kept despite save_total_limit=1
+
+
+def test_early_stopping_config_errors():
+    from core import config as C
+
+    with pytest.raises(C.ConfigError, match="early_stopping_patience: needs an eval split"):
+        C.from_dict({"training": {"early_stopping_patience": 2}, "data": {"eval_split": 0}})
+    with pytest.raises(C.ConfigError, match="training.save_steps: must be a multiple"):
+        C.from_dict({"training": {"early_stopping_patience": 2, "eval_steps": 4, "save_steps": 6},
+                     "data": {"eval_split": 0.1}})
