@@ -150,3 +150,40 @@ def test_login_with_credentials(tmp_path):
             Client(url, auth=("ann", "wrong"), verbose=False)
     finally:
         os.killpg(proc.pid, signal.SIGKILL)
+
+
+def test_uploads_are_size_limited(tmp_path):
+    """--max-upload-mb: a bigger file is refused by the server; a small one is copied into the workspace."""
+    from gradio_client import Client, handle_file
+
+    from test_webui_handlers import free_port
+
+    port = free_port()
+    proc = subprocess.Popen([sys.executable, "-m", "core.cli", "webui", "--port", str(port), "--max-upload-mb", "1"],
+                            cwd=ROOT, stdout=open(tmp_path / "log", "w"), stderr=subprocess.STDOUT,
+                            start_new_session=True, env={**os.environ, "LORASTUDIO_TOKEN": TOKEN})
+    try:
+        url = f"http://127.0.0.1:{port}/"
+        deadline = time.time() + 90
+        while True:
+            try:
+                client = client_for(url)
+                break
+            except Exception:  # noqa: BLE001 - not up yet
+                if time.time() > deadline:
+                    pytest.fail((tmp_path / "log").read_text()[-2000:])
+                time.sleep(0.5)
+        row = json.dumps({"messages": [{"role": "user", "content": "a"}, {"role": "assistant", "content": "b"}]})
+        small = tmp_path / "small.jsonl"
+        small.write_text(row + "\n")
+        path, md = client.predict(handle_file(str(small)), "builtin:sample", api_name="/upload")
+        assert "uploaded" in md
+        big = tmp_path / "big.jsonl"
+        big.write_text((row + "\n") * (2 * 1024 * 1024 // len(row)))
+        with pytest.raises(Exception) as e:
+            client.predict(handle_file(str(big)), "builtin:sample", api_name="/upload")
+        assert "413" in str(e.value) or "size" in str(e.value).lower() or "large" in str(e.value).lower()
+        # and the server is still answering
+        assert client.predict("builtin:tiny", False, api_name="/model_info")[0]["architecture"] == "LlamaForCausalLM"
+    finally:
+        os.killpg(proc.pid, signal.SIGKILL)
