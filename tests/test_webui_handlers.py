@@ -373,6 +373,11 @@ def test_convert_and_chat(client, trained_run):
     left, right = client.predict("What is your name?", run_dir, "final", "", 0.7, 0.9, 8, True, api_name="/compare")
     assert left[-1]["role"] == "assistant" and right[-1]["role"] == "assistant"
     assert "⚠️" not in json.dumps(left + right)
+    # two checkpoints side by side (left: checkpoint-10, right: the final adapter)
+    left, right = client.predict("What is your name?", run_dir, "final", "", 0.7, 0.9, 8, True, "checkpoint-10",
+                                 api_name="/compare")
+    assert left[-1]["role"] == "assistant" and right[-1]["role"] == "assistant"
+    assert "⚠️" not in json.dumps(left + right)
     hist, box = client.predict("Hello", [], run_dir, "checkpoint-10", "base", "", 0.7, 0.9, 8, True,
                                api_name="/chat")
     assert [m["role"] for m in hist] == ["user", "assistant"] and box == ""

@@ -159,9 +159,10 @@ def chat(message, history, target, checkpoint, mode, system, temperature, top_p,
         yield history + [{"role": "assistant", "content": f"⚠️ {error_text(e)}"}], ""
 
 
-def compare(prompt, target, checkpoint, system, temperature, top_p, max_new_tokens, greedy):
-    """Side by side on the same prompt: (base history, fine-tuned history), streamed one after the
-    other. A run answers both (adapter off / on); a merged folder is compared with its base model."""
+def compare(prompt, target, checkpoint, system, temperature, top_p, max_new_tokens, greedy, left_side="base"):
+    """Side by side on the same prompt: (left history, right history), streamed one after the
+    other. Left is the base (a run answers with its adapter off; a merged folder is compared with
+    its base model) or, for a run, another checkpoint; right is `checkpoint`."""
     prompt = _text(prompt).strip()
     if not prompt:
         yield [], []
@@ -171,7 +172,9 @@ def compare(prompt, target, checkpoint, system, temperature, top_p, max_new_toke
     left, right = user + [{"role": "assistant", "content": "…"}], list(user)
     yield left, right
     try:
-        if is_run(target):
+        if is_run(target) and left_side and left_side != "base":
+            base_stream = stream_answer(target, left_side, user, system, True, **gen)
+        elif is_run(target):
             base_stream = stream_answer(target, checkpoint, user, system, False, **gen)
         else:
             base = base_of(target)
@@ -238,8 +241,10 @@ def build(ui: dict) -> None:
             ui["cmp_prompt"] = gr.Textbox(placeholder="Prompt for both", show_label=False, scale=4,
                                           elem_id="cmp-prompt")
             ui["cmp_btn"] = gr.Button("Compare", variant="primary", scale=1, elem_id="cmp-btn")
+        ui["cmp_left_side"] = gr.Dropdown(["base"], value="base", allow_custom_value=True, label="Left side: the base, or another checkpoint "
+                                          "(right side: the checkpoint chosen above)", elem_id="cmp-left-side")
         with gr.Row():
-            ui["cmp_left"] = gr.Chatbot(label="Base", height=280, elem_id="cmp-left")
+            ui["cmp_left"] = gr.Chatbot(label="Left (base or checkpoint)", height=280, elem_id="cmp-left")
             ui["cmp_right"] = gr.Chatbot(label="Fine-tuned", height=280, elem_id="cmp-right")
     ui["ch_unload"] = gr.Button("Unload models")
     ui["ch_md"] = gr.Markdown()
@@ -263,12 +268,18 @@ def wire(ui: dict, demo) -> None:
     ui["ch_refresh"].click(refresh, [ui["ch_target"]], [ui["ch_target"], ui["ch_ckpt"]], api_visibility="private")
     demo.load(lambda: refresh(None), None, [ui["ch_target"], ui["ch_ckpt"]], api_visibility="private")
     ui["ch_target"].change(on_target, [ui["ch_target"]], [ui["ch_ckpt"]], api_visibility="private")
+
+    def left_choices(target):
+        ck = checkpoint_choices(target) if is_run(target) else []
+        return gr.Dropdown(choices=["base"] + [c for c in ck if c], value="base")
+
+    ui["ch_target"].change(left_choices, [ui["ch_target"]], [ui["cmp_left_side"]], api_visibility="private")
     gen = [ui["ch_system"], ui["ch_temp"], ui["ch_top_p"], ui["ch_max"], ui["ch_greedy"]]
     chat_in = [ui["ch_msg"], ui["ch_bot"], ui["ch_target"], ui["ch_ckpt"], ui["ch_mode"]] + gen
     ui["ch_send"].click(chat, chat_in, [ui["ch_bot"], ui["ch_msg"]], api_name="chat")
     ui["ch_msg"].submit(chat, chat_in, [ui["ch_bot"], ui["ch_msg"]], api_visibility="private")
     ui["ch_clear"].click(lambda: [], None, [ui["ch_bot"]], api_visibility="private")
-    ui["cmp_btn"].click(compare, [ui["cmp_prompt"], ui["ch_target"], ui["ch_ckpt"]] + gen,
+    ui["cmp_btn"].click(compare, [ui["cmp_prompt"], ui["ch_target"], ui["ch_ckpt"]] + gen + [ui["cmp_left_side"]],
                         [ui["cmp_left"], ui["cmp_right"]], api_name="compare")
     ui["ch_unload"].click(close_workers, None, [ui["ch_md"]], api_name="unload")
     ui["api_chat_btn"].click(chat_api, [ui["ch_msg"], ui["ch_target"], ui["ch_ckpt"], ui["ch_mode"]] + gen,
