@@ -1,7 +1,7 @@
 """`lorastudio` command line. Bare `lorastudio` launches the web app.
 
 Subcommand names are a contract other tools use:
-  webui, list-presets, copy-preset, train, resume, runs, stop, preview, convert, chat
+  webui, list-presets, copy-preset, train, estimate, resume, runs, stop, preview, convert, chat
 """
 
 from __future__ import annotations
@@ -41,13 +41,23 @@ def cmd_list_presets(a) -> int:
 
     rows = []
     for name, path in sorted(presets.preset_files().items()):
-        data = yaml.safe_load(path.read_text()) or {}
-        rows.append((name, data.get("model", {}).get("name_or_path", "?"), data.get("method", "lora")))
+        text = path.read_text()
+        data = yaml.safe_load(text) or {}
+        rows.append((name, data.get("model", {}).get("name_or_path", "?"), data.get("method", "lora"),
+                     _preset_vram(text)))
     w = max(len(r[0]) for r in rows) if rows else 4
-    print(f"{'NAME':<{w}}  {'METHOD':<6}  MODEL")
-    for name, model, method in rows:
-        print(f"{name:<{w}}  {method:<6}  {model}")
+    print(f"{'NAME':<{w}}  {'METHOD':<6}  {'VRAM':>9}  MODEL")
+    for name, model, method, vram in rows:
+        print(f"{name:<{w}}  {method:<6}  {vram:>9}  {model}")
     return 0
+
+
+def _preset_vram(text: str) -> str:
+    """The preset's `# estimated peak VRAM: X GiB` line (a test keeps it equal to core.estimate)."""
+    import re
+
+    m = re.search(r"^# estimated peak VRAM: ([0-9.]+) GiB", text, re.M)
+    return f"{m.group(1)} GiB" if m else "-"
 
 
 def cmd_copy_preset(a) -> int:
@@ -74,10 +84,18 @@ def cmd_train(a) -> int:
 
     cfg_path = _resolve_config_path(a.config)
     try:
-        cfg = config_lib.load(cfg_path, a.set)
+        cfg = config_lib.load(cfg_path, a.set + _scale_sets(a))
         cfg = config_lib.resolve(cfg)
     except config_lib.ConfigError as e:
         return _err(str(e), runs.EXIT_CONFIG)
+    if a.gpu_mem is not None:  # pre-flight: the estimate before Start (it never blocks the run)
+        from . import estimate as estimate_lib
+
+        try:
+            est = estimate_lib.estimate(cfg, gpu_mem_gib=estimate_lib.parse_gpu_mem(a.gpu_mem) if a.gpu_mem else None)
+            print(estimate_lib.format_text(est), flush=True)
+        except (estimate_lib.EstimateError, ValueError) as e:
+            print(f"estimate unavailable: {e}", file=sys.stderr)
     if a.run_dir:
         run_dir = Path(a.run_dir).resolve()
         if (run_dir / "run.json").exists():
@@ -96,6 +114,37 @@ def cmd_train(a) -> int:
     return _follow(run_dir, proc)
 
 
+def cmd_estimate(a) -> int:
+    """Peak VRAM by component, fits / does not fit, suggestions and time, before any download."""
+    from . import config as config_lib
+    from . import estimate as estimate_lib
+
+    cfg_path = _resolve_config_path(a.config)
+    try:
+        cfg = config_lib.load(cfg_path, a.set)
+        gpu = estimate_lib.parse_gpu_mem(a.gpu_mem)
+        est = estimate_lib.estimate(cfg, gpu_mem_gib=gpu, dataset_tokens=a.dataset_tokens)
+    except (config_lib.ConfigError, estimate_lib.EstimateError, ValueError) as e:
+        return _err(str(e))
+    if a.json:
+        print(json.dumps(est, indent=1, default=str))
+    else:
+        print(estimate_lib.format_text(est))
+    return 0 if est["fits"] is not False else 1
+
+
+def _scale_sets(a) -> list[str]:
+    """--gpus/--strategy/--offload as config overrides (training.gpus, .strategy, .offload)."""
+    out = []
+    if getattr(a, "gpus", None) is not None:
+        out.append(f"training.gpus={a.gpus}")
+    if getattr(a, "strategy", None) is not None:
+        out.append(f"training.strategy={a.strategy}")
+    if getattr(a, "offload", False):
+        out.append("training.offload=true")
+    return out
+
+
 def cmd_resume(a) -> int:
     from . import runs
 
@@ -105,6 +154,16 @@ def cmd_resume(a) -> int:
         return _err(f"{run_dir} is not a run directory (no run.json)")
     if info.get("status") in runs.ACTIVE:
         return _err(f"{run_dir} is still {info['status']} (pid {info.get('pid')}); stop it first")
+    if _scale_sets(a):  # resume on another number of processes/strategy: rewrite config.yaml
+        from . import config as config_lib
+
+        path = run_dir / "config.yaml"
+        try:
+            cfg = config_lib.resolve(config_lib.load(path, _scale_sets(a)))
+        except config_lib.ConfigError as e:
+            return _err(str(e), runs.EXIT_CONFIG)
+        header = "\n".join(ln for ln in path.read_text().splitlines() if ln.startswith("#"))
+        config_lib.save(cfg, path, header=header + "\n" if header else "")
     proc = runs.launch(run_dir, resume=True)
     print(f"resuming {run_dir}", flush=True)
     if a.detach:
@@ -145,6 +204,8 @@ def _follow(run_dir: Path, proc) -> int:
                     f.seek(pos)
                     sys.stdout.write(f.read().decode("utf-8", "replace"))
                 info = runs.read_json(run_dir)
+                if info.get("launcher") and info.get("exit_code") is not None:
+                    code = info["exit_code"]  # accelerate launch exits 1 for any rank's non-zero exit
                 if code != 0 and info.get("error"):
                     print(f"error: {info['error']}", file=sys.stderr)
                 return code
@@ -352,6 +413,14 @@ def cmd_webui(a) -> int:
         return _err(str(e))
 
 
+def _add_scale_flags(p) -> None:
+    p.add_argument("--gpus", type=int, metavar="N", help="processes, one per GPU (training.gpus); N > 1 runs "
+                   "through `accelerate launch` (on CPU: N gloo processes)")
+    p.add_argument("--strategy", choices=["ddp", "fsdp", "zero2", "zero3"],
+                   help="multi-GPU strategy (training.strategy); zero2/zero3 need DeepSpeed installed")
+    p.add_argument("--offload", action="store_true", help="fsdp/zero: keep parameters/optimizer state in CPU RAM")
+
+
 def build_parser() -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser(prog="lorastudio", description="LoRA Studio: fine-tune LLMs with LoRA/QLoRA. "
                                  "Run with no subcommand to open the web app.")
@@ -382,11 +451,23 @@ def build_parser() -> argparse.ArgumentParser:
                    help="override a config value, e.g. --set training.learning_rate=1e-4")
     p.add_argument("--run-dir", help="run directory (default: a new one under $LORASTUDIO_HOME/runs)")
     p.add_argument("--detach", action="store_true", help="start the run and return")
+    p.add_argument("--gpu-mem", nargs="?", const="", default=None, metavar="SIZE",
+                   help="print the VRAM estimate before starting, against SIZE (e.g. 24GB) or the detected GPU")
+    _add_scale_flags(p)
     p.set_defaults(func=cmd_train)
+
+    p = sub.add_parser("estimate", help="peak VRAM and time estimate of a config: fits or not, what to change")
+    p.add_argument("config")
+    p.add_argument("--gpu-mem", metavar="SIZE", help="the card to check against, e.g. 24GB (default: the detected GPU)")
+    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override a config value")
+    p.add_argument("--dataset-tokens", type=int, help="tokens per epoch, for the time estimate")
+    p.add_argument("--json", action="store_true")
+    p.set_defaults(func=cmd_estimate)
 
     p = sub.add_parser("resume", help="continue a stopped or failed run from its last checkpoint")
     p.add_argument("run_dir")
     p.add_argument("--detach", action="store_true")
+    _add_scale_flags(p)
     p.set_defaults(func=cmd_resume)
 
     p = sub.add_parser("runs", help="list runs in the workspace")

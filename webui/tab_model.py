@@ -128,6 +128,13 @@ def model_info_view(name_or_path: str, trust_remote_code: bool):
     return info, md
 
 
+def model_estimate_view(name_or_path: str) -> str:
+    """Markdown: estimated peak VRAM of QLoRA/LoRA/full for this model (pure arithmetic, no torch)."""
+    from core import estimate
+
+    return estimate.model_markdown(name_or_path)
+
+
 def build(ui: dict) -> None:
     gr.Markdown("The base model to fine-tune. `builtin:tiny` is an embedded tiny chat model that works offline.")
     with gr.Row():
@@ -136,12 +143,14 @@ def build(ui: dict) -> None:
         ui["trust_remote_code"] = gr.Checkbox(value=False, label="trust_remote_code", scale=1)
     ui["model_inspect"] = gr.Button("Inspect", variant="primary")
     ui["model_md"] = gr.Markdown()
+    ui["model_estimate_md"] = gr.Markdown()
     ui["model_json"] = gr.JSON(visible=False)
 
 
 def wire(ui: dict, demo) -> None:
     args = ([ui["model"], ui["trust_remote_code"]], [ui["model_json"], ui["model_md"]])
-    ui["model_inspect"].click(model_info_view, *args, api_name="model_info")
+    ui["model_inspect"].click(model_info_view, *args, api_name="model_info").then(
+        model_estimate_view, [ui["model"]], [ui["model_estimate_md"]], api_visibility="private")
     ui["model"].submit(model_info_view, *args, api_visibility="private")
     ui["trust_remote_code"].change(model_info_view, *args, api_visibility="private")
     demo.load(model_info_view, *args, api_visibility="private")

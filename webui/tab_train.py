@@ -172,6 +172,17 @@ def start_from_dict(preset: str | None, values: dict) -> tuple[str, str, str]:
     return str(run_dir), f"started **{run_dir.name}**", cmd
 
 
+def estimate_view(preset: str | None, values: dict, gpu_mem: str | None = None) -> str:
+    """Markdown: the pre-flight VRAM estimate of what Start would run (pure arithmetic, no torch)."""
+    from core import estimate
+
+    try:
+        cfg = build_config(preset or None, values)
+    except Exception as e:  # noqa: BLE001
+        return f"VRAM estimate unavailable: {error_text(e)}"
+    return estimate.estimate_markdown(cfg, gpu_mem or None)
+
+
 def start(preset: str, model: str, trust_remote_code: bool, data: str, fmt: str, columns: str, template: str,
           custom_jinja: str, cutoff: float, method: str, lora_r: float, lora_alpha: float, lora_dropout: float,
           lora_targets: str, use_dora: bool, use_rslora: bool, quant_bits: float, learning_rate: float,
@@ -359,6 +370,10 @@ def build(ui: dict) -> None:
         ui["stop"] = gr.Button("Stop", variant="stop", scale=1, elem_id="stop-btn")
         ui["resume"] = gr.Button("Resume", scale=1)
         ui["retry"] = gr.Button("Retry", scale=1)
+    with gr.Row():
+        ui["gpu_mem"] = gr.Textbox(label="GPU memory (e.g. 24GB; blank = the detected GPU)", scale=1)
+        ui["estimate_btn"] = gr.Button("Estimate VRAM", scale=0)
+    ui["estimate_md"] = gr.Markdown(elem_id="vram-estimate")
     with gr.Accordion("Training options (model, data, template and cutoff come from their tabs)", open=False):
         f = {}
         with gr.Row():
@@ -433,7 +448,13 @@ def wire(ui: dict, demo) -> None:
             return [gr.skip()] * (len(CONTEXT) + len(FORM_NAMES))
         return [v[n] for n in CONTEXT] + [v[n] for n in FORM_NAMES]
 
-    ui["preset"].change(load_preset, [ui["preset"]], ctx + form_inputs, api_name="load_preset")
+    def do_estimate(preset, gpu_mem, *a):
+        return estimate_view(preset, dict(zip(CONTEXT + FORM_NAMES, a)), gpu_mem)
+
+    est_inputs = [ui["preset"], ui["gpu_mem"]] + ctx + form_inputs
+    ui["estimate_btn"].click(do_estimate, est_inputs, [ui["estimate_md"]], api_name="estimate")
+    ui["preset"].change(load_preset, [ui["preset"]], ctx + form_inputs, api_name="load_preset").then(
+        do_estimate, est_inputs, [ui["estimate_md"]], api_visibility="private")
     demo.load(load_preset, [ui["preset"]], ctx + form_inputs, api_visibility="private")
 
     def choices_update(selected: str | None = None):

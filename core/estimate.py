@@ -1,0 +1,512 @@
+"""Pre-flight estimate of peak GPU memory and time per epoch for a RunConfig.
+
+Pure arithmetic on the architecture (core.model_configs, or a local folder's config.json): no
+torch at import, no weights read. It models what *this product's* training path allocates
+(core.model.load_for_training + core.train.build_trainer on CUDA, bf16):
+
+Weights (`weights`)
+  16-bit (lora/full, bf16/fp16): 2 bytes/param; fp32: 4.
+  QLoRA 4-bit NF4/FP4: the decoder's linear layers at 0.5 byte/param + quantisation constants
+  (blocksize 64: one fp32 absmax per block = 4/64 byte/param; with double quant the absmax is
+  8-bit plus one fp32 per 256 blocks: 1/64 + 4/(64*256) byte/param). 8-bit: 1 byte/param + one
+  fp32 scale per output row. Embeddings, lm_head and norms are not quantised; PEFT's
+  prepare_model_for_kbit_training then upcasts every non-4-bit parameter to fp32, so under QLoRA
+  they cost 4 bytes/param (that is what runs here, so that is what is counted).
+LoRA (`lora`)
+  r * (in + out) per targeted linear (+ out for DoRA's magnitude), kept in fp32 by PEFT
+  (autocast_adapter_dtype): 4 bytes weights + 4 grads + 8 AdamW state = 16 bytes/param.
+Full fine-tuning (`gradients`, `optimizer`)
+  grads in the weights' dtype; torch AdamW keeps exp_avg/exp_avg_sq in the parameter dtype
+  (2 x weights); the foreach step adds one parameter-sized temporary (`optimizer_step_temp`).
+Activations (`activations`), per token, per decoder layer, compute dtype b bytes (2 for bf16):
+  without gradient checkpointing everything autograd saves:
+    norms     2 x 4H            (RMSNorm saves its fp32 input copy)           [+4H more for Gemma-2]
+    norm outs 2 x bH            (the input of the attention and MLP linears)
+    attention b(2Hq + 2Hkv)     (rotated q, k, v and the SDPA output; flash/mem-efficient SDPA,
+                                 no s^2 term. eager attention adds 16 bytes x heads x s per token:
+                                 scores, softcapping, softmax in fp32, probabilities)
+    MLP       4 bI              (gate, act(gate), up, act*up)
+    LoRA      b x in per targeted linear (PEFT casts the input to the adapter's fp32 dtype and
+              autocast casts it back: a separate copy each) + 1 x in (the dropout mask) if dropout > 0
+    full FT   + 2bH             (the norm-weight products that need their input)
+  with gradient checkpointing: only each layer's input, rH per token (r = 4 under QLoRA, where the
+  fp32 embeddings and norms make the residual stream fp32; else b), plus one layer recomputed
+  during backward (the full per-layer figure above, once) and the gradient of the hidden state.
+  Tokens = cutoff_len x micro_batch_size (the worst case: rows padded to the batch's longest).
+Logits (`logits`)
+  N x V x LOGITS_BYTES: the 16-bit logits, their fp32 upcast in the loss, log-softmax saved for
+  backward and its gradient (~12 bytes/logit at the peak; Gemma-2's final softcapping adds 4).
+  Under QLoRA the fp32 lm_head is cast to a 16-bit copy that autograd keeps (2VH).
+Fixed
+  CUDA context (`CUDA_CONTEXT_GIB`: the driver, cuBLAS and kernels; counted by nvidia-smi, not by
+  torch) and the allocator margin (`FRAGMENTATION` of the dynamic memory + `STATIC_SLACK` of the
+  static: reserved-but-unallocated blocks of torch's caching allocator).
+
+The total is compared with the detected GPU (torch.cuda if torch is already loaded, else
+nvidia-smi) or a card the caller names (gpu_mem_gib). When it does not fit, suggestions are
+concrete config changes with their new estimated total.
+"""
+
+from __future__ import annotations
+
+import json
+import subprocess
+from pathlib import Path
+
+GIB = 1024 ** 3
+CUDA_CONTEXT_GIB = 0.6  # CUDA context + cuBLAS workspace + loaded kernels on an H100/H200 (torch 2.x, CUDA 12/13)
+FRAGMENTATION = 0.10  # extra reserved over allocated for the dynamic part (activations, logits)
+STATIC_SLACK = 0.02  # and for the static part (weights, grads, optimizer state)
+LOGITS_BYTES = 12  # bytes per logit at the loss peak: bf16 logits (2) + fp32 upcast (4) + log-softmax (4) + ...
+SOFTCAP_LOGITS_BYTES = 4  # Gemma-2 final_logit_softcapping: the scaled and tanh'd copies
+EAGER_SCORE_BYTES = 16  # eager attention, per head x s x s: scores, softcap, fp32 softmax, probabilities
+NF4_BLOCK = 64
+
+# Measured training throughput, tokens/s, per (params class, method, card). Only figures in
+# docs/BENCHMARKS.md are listed; anything else is "unmeasured". Those two were measured at tiny
+# sequence lengths (mean 36 tokens), so they understate long-sequence throughput.
+THROUGHPUT: dict[tuple[str, str, str], dict] = {
+    ("0.5B", "qlora", "H200"): {"tokens_per_s": 366, "source": "docs/BENCHMARKS.md, issue 2 smoke (short samples)"},
+    ("0.5B", "lora", "H200"): {"tokens_per_s": 540, "source": "docs/BENCHMARKS.md, issue 2 smoke (short samples)"},
+}
+
+
+class EstimateError(ValueError):
+    """The architecture of the model is unknown (not stored, no local config.json)."""
+
+
+# ---------------------------------------------------------------- architecture and parameters
+
+def arch_for(name_or_path: str) -> dict:
+    """The architecture dict for a hub id (stored), a local folder (its config.json) or builtin:tiny."""
+    from . import model_configs
+
+    arch = model_configs.lookup(name_or_path)
+    if arch is not None:
+        return arch
+    path = Path(name_or_path).expanduser()
+    if name_or_path.strip() == "builtin:tiny":
+        from . import tiny
+
+        path = Path(tiny.resolve_model(name_or_path))
+    cfg_file = path / "config.json"
+    if cfg_file.is_file():
+        return model_configs.from_config_json(json.loads(cfg_file.read_text()))
+    raise EstimateError(f"no stored architecture for {name_or_path!r} and no config.json there; "
+                        "pass a local model folder or one of the preset models")
+
+
+def _dims(arch: dict) -> dict:
+    H = arch["hidden_size"]
+    nh = arch["num_attention_heads"]
+    nkv = arch.get("num_key_value_heads") or nh
+    hd = arch.get("head_dim") or H // nh
+    return dict(H=H, I=arch["intermediate_size"], L=arch["num_hidden_layers"], V=arch["vocab_size"],
+                nh=nh, nkv=nkv, hd=hd, Hq=nh * hd, Hkv=nkv * hd)
+
+
+def linear_shapes(arch: dict) -> dict[str, tuple[int, int]]:
+    """(in, out) of each linear layer of one decoder layer, by its module name."""
+    from . import model_configs
+
+    d = _dims(arch)
+    H, I, Hq, Hkv = d["H"], d["I"], d["Hq"], d["Hkv"]
+    names = model_configs.linear_names(arch)
+    if arch.get("model_type") == "phi3":
+        return dict(zip(names, [(H, Hq + 2 * Hkv), (Hq, H), (H, 2 * I), (I, H)]))
+    if arch.get("model_type") == "internlm2":
+        return dict(zip(names, [(H, Hq + 2 * Hkv), (Hq, H), (H, I), (H, I), (I, H)]))
+    return dict(zip(names, [(H, Hq), (H, Hkv), (H, Hkv), (Hq, H), (H, I), (H, I), (I, H)]))
+
+
+def param_counts(arch: dict) -> dict:
+    """Exact parameter counts: embedding, per-layer linears (+ biases), norms, lm_head (unless tied)."""
+    d = _dims(arch)
+    H, L, V = d["H"], d["L"], d["V"]
+    shapes = linear_shapes(arch)
+    linear_w = sum(i * o for i, o in shapes.values())
+    bias = 0
+    if arch.get("qkv_bias"):
+        bias += d["Hq"] + 2 * d["Hkv"]
+    if arch.get("o_bias"):
+        bias += H
+    norms = arch.get("norms_per_layer", 2) * H
+    embed = V * H
+    lm_head = 0 if arch.get("tie_word_embeddings") else V * H
+    layers_linear = L * linear_w
+    other = L * (bias + norms) + H  # + the final norm
+    total = embed + lm_head + layers_linear + other
+    return dict(total=total, embedding=embed, lm_head=lm_head, linear=layers_linear, other=other)
+
+
+def lora_params(arch: dict, target_modules, r: int, use_dora: bool = False) -> tuple[int, list[str]]:
+    """LoRA parameter count and the targeted module names (as PEFT matches them by name suffix)."""
+    shapes = linear_shapes(arch)
+    if target_modules == "all-linear":
+        targets = list(shapes)
+    else:
+        wanted = [target_modules] if isinstance(target_modules, str) else list(target_modules)
+        targets = [n for n in shapes if n in wanted]
+    n = sum(r * (shapes[t][0] + shapes[t][1]) + (shapes[t][1] if use_dora else 0) for t in targets)
+    return n * _dims(arch)["L"], targets
+
+
+# ---------------------------------------------------------------- GPU detection
+
+def detect_gpu() -> tuple[float | None, str | None]:
+    """(total GiB, name) of GPU 0: torch.cuda if torch is already loaded, else nvidia-smi; (None, None)."""
+    import sys
+
+    torch = sys.modules.get("torch")
+    if torch is not None:
+        try:
+            if torch.cuda.is_available():
+                p = torch.cuda.get_device_properties(0)
+                return p.total_memory / GIB, p.name
+        except Exception:  # noqa: BLE001 - no usable GPU
+            pass
+    try:
+        out = subprocess.run(["nvidia-smi", "--query-gpu=memory.total,name", "--format=csv,noheader,nounits"],
+                             capture_output=True, text=True, timeout=10)
+    except (OSError, subprocess.SubprocessError):
+        return None, None
+    if out.returncode != 0 or not out.stdout.strip():
+        return None, None
+    mib, name = out.stdout.strip().splitlines()[0].split(",", 1)
+    return float(mib) / 1024, name.strip()
+
+
+def parse_gpu_mem(text: str | float | int | None) -> float | None:
+    """'24GB', '24GiB', '24', '80g', 24 -> GiB (a card's '24 GB' is what nvidia-smi calls ~24 GiB)."""
+    if text is None or text == "":
+        return None
+    if isinstance(text, (int, float)):
+        return float(text)
+    s = str(text).strip().lower().replace(" ", "")
+    for suffix in ("gib", "gb", "g"):
+        if s.endswith(suffix):
+            s = s[: -len(suffix)]
+            break
+    try:
+        value = float(s)
+    except ValueError:
+        raise ValueError(f"--gpu-mem: expected a size like 24GB, got {text!r}") from None
+    if value <= 0:
+        raise ValueError(f"--gpu-mem: must be > 0 (got {text!r})")
+    return value
+
+
+# ---------------------------------------------------------------- the estimate
+
+def _params_class(n: int) -> str:
+    for label, limit in (("0.5B", 0.8e9), ("1.5B", 2.5e9), ("3B", 4.5e9), ("7B", 9.5e9), ("14B", 2e10)):
+        if n < limit:
+            return label
+    return "large"
+
+
+def _card_class(name: str | None) -> str | None:
+    if not name:
+        return None
+    for card in ("H200", "H100", "A100", "L40S", "A10", "4090", "3090", "T4"):
+        if card.lower() in name.lower():
+            return card
+    return None
+
+
+def _resolved(cfg) -> dict:
+    """The values resolve() would pick on a CUDA machine (or the CPU when the config says so)."""
+    t = cfg.training
+    on_cpu = t.device == "cpu"
+    dtype = cfg.model.dtype if cfg.model.dtype != "auto" else ("float32" if on_cpu else "bfloat16")
+    gc = t.gradient_checkpointing if t.gradient_checkpointing != "auto" else (not on_cpu)
+    opt = t.optimizer if t.optimizer != "auto" else ("paged_adamw_32bit" if cfg.method == "qlora" and not on_cpu
+                                                     else "adamw_torch")
+    return dict(device="cpu" if on_cpu else "cuda", dtype=dtype, gradient_checkpointing=bool(gc), optimizer=opt)
+
+
+def _breakdown(cfg, arch: dict) -> dict:
+    r = _resolved(cfg)
+    d = _dims(arch)
+    H, I, L, V, Hq, Hkv = d["H"], d["I"], d["L"], d["V"], d["Hq"], d["Hkv"]
+    b = 4 if r["dtype"] == "float32" else 2
+    pc = param_counts(arch)
+    method = cfg.method
+    bits = cfg.quantization.bits if method == "qlora" else None
+    opt_8bit = "8bit" in r["optimizer"]
+    state_bytes = 2 if opt_8bit else (8 if "32bit" in r["optimizer"] or b == 4 else 2 * b)
+
+    comp: dict[str, float] = {}
+    # weights
+    non_linear = pc["total"] - pc["linear"]
+    if bits == 4:
+        per = 0.5 + (1 / NF4_BLOCK + 4 / (NF4_BLOCK * 256) if cfg.quantization.double_quant else 4 / NF4_BLOCK)
+        comp["weights"] = pc["linear"] * per + non_linear * 4  # fp32 after prepare_model_for_kbit_training
+    elif bits == 8:
+        rows = sum(o for _i, o in linear_shapes(arch).values()) * L
+        comp["weights"] = pc["linear"] * 1 + rows * 4 + non_linear * 4
+    else:
+        comp["weights"] = pc["total"] * b
+
+    # trainable parameters: LoRA (fp32 weights + grads + AdamW) or the full model
+    n_lora, targets = (0, [])
+    if method in ("lora", "qlora"):
+        n_lora, targets = lora_params(arch, cfg.lora.target_modules, cfg.lora.r, cfg.lora.use_dora)
+        comp["lora"] = n_lora * (4 + 4 + (2 if opt_8bit else 8))
+        trainable = n_lora
+    else:
+        comp["gradients"] = pc["total"] * b
+        comp["optimizer"] = pc["total"] * state_bytes
+        trainable = pc["total"]
+
+    # activations, per token per layer (see the module docstring)
+    tokens = cfg.template.cutoff_len * cfg.training.micro_batch_size
+    resid = 4 if bits else b
+    norms = arch.get("norms_per_layer", 2)
+    per_layer = norms * 4 * H + 2 * b * H + b * (2 * Hq + 2 * Hkv) + 4 * b * I
+    if method == "full":
+        per_layer += 2 * b * H
+    else:
+        shapes = linear_shapes(arch)
+        per_in = b + (1 if cfg.lora.dropout > 0 else 0)
+        per_layer += sum(shapes[t][0] for t in targets) * per_in
+    if cfg.model.attn_implementation == "eager":
+        per_layer += EAGER_SCORE_BYTES * d["nh"] * cfg.template.cutoff_len
+    if r["gradient_checkpointing"]:
+        act = tokens * (L * resid * H + per_layer + 2 * b * H)
+    else:
+        act = tokens * L * per_layer
+    comp["activations"] = act
+
+    logit_bytes = LOGITS_BYTES + (SOFTCAP_LOGITS_BYTES if arch.get("final_logit_softcapping") else 0)
+    comp["logits"] = tokens * V * logit_bytes + (2 * V * H if bits else 0)
+    if bits:  # one dequantised weight at a time (the widest linear), in and out of the matmul
+        comp["dequant_buffer"] = 2 * max(i * o for i, o in linear_shapes(arch).values()) * 2
+    if method == "full":
+        # the foreach AdamW step needs one parameter-sized temporary; activations are gone by then
+        temp = pc["total"] * b
+        comp["optimizer_step_temp"] = max(0.0, temp - (comp["activations"] + comp["logits"]))
+
+    static = sum(v for k, v in comp.items() if k in ("weights", "lora", "gradients", "optimizer"))
+    dynamic = sum(v for k, v in comp.items() if k not in ("weights", "lora", "gradients", "optimizer"))
+    comp["allocator_margin"] = FRAGMENTATION * dynamic + STATIC_SLACK * static
+    if r["device"] == "cuda":
+        comp["cuda_context"] = CUDA_CONTEXT_GIB * GIB
+    return dict(components=comp, resolved=r, params_total=pc["total"], params_trainable=trainable,
+                lora_targets=targets, tokens_per_step=tokens, params=pc)
+
+
+def _total_gib(cfg, arch) -> float:
+    return sum(_breakdown(cfg, arch)["components"].values()) / GIB
+
+
+def round_gib(x: float) -> float:
+    return round(x, 1)
+
+
+def estimate(cfg, arch: dict | None = None, gpu_mem_gib: float | None = None, *, detect: bool = True,
+             dataset_tokens: int | None = None) -> dict:
+    """Peak GPU memory (GiB, by component), fits or not, suggestions, time per epoch.
+
+    gpu_mem_gib: the card to compare with; None: the detected GPU (unless detect=False)."""
+    if arch is None:
+        arch = arch_for(cfg.model.name_or_path)
+    br = _breakdown(cfg, arch)
+    comp_gib = {k: v / GIB for k, v in br["components"].items()}
+    total = sum(comp_gib.values())
+    gpu_name = None
+    if gpu_mem_gib is None and detect:
+        gpu_mem_gib, gpu_name = detect_gpu()
+    fits = None if gpu_mem_gib is None else total <= gpu_mem_gib
+    out = dict(model=cfg.model.name_or_path, method=cfg.method, bits=cfg.quantization.bits,
+               components=comp_gib, total_gib=total, total_rounded=round_gib(total),
+               gpu_mem_gib=gpu_mem_gib, gpu_name=gpu_name, fits=fits,
+               params_total=br["params_total"], params_trainable=br["params_trainable"],
+               lora_targets=br["lora_targets"], tokens_per_step=br["tokens_per_step"], resolved=br["resolved"],
+               suggestions=[])
+    if fits is False:
+        out["suggestions"] = suggestions(cfg, arch, gpu_mem_gib)
+    out["time"] = time_estimate(cfg, br["params_total"], gpu_name, dataset_tokens)
+    return out
+
+
+def _with(cfg, **overrides):
+    """A copy of cfg with dotted overrides (validated like --set)."""
+    from .config import apply_override, from_dict
+
+    data = cfg.model_dump(mode="json")
+    for k, v in overrides.items():
+        apply_override(data, f"{k.replace('__', '.')}={json.dumps(v)}")
+    if data.get("method") != "qlora":
+        data["quantization"]["bits"] = None
+    return from_dict(data)
+
+
+def suggestions(cfg, arch: dict, gpu_mem_gib: float) -> list[dict]:
+    """Concrete changes, each with its `--set` overrides and new estimated total; best first."""
+    out: list[dict] = []
+    t = cfg.training
+
+    def add(text, **ov):
+        try:
+            new = _with(cfg, **ov)
+        except Exception:  # noqa: BLE001 - an override that doesn't validate is not a suggestion
+            return
+        total = _total_gib(new, arch)
+        sets = [f"{k.replace('__', '.')}={json.dumps(v) if not isinstance(v, str) else v}" for k, v in ov.items()]
+        out.append(dict(text=text, set=sets, total_gib=total, fits=total <= gpu_mem_gib))
+
+    if _resolved(cfg)["gradient_checkpointing"] is False:
+        add("turn gradient checkpointing on (recomputes activations: ~30% slower, far less memory)",
+            training__gradient_checkpointing=True)
+    if t.micro_batch_size > 1:
+        acc = t.grad_accum * t.micro_batch_size
+        add(f"micro-batch 1 with accumulation {acc} (same effective batch of {acc})",
+            training__micro_batch_size=1, training__grad_accum=acc)
+    cut = cfg.template.cutoff_len
+    while cut > 256:
+        cut //= 2
+        if _total_gib(_with(cfg, template__cutoff_len=cut), arch) <= gpu_mem_gib or cut <= 256:
+            add(f"lower cutoff_len to {cut} (longer samples are truncated; check the preview's truncated count)",
+                template__cutoff_len=cut)
+            break
+    if cfg.method == "full":
+        add("LoRA instead of full fine-tuning", method="lora")
+    if cfg.method in ("lora", "full"):
+        add("QLoRA: a 4-bit base (NF4, double quant)", method="qlora")
+    if not cfg.template.packing and cfg.template.cutoff_len > 512:
+        add("short samples? packing at half the cutoff_len keeps the GPU busy at a lower peak",
+            template__packing=True, template__cutoff_len=cfg.template.cutoff_len // 2)
+    if t.micro_batch_size > 1 and cfg.template.cutoff_len > 256:
+        add("micro-batch 1, accumulation x micro-batch, and half the cutoff_len", training__micro_batch_size=1,
+            training__grad_accum=t.grad_accum * t.micro_batch_size, template__cutoff_len=cfg.template.cutoff_len // 2)
+    if not any(s["fits"] for s in out):  # no single change is enough: combine them
+        combo = dict(training__micro_batch_size=1, training__grad_accum=t.grad_accum * t.micro_batch_size,
+                     training__gradient_checkpointing=True)
+        if cfg.method != "qlora":
+            combo["method"] = "qlora"
+        cut = cfg.template.cutoff_len
+        while cut > 256 and _total_gib(_with(cfg, template__cutoff_len=cut, **combo), arch) > gpu_mem_gib:
+            cut //= 2
+        if cut != cfg.template.cutoff_len:
+            combo["template__cutoff_len"] = cut
+        add("combine: " + ", ".join(k.replace("__", ".") + f"={v}" for k, v in combo.items()), **combo)
+    out.sort(key=lambda s: (not s["fits"], s["total_gib"] if not s["fits"] else 0))
+    return out
+
+
+def time_estimate(cfg, params_total: int, gpu_name: str | None, dataset_tokens: int | None) -> dict:
+    card = _card_class(gpu_name)
+    cls = _params_class(params_total)
+    row = THROUGHPUT.get((cls, cfg.method, card)) if card else None
+    if row is None:  # no card named or detected: any measured card for this class and method
+        matches = [(k, v) for k, v in THROUGHPUT.items() if k[0] == cls and k[1] == cfg.method]
+        if matches and card is None:
+            (_c, _m, card), row = matches[0]
+    if row is None:
+        return dict(params_class=cls, method=cfg.method, card=card, tokens_per_s=None, status="unmeasured",
+                    epoch_s=None)
+    tps = row["tokens_per_s"]
+    epoch = dataset_tokens / tps if dataset_tokens else None
+    return dict(params_class=cls, method=cfg.method, card=card, tokens_per_s=tps, status="measured",
+                source=row["source"], epoch_s=epoch, per_million_tokens_s=1e6 / tps)
+
+
+# ---------------------------------------------------------------- text forms
+
+_LABELS = {"weights": "weights", "lora": "LoRA params + grads + AdamW (fp32)", "gradients": "gradients",
+           "optimizer": "optimizer state (AdamW)", "optimizer_step_temp": "optimizer step temporaries",
+           "activations": "activations", "logits": "logits + loss", "dequant_buffer": "4-bit dequant buffer",
+           "allocator_margin": "allocator margin", "cuda_context": "CUDA context"}
+
+
+def _fmt_time(s: float) -> str:
+    return f"{s / 3600:.1f} h" if s >= 3600 else f"{s / 60:.0f} min" if s >= 60 else f"{s:.0f} s"
+
+
+def headline(est: dict) -> str:
+    head = f"estimated peak VRAM: {est['total_rounded']} GiB"
+    if est["fits"] is None:
+        return head + " (no GPU detected; name one with --gpu-mem)"
+    card = f"{est['gpu_mem_gib']:.0f} GiB" + (f" {est['gpu_name']}" if est.get("gpu_name") else "")
+    return head + (f": fits the {card} card" if est["fits"] else f": does NOT fit the {card} card")
+
+
+def format_text(est: dict) -> str:
+    r = est["resolved"]
+    lines = [f"model: {est['model']}  method: {est['method']}" + (f" ({est['bits']}-bit)" if est["bits"] else "")
+             + f"  params: {est['params_total'] / 1e9:.2f}B total, {est['params_trainable'] / 1e6:.1f}M trained",
+             f"assumes: {r['device']}, {r['dtype']}, gradient checkpointing {'on' if r['gradient_checkpointing'] else 'off'}, "
+             f"{r['optimizer']}, {est['tokens_per_step']} tokens per micro-batch"]
+    for k, v in est["components"].items():
+        lines.append(f"  {_LABELS.get(k, k):<38} {v:7.2f} GiB")
+    lines.append(f"  {'total':<38} {est['total_gib']:7.2f} GiB")
+    lines.append(headline(est))
+    for s in est["suggestions"]:
+        lines.append(f"  - {s['text']}: {s['total_gib']:.1f} GiB{' (fits)' if s['fits'] else ''}  "
+                     + " ".join(f"--set {x}" for x in s["set"]))
+    tm = est["time"]
+    if tm["status"] == "measured":
+        t = f"time: {tm['tokens_per_s']} tokens/s on {tm['card']} ({tm['source']})"
+        t += f", ~{_fmt_time(tm['epoch_s'])} per epoch" if tm.get("epoch_s") else \
+            f", ~{_fmt_time(tm['per_million_tokens_s'])} per million tokens"
+    else:
+        t = f"time: unmeasured for {tm['params_class']} {tm['method']}" + (f" on {tm['card']}" if tm["card"] else "")
+    lines.append(t)
+    return "\n".join(lines)
+
+
+def format_markdown(est: dict) -> str:
+    rows = "\n".join(f"| {_LABELS.get(k, k)} | {v:.2f} GiB |" for k, v in est["components"].items())
+    md = f"**{headline(est)}**\n\n| component | GiB |\n|---|---|\n{rows}\n| **total** | **{est['total_gib']:.2f} GiB** |"
+    if est["suggestions"]:
+        md += "\n\nTo fit:\n" + "\n".join(f"- {s['text']}: {s['total_gib']:.1f} GiB" + (" ✓" if s["fits"] else "")
+                                           for s in est["suggestions"])
+    tm = est["time"]
+    md += "\n\n" + (f"Throughput: {tm['tokens_per_s']} tokens/s on {tm['card']} (measured)" if tm["status"] == "measured"
+                    else f"Time per epoch: unmeasured for {tm['params_class']} {tm['method']}")
+    return md
+
+
+def preset_comment(est: dict) -> str:
+    return f"# estimated peak VRAM: {est['total_rounded']} GiB (lorastudio estimate)"
+
+
+def estimate_markdown(cfg_or_dict, gpu_mem: str | float | None = None) -> str:
+    """UI helper: markdown for a RunConfig (or its dict); errors become one line, never raise."""
+    from .config import ConfigError, RunConfig, from_dict
+
+    try:
+        cfg = cfg_or_dict if isinstance(cfg_or_dict, RunConfig) else from_dict(cfg_or_dict)
+        if cfg.model.name_or_path.strip() == "builtin:tiny":
+            return TINY_NOTE
+        return format_markdown(estimate(cfg, gpu_mem_gib=parse_gpu_mem(gpu_mem)))
+    except (ConfigError, EstimateError, ValueError, KeyError) as e:
+        return f"VRAM estimate unavailable: {e}"
+
+
+TINY_NOTE = "VRAM estimate: the embedded tiny model (builtin:tiny) needs well under 1 GiB; it trains on CPU too."
+
+
+def model_markdown(name_or_path: str, gpu_mem: str | float | None = None) -> str:
+    """UI helper for the Model tab: peak VRAM of LoRA, QLoRA and full fine-tuning of this model at
+    the default knobs (cutoff 1024, micro-batch 4); never raises."""
+    from .config import RunConfig
+
+    name = (name_or_path or "").strip() or "builtin:tiny"
+    if name == "builtin:tiny":
+        return TINY_NOTE
+    try:
+        arch = arch_for(name)
+        gpu = parse_gpu_mem(gpu_mem)
+        rows = []
+        for method in ("qlora", "lora", "full"):
+            cfg = RunConfig.model_validate({"model": {"name_or_path": name}, "method": method})
+            est = estimate(cfg, arch, gpu_mem_gib=gpu, detect=gpu is None)
+            fit = "" if est["fits"] is None else (" ✓ fits" if est["fits"] else " ✗ does not fit")
+            rows.append(f"| {method} | {est['total_rounded']} GiB{fit} |")
+        card = est["gpu_mem_gib"]
+        head = f"**Estimated peak VRAM** (cutoff 1024, micro-batch 4{f', vs {card:.0f} GiB' if card else ''})"
+        return head + "\n\n| method | peak |\n|---|---|\n" + "\n".join(rows)
+    except (EstimateError, ValueError, KeyError) as e:
+        return f"VRAM estimate unavailable: {e}"

@@ -1,0 +1,148 @@
+"""core.estimate: sanity and monotonicity of the VRAM model, suggestions, CLI output, and that
+it stays torch-free (the web app calls it)."""
+
+import subprocess
+import sys
+
+import pytest
+
+from conftest import ROOT
+from core import config as C
+from core import estimate as E
+
+LLAMA = "meta-llama/Llama-3.1-8B-Instruct"
+
+
+def cfg(**kw):
+    data = {"model": {"name_or_path": LLAMA}, "method": "lora", "template": {"cutoff_len": 2048},
+            "training": {"micro_batch_size": 1}}
+    for k, v in kw.items():
+        C.apply_override(data, f"{k}={v}")
+    return C.from_dict(data)
+
+
+def total(c, **kw):
+    return E.estimate(c, detect=False, **kw)["total_gib"]
+
+
+def test_known_parameter_counts():
+    from core import model_configs as MC
+
+    assert E.param_counts(MC.lookup(LLAMA))["total"] == 8_030_261_248  # the published figures
+    assert E.param_counts(MC.lookup("Qwen/Qwen2.5-0.5B-Instruct"))["total"] == 494_032_768
+    assert E.param_counts(MC.lookup("google/gemma-2-2b-it"))["total"] == 2_614_341_888
+
+
+def test_components_and_method_ordering():
+    q, l, f = total(cfg(method="qlora")), total(cfg()), total(cfg(method="full"))
+    assert q < l < f
+    est = E.estimate(cfg(method="qlora"), detect=False)
+    comp = est["components"]
+    assert {"weights", "lora", "activations", "logits", "cuda_context", "allocator_margin"} <= set(comp)
+    assert comp["cuda_context"] == pytest.approx(E.CUDA_CONTEXT_GIB)
+    # 4-bit linears + fp32 embeddings/lm_head/norms (prepare_model_for_kbit_training upcasts them)
+    assert 6.5 < comp["weights"] < 8.0
+    assert 14.0 < E.estimate(cfg(), detect=False)["components"]["weights"] < 15.5  # bf16
+    full = E.estimate(cfg(method="full"), detect=False)["components"]
+    assert full["optimizer"] == pytest.approx(2 * full["weights"])  # AdamW state in the params' dtype
+
+
+def test_double_quant_and_bits():
+    dq = E.estimate(cfg(method="qlora"), detect=False)["components"]["weights"]
+    no = E.estimate(cfg(method="qlora", **{"quantization.double_quant": "false"}), detect=False)["components"]["weights"]
+    eight = E.estimate(cfg(method="qlora", **{"quantization.bits": 8}), detect=False)["components"]["weights"]
+    assert dq < no < eight
+
+
+def test_checkpointing_cutoff_and_batch_monotonic():
+    on = E.estimate(cfg(**{"training.gradient_checkpointing": "true"}), detect=False)["components"]["activations"]
+    off = E.estimate(cfg(**{"training.gradient_checkpointing": "false"}), detect=False)["components"]["activations"]
+    assert on < off / 3
+    assert total(cfg(**{"template.cutoff_len": 1024})) < total(cfg()) < total(cfg(**{"template.cutoff_len": 4096}))
+    assert total(cfg(**{"training.micro_batch_size": 1})) < total(cfg(**{"training.micro_batch_size": 4}))
+    assert total(cfg(**{"lora.r": 8})) < total(cfg(**{"lora.r": 128}))
+
+
+def test_eager_attention_costs_more():
+    g = {"model.name_or_path": "google/gemma-2-2b-it"}
+    assert total(cfg(**g, **{"model.attn_implementation": "eager"})) > total(cfg(**g))
+
+
+def test_fits_and_suggestions_on_a_small_card():
+    big = cfg(**{"training.micro_batch_size": 4})
+    est = E.estimate(big, gpu_mem_gib=12, detect=False)
+    assert est["fits"] is False and est["suggestions"]
+    texts = " ".join(s["text"] for s in est["suggestions"])
+    assert "micro-batch 1" in texts and "cutoff_len" in texts and "QLoRA" in texts
+    assert any(s["fits"] for s in est["suggestions"])
+    best = est["suggestions"][0]
+    assert best["fits"] and all(x.count("=") == 1 for x in best["set"])
+    assert E.estimate(big, gpu_mem_gib=80, detect=False)["fits"] is True
+    nogc = E.estimate(cfg(**{"training.gradient_checkpointing": "false", "training.micro_batch_size": 4}),
+                      gpu_mem_gib=16, detect=False)
+    assert any("checkpointing" in s["text"] for s in nogc["suggestions"])
+
+
+def test_time_table_measured_or_unmeasured():
+    q = E.estimate(cfg(**{"model.name_or_path": "Qwen/Qwen2.5-0.5B-Instruct"}), detect=False, dataset_tokens=1_000_000)
+    assert q["time"]["status"] == "measured" and q["time"]["epoch_s"] == pytest.approx(1e6 / 540)
+    assert E.estimate(cfg(), detect=False)["time"]["status"] == "unmeasured"
+
+
+def test_parse_gpu_mem():
+    assert E.parse_gpu_mem("24GB") == 24 and E.parse_gpu_mem("80 GiB") == 80 and E.parse_gpu_mem("16g") == 16
+    assert E.parse_gpu_mem(None) is None
+    with pytest.raises(ValueError):
+        E.parse_gpu_mem("lots")
+
+
+def test_unknown_model_is_a_clear_error(tmp_path):
+    with pytest.raises(E.EstimateError, match="no stored architecture"):
+        E.estimate(cfg(**{"model.name_or_path": "someone/unknown-model"}), detect=False)
+    assert "unavailable" in E.estimate_markdown(cfg(**{"model.name_or_path": "someone/unknown-model"}))
+
+
+def test_local_folder_config_json(tmp_path):
+    import json
+
+    (tmp_path / "config.json").write_text(json.dumps({"model_type": "llama", "vocab_size": 32000, "hidden_size": 2048,
+        "intermediate_size": 5632, "num_hidden_layers": 22, "num_attention_heads": 32, "num_key_value_heads": 4,
+        "tie_word_embeddings": False}))
+    est = E.estimate(cfg(**{"model.name_or_path": str(tmp_path)}), detect=False)
+    assert est["params_total"] == 1_100_048_384  # TinyLlama-1.1B
+
+
+def test_cli_estimate_and_list_presets(capsys):
+    from core import cli
+
+    assert cli.main(["estimate", "llama3_1_8b_qlora", "--gpu-mem", "8GB"]) == 1
+    out = capsys.readouterr().out
+    assert "does NOT fit" in out and "--set" in out and "weights" in out and "CUDA context" in out
+    assert cli.main(["estimate", "llama3_1_8b_qlora", "--gpu-mem", "80GB", "--set", "template.cutoff_len=1024"]) == 0
+    assert "fits the 80 GiB" in capsys.readouterr().out
+    assert cli.main(["list-presets"]) == 0
+    out = capsys.readouterr().out
+    line = next(l for l in out.splitlines() if l.startswith("llama3_1_8b_qlora"))
+    est = E.estimate(C.load(ROOT / "presets" / "llama3_1_8b_qlora.yaml"), detect=False)
+    assert "qlora" in line and f"{est['total_rounded']} GiB" in line and LLAMA in line
+    assert cli.main(["estimate", "llama3_1_8b_qlora", "--gpu-mem", "lots"]) == 2
+
+
+def test_train_gpu_mem_flag_parses():
+    from core import cli
+
+    a = cli.build_parser().parse_args(["train", "x.yaml", "--gpu-mem", "24GB"])
+    assert a.gpu_mem == "24GB"
+    assert cli.build_parser().parse_args(["train", "x.yaml", "--gpu-mem"]).gpu_mem == ""
+    assert cli.build_parser().parse_args(["train", "x.yaml"]).gpu_mem is None
+
+
+def test_ui_helpers_are_torch_free():
+    code = ("import sys, webui.tab_train as T, webui.tab_model as M\n"
+            "md = T.estimate_view('llama3_1_8b_qlora', T.preset_form('llama3_1_8b_qlora'), '12GB')\n"
+            "assert 'does NOT fit' in md and 'To fit' in md, md\n"
+            "assert 'qlora' in M.model_estimate_view('Qwen/Qwen2.5-7B-Instruct')\n"
+            "assert 'tiny' in M.model_estimate_view('builtin:tiny')\n"
+            "assert 'torch' not in sys.modules and 'transformers' not in sys.modules\n")
+    out = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr[-2000:]
