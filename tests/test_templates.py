@@ -322,3 +322,136 @@ def test_truncation_keeps_the_head():
     assert cut.truncated and 0 < cut.n_trained < full.n_trained
     assert cut.input_ids == full.input_ids[: len(cut.input_ids)] and cut.text == full.text
     assert trained_spans_chars(cut)[-1][1] < trained_spans_chars(full)[-1][1]
+
+
+# --- encode_examples: the batched labelling function -------------------------------------------
+
+def _batch_rows(n=60, seed=0):
+    """Chat rows of every shape: system or not, one to three exchanges, short and long answers,
+    non-ASCII and extra whitespace (offsets and the span trimming)."""
+    import random
+
+    rng = random.Random(seed)
+    words = "the a cat dog sun tree book fish bird rain milk star red blue big small fast slow".split()
+    extra = ["naïve café", "日本語 テキスト", "emoji 🙂 ok", "  padded  ", "tab\tand\nnewline", "<b>html</b>"]
+    rows = []
+    for i in range(n):
+        msgs = [SYSTEM] if i % 4 == 0 else []
+        for _ in range(rng.choice([1, 1, 2, 3])):
+            msgs.append(_u(" ".join(rng.choices(words + extra, k=rng.randint(1, 25)))))
+            msgs.append(_a(" ".join(rng.choices(words + extra, k=rng.randint(1, 60)))))
+        rows.append({"messages": msgs})
+    return rows + [{"messages": m} for m in CONVERSATIONS.values()]
+
+
+def _text_rows():
+    return [{"text": "The quick brown fox jumps over the lazy dog."}, {"text": "naïve café 🙂\n\nsecond paragraph"},
+            {"text": "word " * 300}, {"text": "x"}]
+
+
+def _assert_batch_equals_single(tok, template, rows, max_lengths=(None, 16, 48, 100_000)):
+    from core.templates import _encode_batch, encode_examples
+
+    for max_length in max_lengths:
+        single = [encode_example(tok, template, x, max_length) for x in rows]
+        assert encode_examples(tok, template, rows, max_length) == single, max_length
+        # the batched path itself, not its per-example fallback
+        assert _encode_batch(tok, template, rows, max_length) == single, max_length
+
+
+def test_encode_examples_matches_encode_example_tiny():
+    from core import model as model_lib
+
+    tok = model_lib.load_tokenizer("builtin:tiny")
+    rows = _batch_rows()
+    for name in ("auto", "chatml", "llama3", "plain", "alpaca"):
+        template = resolve_template(tok, name)
+        grown = model_lib.load_tokenizer("builtin:tiny")  # as training builds it: missing tokens added
+        grown.add_special_tokens({"additional_special_tokens": missing_special_tokens(grown, template)})
+        _assert_batch_equals_single(tok, template, rows)
+        _assert_batch_equals_single(grown, template, rows)
+    _assert_batch_equals_single(tok, None, _text_rows())
+    _assert_batch_equals_single(tok, resolve_template(tok, "chatml"), _text_rows())
+
+
+@pytest.mark.parametrize("family", [*FAMILIES, "gpt2"])
+def test_encode_examples_matches_encode_example_families(family):
+    tok = load(family)
+    rows = _batch_rows(40, seed=len(family))
+    templates_ = ["auto"] if family in FAMILIES else []
+    for name in [*templates_, "chatml", "plain"]:
+        _assert_batch_equals_single(tok, resolve_template(tok, name), rows, (None, 24, 200))
+    _assert_batch_equals_single(tok, None, _text_rows(), (None, 8))
+
+
+def test_encode_examples_unmarked_template_uses_the_prefix_diff():
+    tok = load("qwen2.5")
+    unmarked = NAMED["chatml"].source.replace("{%- generation %}", "").replace("{%- endgeneration %}", "")
+    template = resolve_template(tok, "custom", unmarked)
+    assert not template.has_markers
+    _assert_batch_equals_single(tok, template, _batch_rows(20), (None, 32))
+
+
+def test_encode_examples_raises_the_first_failing_examples_error():
+    from core.templates import encode_examples
+
+    tok = load("qwen2.5")
+    chatml = resolve_template(tok, "chatml")
+    drops = resolve_template(tok, "custom", "{%- for m in messages if m.role == 'user' %}{{ m.content }}\n{%- endfor %}")
+    good = {"messages": SINGLE}
+    cases = [
+        (chatml, [good, {"prompt": "no known key"}, {"messages": "not a list"}]),
+        (None, [{"text": "fine"}, good]),
+        (drops, [good, good]),
+    ]
+    for template, rows in cases:
+        with pytest.raises(Exception) as single:
+            [encode_example(tok, template, x) for x in rows]
+        with pytest.raises(type(single.value)) as batched:
+            encode_examples(tok, template, rows)
+        assert str(batched.value) == str(single.value)
+    assert encode_examples(tok, chatml, []) == []
+
+
+def test_masks_from_offsets_handles_rows_with_unordered_offsets():
+    """The searchsorted fast path needs non-decreasing offsets per row; other rows use the formula."""
+    import random
+
+    from core.templates import _masks_from_offsets
+
+    rng = random.Random(1)
+    offsets, spans = [], []
+    for r in range(50):
+        n = rng.randint(0, 30)
+        starts = sorted(rng.randint(0, 200) for _ in range(n))
+        row = [(s, s + rng.randint(0, 6)) for s in starts]
+        if r % 5 == 0:
+            rng.shuffle(row)  # unordered
+        if r % 7 == 0:
+            row = [(0, 0)] + row  # a zero-width token
+        offsets.append(row)
+        spans.append(sorted((a, a + rng.randint(1, 40)) for a in rng.sample(range(200), rng.randint(0, 3))))
+    mask, bounds = _masks_from_offsets(offsets, spans)
+    for r, (row, row_spans) in enumerate(zip(offsets, spans)):
+        expected = [int(any(s < se and e > ss for ss, se in row_spans)) for s, e in row]
+        assert mask[bounds[r]: bounds[r + 1]].tolist() == expected
+
+
+def test_dataset_tokenize_batches_as_encode_example_does():
+    from datasets import Dataset
+
+    from core import dataset as dataset_lib
+
+    tok = load("qwen2.5")
+    template = resolve_template(tok, "auto")
+    long = {"messages": [_u("word " * 200), _a("Short answer.")]}  # nothing left to train at 64
+    rows = (_batch_rows(30) + [long]) * 40  # > one CHUNK
+    ds, stats = dataset_lib.tokenize(Dataset.from_list(rows), tok, template, 64)
+    encs = [encode_example(tok, template, x, 64) for x in Dataset.from_list(rows)]
+    kept = [e for e in encs if e.n_trained]
+    assert ds["input_ids"] == [e.input_ids for e in kept]
+    assert ds["labels"] == [labels_from(e) for e in kept]
+    assert stats == dataset_lib.TokenStats(
+        samples=len(rows), kept=len(kept), truncated=sum(e.truncated for e in encs),
+        no_trained_tokens=len(encs) - len(kept), tokens=sum(len(e.input_ids) for e in kept),
+        trained_tokens=sum(e.n_trained for e in kept), lengths=[len(e.input_ids) for e in kept])

@@ -165,6 +165,48 @@ def test_dataset_stats_format_override_and_mix(tmp_path):
     assert [x["format"] for x in s["sources"]] == ["alpaca", "openai"] and s["sources"][0]["ratio"] == 2.0
 
 
+def test_dataset_stats_of_2k_rows_equal_encode_example(tmp_path):
+    """The tab's stats (core.templates.encode_examples in chunks, on two threads, cached per file)
+    equal a direct computation with encode_example, at several cutoffs."""
+    import random
+
+    from core import templates
+    from webui.tab_dataset import dataset_stats, load_source, tokenizer_and_template
+
+    rng = random.Random(3)
+    words = "the a cat dog sun tree book fish bird rain milk star red blue big small fast slow café 🙂".split()
+    rows = []
+    for i in range(2000):
+        msgs = [{"role": "system", "content": "Be brief."}] if i % 5 == 0 else []
+        for _ in range(rng.choice([1, 1, 2, 3])):
+            msgs.append({"role": "user", "content": " ".join(rng.choices(words, k=rng.randint(2, 30)))})
+            msgs.append({"role": "assistant", "content": " ".join(rng.choices(words, k=rng.randint(1, 150)))})
+        rows.append({"messages": msgs})
+    # one row whose answer lies entirely beyond a small cutoff
+    rows.append({"messages": [{"role": "user", "content": "word " * 400}, {"role": "assistant", "content": "ok"}]})
+    f = _write_jsonl(tmp_path / "gen2k.jsonl", rows + ["not json"])
+    for template in ("auto", "chatml"):
+        tokenizer, tmpl = tokenizer_and_template("builtin:tiny", template, "", False)
+        examples, _ = load_source(str(f))
+        encs = [templates.encode_example(tokenizer, tmpl, ex) for ex in examples]
+        for cutoff in (1024, 128, 40):
+            s = dataset_stats("builtin:tiny", str(f), "auto", "", template, "", cutoff)
+            kept = [sum(e.mask[:cutoff]) for e in encs]
+            cut = [templates.encode_example(tokenizer, tmpl, ex, max_length=cutoff) for ex in examples]
+            assert [c.n_trained for c in cut] == kept
+            lens = sorted(len(e.input_ids) for e in encs)
+            assert s["rows_used"] == 2001 and s["rows_skipped"] == 1 and s["tokenized"] == 2001
+            assert s["lengths"] == [len(e.input_ids) for e in encs]
+            assert s["truncated"] == sum(c.truncated for c in cut)
+            assert s["truncated"] > 0 or cutoff == 1024
+            assert s["tokens"] == sum(len(c.input_ids) for c in cut)
+            assert s["trained_tokens"] == sum(kept)
+            assert s["no_trained_after_cutoff"] == sum(k == 0 for k in kept)
+            assert (s["length_mean"], s["length_p50"], s["length_p90"], s["length_max"]) == (
+                round(sum(lens) / len(lens), 1), lens[len(lens) // 2], lens[int(0.9 * (len(lens) - 1))], lens[-1])
+    assert s["no_trained_after_cutoff"] >= 1  # cutoff 40: the long-prompt row
+
+
 def test_build_config_from_preset_and_form():
     from webui.tab_train import build_config, preset_form
 

@@ -6,11 +6,16 @@ highlighted preview (trained tokens), all through the core's one labelling funct
 from __future__ import annotations
 
 import functools
+import itertools
 import json
 import math
+import os
+import threading
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import gradio as gr
+import numpy as np
 import pandas as pd
 
 from .helpers import readable, err_md, error_text, highlight_pieces, parse_columns, parse_sources, preview_highlight
@@ -25,12 +30,14 @@ MAX_TOKENIZED = 100_000  # rows tokenised for the stats; more are sampled (said 
 @functools.lru_cache(maxsize=8)
 def _load_cached(path: str, mtime: float, size: int, fmt: str, columns_json: str, placeholders_json: str):
     from core import data as data_lib
+    from core.templates import gc_paused
 
-    return data_lib.load_file(path, fmt, json.loads(columns_json) or None, json.loads(placeholders_json) or None)
+    with gc_paused():  # parsing builds many small dicts: see gc_paused
+        return data_lib.load_file(path, fmt, json.loads(columns_json) or None, json.loads(placeholders_json) or None)
 
 
-def load_source(path: str, fmt: str = "auto", columns: dict | None = None):
-    """(rows, LoadReport) for one file (builtin:sample resolved), cached by path, mtime and settings."""
+def _source_key(path: str, fmt: str = "auto", columns: dict | None = None) -> tuple:
+    """The _load_cached arguments for one file (builtin:sample resolved): path, mtime, size, settings."""
     from core import tiny
 
     real = tiny.resolve_data(readable(path))
@@ -38,13 +45,31 @@ def load_source(path: str, fmt: str = "auto", columns: dict | None = None):
     if not p.is_file():
         raise FileNotFoundError(f"dataset file not found: {path}")
     st = p.stat()
-    return _load_cached(str(p), st.st_mtime, st.st_size, fmt or "auto", json.dumps(columns or {}, sort_keys=True),
-                        "{}")
+    return str(p), st.st_mtime, st.st_size, fmt or "auto", json.dumps(columns or {}, sort_keys=True), "{}"
+
+
+def load_source(path: str, fmt: str = "auto", columns: dict | None = None):
+    """(rows, LoadReport) for one file (builtin:sample resolved), cached by path, mtime and settings."""
+    return _load_cached(*_source_key(path, fmt, columns))
+
+
+_build_locks: dict[tuple, threading.Lock] = {}
+_build_locks_guard = threading.Lock()
+
+
+def tokenizer_and_template(model: str, template: str, custom_jinja: str, trust: bool):
+    """As training builds them: the tokenizer plus the template's missing special tokens (cached).
+    A call that arrives while the same pair is being built (app.py's warm-up right after launch)
+    waits for that build instead of building it a second time on the same cores."""
+    key = (model, template, custom_jinja, trust)
+    with _build_locks_guard:
+        lock = _build_locks.setdefault(key, threading.Lock())
+    with lock:
+        return _tokenizer_and_template(*key)
 
 
 @functools.lru_cache(maxsize=4)
-def tokenizer_and_template(model: str, template: str, custom_jinja: str, trust: bool):
-    """As training builds them: the tokenizer plus the template's missing special tokens."""
+def _tokenizer_and_template(model: str, template: str, custom_jinja: str, trust: bool):
     from core import model as model_lib
     from core import templates
 
@@ -67,53 +92,54 @@ def _row_summary(ex: dict) -> dict:
             "user": first("user")[:200], "assistant / text": first("assistant")[:200]}
 
 
-FAST_MIN_ROWS = 2000  # from here on, lengths come from a batched render + tokenise (checked, see _measure)
-CHECK_ROWS = 500  # rows encoded with encode_example to check the fast lengths and estimate trained tokens
+STATS_CHUNK = 1000  # rows per core.templates.encode_examples call
 
 
-def _encode(ex, tokenizer, tmpl, cutoff: int) -> tuple[int, int]:
-    """(untruncated length, trained tokens kept within the cutoff) by the labelling function."""
+def _token_table(rows: list[dict], tokenizer, tmpl) -> tuple[np.ndarray, np.ndarray]:
+    """(untruncated length per row, trained-token mask of all rows' tokens end to end, int8) from
+    core.templates.encode_examples, the batched labelling function training uses.
+    Chunks run on two threads: tokenisation releases the GIL, so one chunk renders while another
+    is tokenised."""
     from core import templates
 
-    enc = templates.encode_example(tokenizer, tmpl, ex, max_length=None)
-    return len(enc.input_ids), sum(enc.mask[:cutoff])
+    def measure(chunk):
+        encs = templates.encode_examples(tokenizer, tmpl, chunk, max_length=None)
+        lengths = np.fromiter((len(e.input_ids) for e in encs), dtype=np.int64, count=len(encs))
+        mask = np.fromiter(itertools.chain.from_iterable(e.mask for e in encs), dtype=np.int8,
+                           count=int(lengths.sum()))
+        return lengths, mask
+
+    chunks = [rows[i: i + STATS_CHUNK] for i in range(0, len(rows), STATS_CHUNK)]
+    workers = min(2, os.cpu_count() or 1, len(chunks))
+    if workers > 1:
+        tokenizer("x", add_special_tokens=False)  # settles the backend's settings before threads share it
+        with templates.gc_paused(), ThreadPoolExecutor(workers, thread_name_prefix="dataset-stats") as pool:
+            parts = list(pool.map(measure, chunks))
+    else:
+        parts = [measure(c) for c in chunks]
+    lengths = np.concatenate([p[0] for p in parts]) if parts else np.zeros(0, dtype=np.int64)
+    mask = np.concatenate([p[1] for p in parts]) if parts else np.zeros(0, dtype=np.int8)
+    return lengths, mask
 
 
-def _add(out: dict, n: int, kept: int, cutoff: int) -> None:
-    out["lengths"].append(n)
-    out["tokens"] += min(n, cutoff)
-    out["trained_tokens"] += kept
-    out["truncated"] += n > cutoff
-    out["no_trained_after_cutoff"] += kept == 0
+@functools.lru_cache(maxsize=4)
+def _token_table_cached(source_key: tuple, step: int, tok_key: tuple):
+    rows, _ = _load_cached(*source_key)
+    return _token_table(rows[::step], *tokenizer_and_template(*tok_key))
 
 
-def _measure(rows: list[dict], tokenizer, tmpl, cutoff: int, out: dict) -> None:
-    """Token statistics of ROWS into OUT. Small sets: core.templates.encode_example on every row
-    (the labelling function training uses). Large chat sets: the same template render tokenised in
-    one batch (exact lengths and truncation counts, ~3x faster), checked against encode_example on
-    a spread of CHECK_ROWS rows (any mismatch -> the exact path); rows over the cutoff are encoded
-    exactly; the trained-token total of the rest is scaled from the checked rows (shown with ≈)."""
-    if len(rows) < FAST_MIN_ROWS or any("messages" not in ex for ex in rows):
-        for ex in rows:
-            _add(out, *_encode(ex, tokenizer, tmpl, cutoff), cutoff)
-        return
-    texts = [tmpl.render(ex["messages"], tokenizer=tokenizer) for ex in rows]
-    lens = [len(ids) for ids in tokenizer(texts, add_special_tokens=False)["input_ids"]]
-    checked = {i: _encode(rows[i], tokenizer, tmpl, cutoff) for i in range(0, len(rows), max(1, len(rows) // CHECK_ROWS))}
-    if any(n != lens[i] for i, (n, _) in checked.items()):  # the fast path disagrees: do it all exactly
-        for ex in rows:
-            _add(out, *_encode(ex, tokenizer, tmpl, cutoff), cutoff)
-        return
-    within = [i for i in checked if lens[i] <= cutoff]
-    ratio = sum(checked[i][1] for i in within) / max(1, sum(lens[i] for i in within))
-    for i, n in enumerate(lens):
-        if n > cutoff:  # exact: truncation decides what is left to train
-            _add(out, *(checked.get(i) or _encode(rows[i], tokenizer, tmpl, cutoff)), cutoff)
-        else:
-            out["lengths"].append(n)
-            out["tokens"] += n
-    out["trained_tokens"] += round(ratio * sum(n for n in lens if n <= cutoff))
-    out["trained_estimated"] = True
+def _measure(lengths: np.ndarray, mask: np.ndarray, cutoff: int, out: dict) -> None:
+    """Token statistics at CUTOFF into OUT: per row the figures encode_example(max_length=cutoff)
+    gives (truncated, tokens, trained tokens kept); lengths untruncated for the histogram."""
+    cum = np.zeros(mask.size + 1, dtype=np.int64 if mask.size >= 2**31 else np.int32)
+    np.cumsum(mask, out=cum[1:])
+    starts = np.concatenate(([0], np.cumsum(lengths)[:-1])) if lengths.size else lengths
+    kept = cum[starts + np.minimum(lengths, cutoff)] - cum[starts]
+    out["lengths"] += lengths.tolist()
+    out["tokens"] += int(np.minimum(lengths, cutoff).sum())
+    out["trained_tokens"] += int(kept.sum())
+    out["truncated"] += int((lengths > cutoff).sum())
+    out["no_trained_after_cutoff"] += int((kept == 0).sum())
 
 
 def dataset_stats(model: str, data: str, fmt: str = "auto", columns: str = "", template: str = "auto",
@@ -125,13 +151,14 @@ def dataset_stats(model: str, data: str, fmt: str = "auto", columns: str = "", t
 
     cutoff = int(cutoff or 1024)
     cols = parse_columns(columns)
-    tokenizer, tmpl = tokenizer_and_template(model or "builtin:tiny", template or "auto", custom_jinja or "",
-                                             bool(trust))
+    tok_key = (model or "builtin:tiny", template or "auto", custom_jinja or "", bool(trust))
+    tokenizer, tmpl = tokenizer_and_template(*tok_key)
     out = {"sources": [], "skipped": [], "lengths": [], "truncated": 0, "no_trained_after_cutoff": 0,
            "tokens": 0, "trained_tokens": 0, "rows_used": 0, "rows_skipped": 0, "cutoff": cutoff,
            "tokenized": 0, "template": tmpl.name}
     for src in parse_sources(data):
-        rows, report = load_source(src["path"], src.get("format") or fmt, cols)
+        key = _source_key(src["path"], src.get("format") or fmt, cols)
+        rows, report = _load_cached(*key)
         name = Path(report.path).name if not src["path"].startswith("builtin:") else src["path"]
         out["sources"].append({"file": name, "format": report.format, "encoding": report.encoding,
                                "rows_total": report.rows_total, "used": report.rows_used,
@@ -141,12 +168,12 @@ def dataset_stats(model: str, data: str, fmt: str = "auto", columns: str = "", t
         out["rows_skipped"] += report.rows_skipped
         out["skipped"] += [{"file": name, "row": s.row, "kind": s.kind, "reason": s.reason} for s in report.skipped]
         step = max(1, math.ceil(len(rows) / MAX_TOKENIZED))
-        picked = rows[::step]
-        try:
-            _measure(picked, tokenizer, tmpl, cutoff, out)
+        try:  # cached per file and tokenizer/template: another cutoff only recounts
+            lengths, mask = _token_table_cached(key, step, tok_key)
         except templates.TemplateError as e:
             raise ValueError(f"{name}: {e}") from None
-        out["tokenized"] += len(picked)
+        _measure(lengths, mask, cutoff, out)
+        out["tokenized"] += len(lengths)
     lens = sorted(out["lengths"])
     if lens:
         out["length_mean"] = round(sum(lens) / len(lens), 1)
@@ -204,7 +231,7 @@ def summary_markdown(s: dict) -> str:
                      f"p90 {s['length_p90']}, max {s['length_max']} · cutoff {s['cutoff']}")
         lines.append(f"**{s['truncated']} truncated** at the cutoff ({100 * s['truncated'] / n:.1f}%) · "
                      f"{s['no_trained_after_cutoff']} would have no trained token left · "
-                     f"{'≈' if s.get('trained_estimated') else ''}{s['trained_tokens']:,} trained of {s['tokens']:,} tokens "
+                     f"{s['trained_tokens']:,} trained of {s['tokens']:,} tokens "
                      f"· template {s['template']}")
     return "\n\n".join(lines)
 
