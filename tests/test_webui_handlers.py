@@ -21,7 +21,8 @@ TOKEN = "test-token-" + os.urandom(8).hex()  # the app's access token (webui.aut
 START_NAMES = ["model", "trust_remote_code", "data", "fmt", "columns", "template", "custom_jinja", "cutoff",
                "method", "lora_r", "lora_alpha", "lora_dropout", "lora_targets", "use_dora", "use_rslora",
                "quant_bits", "learning_rate", "epochs", "max_steps", "micro_batch_size", "grad_accum", "packing",
-               "eval_split", "eval_steps", "save_steps", "sample_every", "sample_prompts", "run_name"]
+               "eval_split", "eval_steps", "save_steps", "sample_every", "sample_prompts", "run_name",
+               "early_stopping"]
 
 
 # ---------------------------------------------------------------- a real server (shared helper)
@@ -470,3 +471,15 @@ def test_retry_refuses_a_finished_run_and_retries_a_failed_one():
     while time.time() < deadline and runs.status(new).get("status") not in ("done", "failed"):
         time.sleep(0.5)
     assert runs.status(new)["status"] == "done", runs.log_tail(new)
+
+
+def test_early_stopping_from_the_form():
+    from core import config as config_lib
+    from webui.tab_train import build_config, preset_form
+
+    assert preset_form("tiny_smoke")["early_stopping"] == 0
+    cfg = build_config("tiny_smoke", {"early_stopping": 3, "eval_steps": 10, "save_steps": 10, "eval_split": 0.1})
+    assert cfg.training.early_stopping_patience == 3
+    assert build_config("tiny_smoke", {"early_stopping": 0}).training.early_stopping_patience is None
+    with pytest.raises((config_lib.ConfigError, ValueError), match="save_steps"):
+        build_config("tiny_smoke", {"early_stopping": 2, "eval_steps": 4, "save_steps": 6, "eval_split": 0.1})

@@ -41,6 +41,7 @@ FORM = [  # (name, config path, label, default)
     ("sample_every", "training.sample_every", "Sample every (steps, 0 = at the end)", 0),
     ("sample_prompts", "training.sample_prompts", "Sample prompts (one per line)", ""),
     ("run_name", "output.run_name", "Run name (optional)", ""),
+    ("early_stopping", "training.early_stopping_patience", "Early stopping: evals without a better eval loss (0 = off)", 0),
 ]
 FORM_NAMES = [f[0] for f in FORM]
 CONTEXT = ["model", "trust_remote_code", "data", "fmt", "columns", "template", "custom_jinja", "cutoff"]
@@ -88,6 +89,8 @@ def preset_form(preset: str) -> dict:
             v = v or 4
         elif name == "run_name":
             v = v or ""
+        elif name == "early_stopping":
+            v = v or 0
         out[name] = v
     src = cfg["data"]["sources"]
     out.update(model=cfg["model"]["name_or_path"], trust_remote_code=cfg["model"]["trust_remote_code"],
@@ -117,6 +120,8 @@ def build_config(preset: str | None, values: dict):
             continue  # set below, with the method
         elif name == "run_name":
             v = str(v).strip() or None
+        elif name == "early_stopping":
+            v = int(v) or None  # 0 = off
         elif name in ("lora_r", "max_steps", "micro_batch_size", "grad_accum", "eval_steps", "save_steps",
                       "sample_every"):
             v = int(v)
@@ -188,7 +193,7 @@ def start(preset: str, model: str, trust_remote_code: bool, data: str, fmt: str,
           lora_targets: str, use_dora: bool, use_rslora: bool, quant_bits: float, learning_rate: float,
           epochs: float, max_steps: float, micro_batch_size: float, grad_accum: float, packing: bool,
           eval_split: float, eval_steps: float, save_steps: float, sample_every: float, sample_prompts: str,
-          run_name: str):
+          run_name: str, early_stopping: float = 0):
     values = dict(locals())
     preset = values.pop("preset")
     return start_from_dict(preset or None, values)
@@ -399,6 +404,8 @@ def build(ui: dict) -> None:
             f["eval_steps"] = _num("Eval every (steps)", 50, precision=0, minimum=1)
             f["save_steps"] = _num("Save every (steps)", 100, precision=0, minimum=1)
             f["sample_every"] = _num("Sample every (steps, 0 = at the end)", 0, precision=0, minimum=0)
+            f["early_stopping"] = _num("Early stopping patience (evals; 0 = off; needs an eval split)", 0,
+                                       precision=0, minimum=0)
         f["sample_prompts"] = gr.Textbox(label="Sample prompts (one per line)", lines=2)
         ui["form"] = f
     with gr.Row():
