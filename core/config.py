@@ -91,6 +91,9 @@ class TrainingSection(_Section):
     device: Literal["auto", "cpu", "cuda"] = "auto"
     exclusive: Literal["auto", True, False] = "auto"  # one job per device (file lock); auto: on for CUDA
     queue: bool = True  # device busy: wait in the queue (True) or refuse at once (False)
+    gpus: int = Field(1, gt=0)  # processes (one per GPU; on CPU: gloo processes); >1 starts `accelerate launch`
+    strategy: Literal["ddp", "fsdp", "zero2", "zero3"] = "ddp"  # ddp: a full copy per GPU; fsdp/zero3 shard the model
+    offload: bool = False  # fsdp/zero2/zero3: keep params/optimizer state in CPU RAM (slower, fits bigger models)
 
 
 class OutputSection(_Section):
@@ -125,6 +128,13 @@ class RunConfig(_Section):
             if t.save_steps % t.eval_steps:
                 raise ValueError(f"training.save_steps: must be a multiple of training.eval_steps ({t.eval_steps}) "
                                  "with early stopping, so the best evaluated step has a checkpoint")
+        if t.offload and t.strategy == "ddp":
+            raise ValueError("training.offload: needs training.strategy fsdp, zero2 or zero3 (ddp keeps a full copy per GPU)")
+        if t.strategy != "ddp" and t.gpus == 1:
+            raise ValueError(f"training.strategy: {t.strategy} shards across processes; set training.gpus >= 2")
+        if self.method == "qlora" and q.bits == 8 and t.strategy in ("fsdp", "zero3"):
+            raise ValueError(f"quantization.bits: 8-bit cannot be sharded by {t.strategy}; use bits: 4 "
+                             "(4-bit weights are stored in the compute dtype so they shard)")
         if self.template.name == "custom" and not self.template.custom_jinja:
             raise ValueError("template.custom_jinja: required when template.name is custom")
         return self
@@ -229,6 +239,10 @@ def resolve(cfg: RunConfig) -> RunConfig:
     if t.optimizer.startswith("paged_") and device != "cuda":
         raise ConfigError(f"training.optimizer: {t.optimizer} pages optimizer state between GPU and CPU and "
                           "needs CUDA; on CPU use adamw_torch (or optimizer: auto)")
+    if t.gpus > 1 or t.strategy != "ddp":
+        from . import distributed
+
+        distributed.check(cfg)  # ConfigError naming the field: GPU count, strategy, DeepSpeed installed
     cfg.resolved = {"device": device, "torch": torch.__version__}
     return cfg
 

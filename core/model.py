@@ -86,7 +86,8 @@ def load_for_training(cfg: RunConfig, tokenizer, new_token_ids: list[int] | None
                 bnb_4bit_compute_dtype=dtype, bnb_4bit_quant_storage=dtype)
         else:
             kwargs["quantization_config"] = BitsAndBytesConfig(load_in_8bit=True)
-        kwargs["device_map"] = {"": 0} if device == "cuda" else {"": "cpu"}
+        # this process's card (a rank of a multi-GPU run has set its own; else 0)
+        kwargs["device_map"] = {"": torch.cuda.current_device()} if device == "cuda" else {"": "cpu"}
     try:
         model = AutoModelForCausalLM.from_pretrained(path, **kwargs)
     except OSError as e:
@@ -107,7 +108,14 @@ def load_for_training(cfg: RunConfig, tokenizer, new_token_ids: list[int] | None
 
     from peft import LoraConfig, get_peft_model, prepare_model_for_kbit_training
 
-    if cfg.method == "qlora":
+    sharded = cfg.training.gpus > 1 and cfg.training.strategy in ("fsdp", "zero3")
+    if cfg.method == "qlora" and sharded:
+        # FSDP/ZeRO-3 flatten each layer into one tensor of one dtype: keep everything in the
+        # quant storage dtype (prepare_model_for_kbit_training would upcast norms to fp32)
+        if gc:
+            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        model.enable_input_require_grads()
+    elif cfg.method == "qlora":
         model = prepare_model_for_kbit_training(
             model, use_gradient_checkpointing=gc, gradient_checkpointing_kwargs={"use_reentrant": False})
     elif gc:

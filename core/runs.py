@@ -158,13 +158,37 @@ def launch(run_dir: str | Path, resume: bool = False, env: dict | None = None,
     (`python_args` replaces `-m core.train`; fault tests use it to wrap the real trainer.)"""
     run_dir = Path(run_dir)
     cmd = [sys.executable, *(python_args or ["-m", "core.train"]), str(run_dir)] + (["--resume"] if resume else [])
+    launcher = None
+    gpus = _configured_gpus(run_dir)
+    if gpus > 1 and python_args is None:
+        # N ranks through `accelerate launch` (generated RUN_DIR/accelerate.yaml); the recorded pid
+        # is the launcher's, which forwards SIGTERM to every rank (core/distributed.py)
+        from . import config as config_lib
+        from . import distributed
+
+        try:
+            cmd = distributed.launch_command(config_lib.load(run_dir / "config.yaml"), run_dir, resume)
+            launcher = "accelerate"
+        except config_lib.ConfigError:
+            gpus = 1  # a bad config: the plain child reports it in run.json, as for any run
     child_env = _child_env(env)
     with open(run_dir / "train.log", "ab") as log:
         proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
                                 start_new_session=True, env=child_env, cwd=str(run_dir))
     write_json(run_dir, status="starting", pid=proc.pid, pgid=proc.pid,
-               pid_start_time=process_start_time(proc.pid), launched=time.time())
+               pid_start_time=process_start_time(proc.pid), launched=time.time(), launcher=launcher, gpus=gpus)
     return proc
+
+
+def _configured_gpus(run_dir: Path) -> int:
+    """training.gpus from RUN_DIR/config.yaml (1 when absent or unreadable: the child reports it)."""
+    import yaml
+
+    try:
+        data = yaml.safe_load((run_dir / "config.yaml").read_text()) or {}
+        return int((data.get("training") or {}).get("gpus") or 1)
+    except (OSError, yaml.YAMLError, TypeError, ValueError, AttributeError):
+        return 1
 
 
 def _child_env(env: dict | None = None) -> dict:

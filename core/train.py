@@ -23,6 +23,7 @@ import traceback
 from pathlib import Path
 
 from . import config as config_lib
+from . import distributed
 from . import runs
 
 _STOP = {"requested": False, "in_training": False}
@@ -51,8 +52,23 @@ def versions() -> dict:
     return out
 
 
-def log(msg: str) -> None:
-    print(f"[lorastudio {time.strftime('%H:%M:%S')}] {msg}", flush=True)
+def log(msg: str, all_ranks: bool = False) -> None:
+    if not (all_ranks or distributed.is_main()):
+        return  # one train.log for N ranks: rank 0 speaks for the run
+    rank = f" rank {distributed.rank()}" if distributed.is_distributed() and all_ranks else ""
+    print(f"[lorastudio {time.strftime('%H:%M:%S')}{rank}] {msg}", flush=True)
+
+
+def _write_json(run_dir, **updates) -> None:
+    """run.json: written by rank 0 only (every process when not distributed)."""
+    if distributed.is_main():
+        runs.write_json(run_dir, **updates)
+
+
+def _event(run_dir, event: str, **fields) -> None:
+    """metrics.jsonl: rank 0 only, so each step is recorded once."""
+    if distributed.is_main():
+        runs.append_event(run_dir, event, **fields)
 
 
 # ---------------------------------------------------------------- Trainer callbacks
@@ -73,7 +89,7 @@ def make_callbacks(run_dir: Path, cfg, tokenizer, template, model_for_samples):
             self.t0 = self.t_last = time.time()
             self.tokens_last = state.num_input_tokens_seen
             self.step0 = state.global_step
-            runs.append_event(run_dir, "start", total_steps=state.max_steps, step=state.global_step,
+            _event(run_dir, "start", total_steps=state.max_steps, step=state.global_step,
                               epochs=args.num_train_epochs)
             log(f"training: {state.max_steps} steps (from step {state.global_step})")
 
@@ -90,21 +106,26 @@ def make_callbacks(run_dir: Path, cfg, tokenizer, template, model_for_samples):
                            tokens_per_s=round(tok / dt, 1), tokens_seen=state.num_input_tokens_seen,
                            mem_mb=_memory_mb(), elapsed_s=round(now - self.t0, 2),
                            eta_s=round(eta, 1) if eta is not None else None, total_steps=state.max_steps)
-                runs.append_event(run_dir, "step", **rec)
+                _event(run_dir, "step", **rec)
                 log(f"step {state.global_step}/{state.max_steps} loss {logs['loss']:.4f} "
                     f"lr {logs.get('learning_rate', 0):.2e} {rec['tokens_per_s']} tok/s")
                 self.t_last, self.tokens_last = now, state.num_input_tokens_seen
             if "eval_loss" in logs:
-                runs.append_event(run_dir, "eval", step=state.global_step, eval_loss=logs["eval_loss"])
+                _event(run_dir, "eval", step=state.global_step, eval_loss=logs["eval_loss"])
                 log(f"eval at step {state.global_step}: loss {logs['eval_loss']:.4f}")
 
         def on_save(self, args, state, control, **kw):
             path = run_dir / f"checkpoint-{state.global_step}"
-            runs.append_event(run_dir, "checkpoint", step=state.global_step, path=str(path))
+            _event(run_dir, "checkpoint", step=state.global_step, path=str(path))
 
         def on_step_end(self, args, state, control, **kw):
             if t.sample_every and t.sample_prompts and state.global_step % t.sample_every == 0:
-                write_samples(run_dir, cfg, model_for_samples, tokenizer, template, state.global_step)
+                write_samples(run_dir, cfg, model_for_samples, tokenizer, template, state.global_step,
+                              wrapped=kw.get("model"))
+            if distributed.is_distributed():
+                # Stop is agreed by all ranks at this step boundary (all-reduce of the flag), so
+                # every rank saves the same checkpoint and leaves the loop on the same step
+                _STOP["requested"] = distributed.any_rank(_STOP["requested"])
             if _STOP["requested"]:
                 control.should_save = True  # a checkpoint to resume from
                 control.should_training_stop = True
@@ -123,14 +144,25 @@ def _memory_mb() -> float:
     return round(psutil.Process().memory_info().rss / 2**20, 1)
 
 
-def write_samples(run_dir, cfg, model, tokenizer, template, step):
+def write_samples(run_dir, cfg, model, tokenizer, template, step, wrapped=None):
+    """Sample replies. Sharded weights (FSDP, ZeRO-3): every rank generates inside a full-params
+    gather; otherwise only rank 0 generates. Rank 0 writes the events."""
     from .generate import generate_reply
 
-    for prompt in cfg.training.sample_prompts:
-        reply = generate_reply(model, tokenizer, template, [{"role": "user", "content": prompt}],
-                               max_new_tokens=cfg.training.sample_max_new_tokens)
-        runs.append_event(run_dir, "sample", step=step, prompt=prompt, reply=reply)
-        log(f"sample @ {step}: {prompt!r} -> {reply!r}")
+    if distributed.is_distributed() and not distributed.sharded(cfg) and not distributed.is_main():
+        return
+    with distributed.full_params(wrapped) if distributed.sharded(cfg) else _nullctx():
+        for prompt in cfg.training.sample_prompts:
+            reply = generate_reply(model, tokenizer, template, [{"role": "user", "content": prompt}],
+                                   max_new_tokens=cfg.training.sample_max_new_tokens)
+            _event(run_dir, "sample", step=step, prompt=prompt, reply=reply)
+            log(f"sample @ {step}: {prompt!r} -> {reply!r}")
+
+
+def _nullctx():
+    import contextlib
+
+    return contextlib.nullcontext()
 
 
 # ---------------------------------------------------------------- the spine
@@ -196,6 +228,8 @@ def build_trainer(cfg, run_dir: Path, model, tokenizer, template, train_ds, eval
         save_total_limit=t.save_total_limit, eval_strategy="steps" if eval_ds is not None else "no",
         eval_steps=t.eval_steps, remove_unused_columns=False, dataloader_num_workers=0,
         include_num_input_tokens_seen="non_padding",
+        # LoRA uses every trainable parameter each step: no DDP search for unused ones
+        ddp_find_unused_parameters=False if distributed.is_distributed() else None,
         # early stopping keeps the best checkpoint by eval loss and ends with it loaded
         load_best_model_at_end=t.early_stopping_patience is not None,
         metric_for_best_model="eval_loss" if t.early_stopping_patience is not None else None,
@@ -222,6 +256,10 @@ def train(cfg, run_dir: Path, resume: bool) -> int:
 
     t = cfg.training
     set_seed(t.seed)
+    if distributed.is_distributed() and t.device == "cuda":
+        import torch
+
+        torch.cuda.set_device(distributed.local_rank())  # each rank loads onto its own card
 
     # 1. tokenizer and template (the same template chat will use)
     tokenizer, template, missing, new_ids = load_tokenizer_and_template(cfg)
@@ -237,13 +275,13 @@ def train(cfg, run_dir: Path, resume: bool) -> int:
     for r in reports:
         log(f"data: {r.summary()}")
     log(f"tokens: {summary}" + (f"; packed into {len(train_ds)} rows" if cfg.template.packing else ""))
-    runs.write_json(run_dir, dataset_hash=data_hash, template=template.name, template_warnings=warnings,
+    _write_json(run_dir, dataset_hash=data_hash, template=template.name, template_warnings=warnings,
                     added_tokens=missing,
                     data={"reports": [{"path": r.path, "format": r.format, "rows_used": r.rows_used,
                                        "rows_skipped": r.rows_skipped, "summary": r.summary(),
                                        "skipped": [s.reason for s in r.skipped[:20]]} for r in reports],
                           "tokens": summary})
-    runs.append_event(run_dir, "data", **summary)
+    _event(run_dir, "data", **summary)
 
     # 3. model (+ 4/8-bit base, + LoRA or full)
     model = model_lib.load_for_training(cfg, tokenizer, new_ids)
@@ -252,7 +290,7 @@ def train(cfg, run_dir: Path, resume: bool) -> int:
     # bitsandbytes' own layers only (PEFT's LoRA wrappers reuse the class names)
     quantized = sum(type(m).__module__.startswith("bitsandbytes") and type(m).__name__ in ("Linear4bit", "Linear8bitLt")
                     for m in model.modules())
-    runs.write_json(run_dir, params={"trainable": trainable, "total": total, "quantized_linear": quantized})
+    _write_json(run_dir, params={"trainable": trainable, "total": total, "quantized_linear": quantized})
 
     # 4. train
     trainer = build_trainer(cfg, run_dir, model, tokenizer, template, train_ds, eval_ds,
@@ -261,34 +299,46 @@ def train(cfg, run_dir: Path, resume: bool) -> int:
     if resume and ckpt is None:
         log("resume: no checkpoint found, starting from step 0")
     if ckpt:
-        runs.append_event(run_dir, "resume", checkpoint=str(ckpt), step=int(ckpt.name.split("-")[-1]))
+        _event(run_dir, "resume", checkpoint=str(ckpt), step=int(ckpt.name.split("-")[-1]))
         log(f"resuming from {ckpt.name}")
-    runs.write_json(run_dir, status="running")
+    _write_json(run_dir, status="running")
     _STOP["in_training"] = True
     result = trainer.train(resume_from_checkpoint=str(ckpt) if ckpt else None)
-    _STOP["in_training"] = False
+    dist = distributed.is_distributed()
+    if not dist:  # ranks keep a late SIGTERM as a flag: the final save below is collective
+        _STOP["in_training"] = False
 
     # 5. save: adapter (or full model) with tokenizer and the exact template used
     out_dir = run_dir / ("model" if cfg.method == "full" else "adapter")
-    model.save_pretrained(out_dir, safe_serialization=True)
-    tokenizer.chat_template = template.source
-    tokenizer.save_pretrained(out_dir)
-    (out_dir / "lorastudio.json").write_text(json.dumps({
-        "base_model": cfg.model.name_or_path, "method": cfg.method, "template": template.name,
-        "eot_token": template.eot_token, "stop_strings": template.stop_strings, "added_tokens": missing,
-        "step": trainer.state.global_step}, indent=2))
+    if dist:
+        if trainer.is_fsdp_enabled:  # gather the sharded adapter in full for the rank-0 save
+            trainer.accelerator.state.fsdp_plugin.set_state_dict_type("FULL_STATE_DICT")
+        trainer.save_model(str(out_dir))  # collective; only rank 0 (args.should_save) writes
+        if distributed.is_main():
+            (out_dir / "training_args.bin").unlink(missing_ok=True)  # a pickle; the adapter needs none
+    else:
+        model.save_pretrained(out_dir, safe_serialization=True)
+    if distributed.is_main():
+        tokenizer.chat_template = template.source
+        tokenizer.save_pretrained(out_dir)
+        (out_dir / "lorastudio.json").write_text(json.dumps({
+            "base_model": cfg.model.name_or_path, "method": cfg.method, "template": template.name,
+            "eot_token": template.eot_token, "stop_strings": template.stop_strings, "added_tokens": missing,
+            "step": trainer.state.global_step, "gpus": t.gpus, "strategy": t.strategy}, indent=2))
     if t.sample_prompts:
-        write_samples(run_dir, cfg, model, tokenizer, template, trainer.state.global_step)
-    stopped = _STOP["requested"]
+        write_samples(run_dir, cfg, model, tokenizer, template, trainer.state.global_step,
+                      wrapped=trainer.model_wrapped)
+    stopped = distributed.any_rank(_STOP["requested"]) if dist else _STOP["requested"]
+    _STOP["in_training"] = False
     st = trainer.state
     if st.best_model_checkpoint:
-        runs.write_json(run_dir, best_checkpoint=Path(st.best_model_checkpoint).name, best_eval_loss=st.best_metric)
+        _write_json(run_dir, best_checkpoint=Path(st.best_model_checkpoint).name, best_eval_loss=st.best_metric)
     if t.early_stopping_patience is not None and not stopped and st.global_step < st.max_steps:
-        runs.append_event(run_dir, "early_stop", step=st.global_step, best_checkpoint=st.best_model_checkpoint,
+        _event(run_dir, "early_stop", step=st.global_step, best_checkpoint=st.best_model_checkpoint,
                           best_eval_loss=st.best_metric)
         log(f"early stop at step {st.global_step}: no better eval loss in {t.early_stopping_patience} evals; "
             f"kept {Path(st.best_model_checkpoint).name} (eval loss {st.best_metric:.4f})")
-    runs.append_event(run_dir, "stopped" if stopped else "end", step=trainer.state.global_step,
+    _event(run_dir, "stopped" if stopped else "end", step=trainer.state.global_step,
                       train_loss=result.training_loss, runtime_s=result.metrics.get("train_runtime"))
     return runs.EXIT_STOPPED if stopped else runs.EXIT_DONE
 
@@ -314,23 +364,37 @@ def main(argv: list[str] | None = None) -> int:
     logging.getLogger("bitsandbytes").setLevel(logging.ERROR)  # optional CPU kernels it cannot find
     signal.signal(signal.SIGTERM, _on_sigterm)
     signal.signal(signal.SIGINT, _on_sigterm)
-    try:
-        os.setpgid(0, 0)  # own process group even when started without start_new_session
-    except (PermissionError, OSError):
-        pass
+    dist = distributed.is_distributed()
+    if dist:
+        # a rank of `accelerate launch`: torchrun gave it its own session and forwards SIGTERM to it;
+        # it dies with its launcher, and logs the environment it inherited (NCCL safety variables)
+        distributed.die_with_parent()
+        log(f"{distributed.env_line()} (pid {os.getpid()}, world size {distributed.world_size()})", all_ranks=True)
+    else:
+        try:
+            os.setpgid(0, 0)  # own process group even when started without start_new_session
+        except (PermissionError, OSError):
+            pass
     import psutil
 
     from . import locks
 
-    try:  # first of all: a second writer must not touch run.json (it would hide the real pid)
-        writer = locks.writer_lock(run_dir)
-    except locks.Busy as e:
-        log(f"refused: {e}")
-        return runs.EXIT_CONFIG
-    runs.write_json(run_dir, status="starting", pid=os.getpid(), pgid=os.getpgrp(),
+    writer = None
+    if distributed.is_main():
+        try:  # first of all: a second writer must not touch run.json (it would hide the real pid)
+            writer = locks.writer_lock(run_dir)
+        except locks.Busy as e:
+            log(f"refused: {e}")
+            return runs.EXIT_CONFIG
+    if dist:  # run.json keeps the launcher's pid/pgid (runs.launch wrote them): Stop signals the launcher
+        _write_json(run_dir, status="starting", rank0_pid=os.getpid(), world_size=distributed.world_size(),
+                    started=time.time(), versions=versions(), host=platform.node(), exit_code=None, error=None)
+    else:
+        _write_json(run_dir, status="starting", pid=os.getpid(), pgid=os.getpgrp(),
                     pid_start_time=psutil.Process().create_time(), started=time.time(), versions=versions(),
                     host=platform.node(), exit_code=None, error=None)
     code, error = runs.EXIT_FAILED, None
+    held: list = []
     try:
         from . import data as data_lib
         from . import model as model_lib
@@ -341,18 +405,23 @@ def main(argv: list[str] | None = None) -> int:
         bad_input = (config_lib.ConfigError, data_lib.DataError, templates.TemplateError, model_lib.ModelError, Busy)
         if os.environ.get("LORASTUDIO_FAULTS"):
             _install_faults(os.environ["LORASTUDIO_FAULTS"])
+        if not distributed.is_main():
+            distributed.wait_for_rank0(run_dir)  # rank 0 resolved the config and holds the cards
         cfg = config_lib.load(run_dir / "config.yaml")
         cfg = config_lib.resolve(cfg)
-        # runs started from the UI (which never imports torch) get their resolved values here
-        config_lib.save(cfg, run_dir / "config.yaml", header=_config_header(run_dir))
-        held = [writer]  # held until exit: never two writers on one run dir
-        if cfg.training.exclusive:
-            held.append(_take_device(cfg, run_dir))
-        runs.write_json(run_dir, model_revision=_model_revision(cfg))
+        if distributed.is_main():
+            # runs started from the UI (which never imports torch) get their resolved values here
+            config_lib.save(cfg, run_dir / "config.yaml", header=_config_header(run_dir))
+            held = [writer]  # held until exit: never two writers on one run dir
+            if cfg.training.exclusive:
+                held += _take_device(cfg, run_dir)
+            if dist:
+                distributed.release_ranks(run_dir)
+        _write_json(run_dir, model_revision=_model_revision(cfg))
         code = train(cfg, run_dir, a.resume)
     except StopRequested:
         code = runs.EXIT_STOPPED
-        runs.append_event(run_dir, "stopped", step=0)
+        _event(run_dir, "stopped", step=0)
     except Exception as e:  # noqa: BLE001 - every failure must reach run.json with a message
         traceback.print_exc()
         if isinstance(e, OSError):
@@ -361,13 +430,17 @@ def main(argv: list[str] | None = None) -> int:
         if type(e).__name__ == "OutOfMemoryError" and "cfg" in locals():
             from .recovery import oom_retry_overrides
 
-            runs.write_json(run_dir, retry=oom_retry_overrides(cfg))
+            _write_json(run_dir, retry=oom_retry_overrides(cfg))
         code = runs.EXIT_CONFIG if isinstance(e, locals().get("bad_input", ())) else runs.EXIT_FAILED
-        runs.append_event(run_dir, "failed", error=error)
+        _event(run_dir, "failed", error=error)
         log(f"FAILED: {error}")
     status = {runs.EXIT_DONE: "done", runs.EXIT_STOPPED: "stopped"}.get(code, "failed")
-    runs.write_json(run_dir, status=status, exit_code=code, error=error, ended=time.time())
-    log(f"exit {code} ({status})")
+    _write_json(run_dir, status=status, exit_code=code, error=error, ended=time.time())
+    log(f"exit {code} ({status})", all_ranks=dist)
+    for lk in held[1:]:  # device locks (the OS would release them at exit anyway)
+        lk.release()
+    if dist and distributed.is_main():
+        distributed.cleanup(run_dir)
     return code
 
 
@@ -376,21 +449,22 @@ def _config_header(run_dir: Path) -> str:
     return "\n".join(lines or [f"# lorastudio train {run_dir / 'config.yaml'}"]) + "\n"
 
 
-def _take_device(cfg, run_dir: Path):
-    """Wait (visibly) for the device lock, or refuse at once when training.queue is false."""
-    from . import locks
+def _take_device(cfg, run_dir: Path) -> list:
+    """Wait (visibly) for the device lock of every card the job uses (training.gpus of them, in
+    index order), or refuse at once when training.queue is false. Taken by rank 0 only."""
+    t = cfg.training
+    taken = []
+    for lock in distributed.device_locks(t.device, t.gpus, "training", run_dir):
+        def on_wait(position, holder, lock=lock):
+            who = (holder or {}).get("run_dir") or (holder or {}).get("job", "another job")
+            _write_json(run_dir, status="queued", queue_position=position, queue_device=lock.key, queue_holder=who)
+            _event(run_dir, "queued", position=position, device=lock.key, holder=who)
+            log(f"waiting for {lock.key}: position {position} in the queue (held by {who})")
 
-    lock = locks.DeviceLock(cfg.training.device, "training", run_dir)
-
-    def on_wait(position, holder):
-        who = (holder or {}).get("run_dir") or (holder or {}).get("job", "another job")
-        runs.write_json(run_dir, status="queued", queue_position=position, queue_device=lock.key, queue_holder=who)
-        runs.append_event(run_dir, "queued", position=position, device=lock.key, holder=who)
-        log(f"waiting for {lock.key}: position {position} in the queue (held by {who})")
-
-    lock.acquire(wait=cfg.training.queue, on_wait=on_wait)
-    runs.write_json(run_dir, status="starting", queue_position=None)
-    return lock
+        lock.acquire(wait=t.queue, on_wait=on_wait)
+        taken.append(lock)
+    _write_json(run_dir, status="starting", queue_position=None, devices=[lk.key for lk in taken])
+    return taken
 
 
 def _model_revision(cfg) -> str | None:
