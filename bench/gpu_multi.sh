@@ -57,6 +57,7 @@ PY
 }
 
 # ---------------------------------------------------------------- (a) 1.5B LoRA: 1 GPU vs 2-GPU DDP
+if [ "${ONLY:-}" != "b" ]; then
 $PY bench/make_random_model.py qwen2.5-1.5b /tmp/m15 || exit 1
 CUDA_VISIBLE_DEVICES=0 timeout 200 $PY -m core.cli train presets/tiny_smoke.yaml --run-dir /tmp/a1 \
   --set model.name_or_path=/tmp/m15 "${A_SETS[@]}" --set training.micro_batch_size=16 > "$OUT/a1.log" 2>&1
@@ -87,6 +88,7 @@ print("peak MiB: 1 GPU", max(e["mem_mb"] for e in one.values()), " 2 GPUs (rank 
 PY
 summary /tmp/a1; summary /tmp/a2
 rm -rf /tmp/m15
+fi
 
 # ---------------------------------------------------------------- (b) 7B QLoRA under FSDP: train, stop, resume
 $PY bench/make_random_model.py qwen2.5-7b /tmp/m7 || exit 1
@@ -103,6 +105,7 @@ for i in $(seq 1 150); do
 done
 timeout 120 $PY -m core.cli stop /tmp/b --grace 90; echo "(b) stop exit $?  ($(( $(date +%s) - T0 )) s so far)"
 summary /tmp/b
+grep -h -A30 "Traceback" /tmp/b/train.log | grep -v "^\s*\^" | tail -40
 ls -d /tmp/b/checkpoint-* 2>/dev/null
 timeout 240 $PY -m core.cli resume /tmp/b > "$OUT/b-resume.log" 2>&1
 echo "(b) resume exit $?  ($(( $(date +%s) - T0 )) s so far)"

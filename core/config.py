@@ -234,8 +234,15 @@ def resolve(cfg: RunConfig) -> RunConfig:
         t.gradient_checkpointing = device == "cuda"
     if t.exclusive == "auto":
         t.exclusive = device == "cuda"
+    sharded = t.gpus > 1 and t.strategy in ("fsdp", "zero3")
     if t.optimizer == "auto":
-        t.optimizer = "paged_adamw_32bit" if (cfg.method == "qlora" and device == "cuda") else "adamw_torch"
+        # paged bitsandbytes optimizers keep per-rank state FSDP cannot gather into a checkpoint:
+        # sharded runs use torch's AdamW (its state is sharded with the parameters anyway)
+        paged = cfg.method == "qlora" and device == "cuda" and not sharded
+        t.optimizer = "paged_adamw_32bit" if paged else "adamw_torch"
+    if sharded and t.optimizer.startswith("paged_"):
+        raise ConfigError(f"training.optimizer: {t.optimizer} cannot be checkpointed under {t.strategy}; "
+                          "use adamw_torch (or optimizer: auto)")
     if t.optimizer.startswith("paged_") and device != "cuda":
         raise ConfigError(f"training.optimizer: {t.optimizer} pages optimizer state between GPU and CPU and "
                           "needs CUDA; on CPU use adamw_torch (or optimizer: auto)")

@@ -87,13 +87,15 @@ def load_for_training(cfg: RunConfig, tokenizer, new_token_ids: list[int] | None
         else:
             kwargs["quantization_config"] = BitsAndBytesConfig(load_in_8bit=True)
         # this process's card (a rank of a multi-GPU run has set its own; else 0)
-        kwargs["device_map"] = {"": torch.cuda.current_device()} if device == "cuda" else {"": "cpu"}
+        # this process's own card: a rank of a multi-GPU run is LOCAL_RANK (set before anything
+        # touches CUDA, or rank 1 would quantise onto cuda:0 and keep its quant state there)
+        kwargs["device_map"] = {"": _local_cuda()} if device == "cuda" else {"": "cpu"}
     try:
         model = AutoModelForCausalLM.from_pretrained(path, **kwargs)
     except OSError as e:
         raise ModelError(f"model.name_or_path: cannot load model weights from {cfg.model.name_or_path}: {e}") from None
     if device == "cuda" and cfg.method != "qlora":
-        model = model.to("cuda")
+        model = model.to(f"cuda:{_local_cuda()}")
 
     if new_token_ids:
         # Template tokens the tokenizer lacked: grow the embedding (mean-initialised by HF).
@@ -138,6 +140,16 @@ def load_for_training(cfg: RunConfig, tokenizer, new_token_ids: list[int] | None
     except ValueError as e:
         raise ConfigError(f"lora.target_modules: {e}") from None
     return model
+
+
+def _local_cuda() -> int:
+    import os
+
+    import torch
+
+    index = int(os.environ.get("LOCAL_RANK", "0"))
+    torch.cuda.set_device(index)
+    return index
 
 
 def _embedding_name(model) -> str:
