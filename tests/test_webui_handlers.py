@@ -22,7 +22,7 @@ START_NAMES = ["model", "trust_remote_code", "data", "fmt", "columns", "template
                "method", "lora_r", "lora_alpha", "lora_dropout", "lora_targets", "use_dora", "use_rslora",
                "quant_bits", "learning_rate", "epochs", "max_steps", "micro_batch_size", "grad_accum", "packing",
                "eval_split", "eval_steps", "save_steps", "sample_every", "sample_prompts", "run_name",
-               "early_stopping"]
+               "early_stopping", "gpus", "strategy", "offload"]
 
 
 # ---------------------------------------------------------------- a real server (shared helper)
@@ -483,3 +483,15 @@ def test_early_stopping_from_the_form():
     assert build_config("tiny_smoke", {"early_stopping": 0}).training.early_stopping_patience is None
     with pytest.raises((config_lib.ConfigError, ValueError), match="save_steps"):
         build_config("tiny_smoke", {"early_stopping": 2, "eval_steps": 4, "save_steps": 6, "eval_split": 0.1})
+
+
+def test_multi_gpu_fields_from_the_form():
+    from core import config as config_lib
+    from webui.tab_train import build_config, preset_form
+
+    f = preset_form("tiny_smoke")
+    assert (f["gpus"], f["strategy"], f["offload"]) == (1, "ddp", False)
+    cfg = build_config("tiny_smoke", {"gpus": 2, "strategy": "fsdp", "offload": True})
+    assert (cfg.training.gpus, cfg.training.strategy, cfg.training.offload) == (2, "fsdp", True)
+    with pytest.raises((config_lib.ConfigError, ValueError), match="training.offload"):
+        build_config("tiny_smoke", {"gpus": 2, "strategy": "ddp", "offload": True})

@@ -42,6 +42,9 @@ FORM = [  # (name, config path, label, default)
     ("sample_prompts", "training.sample_prompts", "Sample prompts (one per line)", ""),
     ("run_name", "output.run_name", "Run name (optional)", ""),
     ("early_stopping", "training.early_stopping_patience", "Early stopping: evals without a better eval loss (0 = off)", 0),
+    ("gpus", "training.gpus", "GPUs (processes; >1 starts accelerate launch)", 1),
+    ("strategy", "training.strategy", "Multi-GPU strategy", "ddp"),
+    ("offload", "training.offload", "Offload to CPU RAM (fsdp/zero)", False),
 ]
 FORM_NAMES = [f[0] for f in FORM]
 CONTEXT = ["model", "trust_remote_code", "data", "fmt", "columns", "template", "custom_jinja", "cutoff"]
@@ -122,6 +125,8 @@ def build_config(preset: str | None, values: dict):
             v = str(v).strip() or None
         elif name == "early_stopping":
             v = int(v) or None  # 0 = off
+        elif name == "gpus":
+            v = int(v)
         elif name in ("lora_r", "max_steps", "micro_batch_size", "grad_accum", "eval_steps", "save_steps",
                       "sample_every"):
             v = int(v)
@@ -193,7 +198,7 @@ def start(preset: str, model: str, trust_remote_code: bool, data: str, fmt: str,
           lora_targets: str, use_dora: bool, use_rslora: bool, quant_bits: float, learning_rate: float,
           epochs: float, max_steps: float, micro_batch_size: float, grad_accum: float, packing: bool,
           eval_split: float, eval_steps: float, save_steps: float, sample_every: float, sample_prompts: str,
-          run_name: str, early_stopping: float = 0):
+          run_name: str, early_stopping: float = 0, gpus: float = 1, strategy: str = "ddp", offload: bool = False):
     values = dict(locals())
     preset = values.pop("preset")
     return start_from_dict(preset or None, values)
@@ -406,6 +411,12 @@ def build(ui: dict) -> None:
             f["sample_every"] = _num("Sample every (steps, 0 = at the end)", 0, precision=0, minimum=0)
             f["early_stopping"] = _num("Early stopping patience (evals; 0 = off; needs an eval split)", 0,
                                        precision=0, minimum=0)
+        with gr.Row():
+            f["gpus"] = _num("GPUs (1 = this process; more starts `accelerate launch`)", 1, precision=0, minimum=1)
+            f["strategy"] = gr.Dropdown(["ddp", "fsdp", "zero2", "zero3"], value="ddp",
+                                        label="Strategy (ddp: a copy per GPU; fsdp/zero3 shard the model; "
+                                              "zero2/zero3 need DeepSpeed installed)")
+            f["offload"] = gr.Checkbox(label="Offload params/optimizer to CPU RAM (fsdp/zero only)")
         f["sample_prompts"] = gr.Textbox(label="Sample prompts (one per line)", lines=2)
         ui["form"] = f
     with gr.Row():
