@@ -102,6 +102,12 @@ def main(argv: list[str] | None = None) -> int:
     try:
         from . import chat
 
+        if chat.pick_device(a.device) == "cuda":
+            # a chat model on the GPU is a GPU job: refuse (rather than OOM a training run) while
+            # another job holds the card; the lock is released when this worker exits
+            from .locks import DeviceLock
+
+            DeviceLock("cuda", "chat", a.target).acquire(wait=False)
         log(f"loading {a.target}" + (f" checkpoint {a.checkpoint}" if a.checkpoint is not None else ""))
         model, tokenizer, template = chat.load_chat_model(a.target, a.checkpoint, a.device)
         if template is None:
@@ -110,7 +116,10 @@ def main(argv: list[str] | None = None) -> int:
         import traceback
 
         traceback.print_exc()
-        _write_ready(ready, {"error": str(e) if isinstance(e, ValueError) else f"{type(e).__name__}: {e}"})
+        from .locks import Busy
+
+        msg = str(e) if isinstance(e, (ValueError, Busy)) else f"{type(e).__name__}: {e}"
+        _write_ready(ready, {"error": msg})
         return 2
     listener = Listener(("127.0.0.1", 0), authkey=authkey)
     _write_ready(ready, {"port": listener.address[1], "pid": os.getpid()})

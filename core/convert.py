@@ -266,8 +266,15 @@ def merge(run_dir: str | Path, checkpoint: int | None = None, dtype: str = "auto
     texts = _texts(tokenizer, template)
     report: dict = {"run_dir": str(run_dir), "adapter": str(src), "checkpoint": checkpoint, "out": str(out),
                     "method": cfg.method, "base_model": cfg.model.name_or_path, "dtype": dtype}
+    gpu_lock = None
     try:
         want_cuda = device in ("auto", "cuda") and torch.cuda.is_available()
+        if want_cuda:  # one GPU job at a time: wait behind a training run (visible in convert.log)
+            from .locks import DeviceLock
+
+            gpu_lock = DeviceLock("cuda", "merge", run_dir)
+            gpu_lock.acquire(wait=True, on_wait=lambda pos, holder: log(
+                f"waiting for the GPU: position {pos}, held by {(holder or {}).get('run_dir') or 'another job'}"))
         for dev in (["cuda", "cpu"] if want_cuda else ["cpu"]):
             try:
                 log(f"loading the base ({dtype}, {dev}) and the adapter from {src}")
@@ -322,6 +329,10 @@ def merge(run_dir: str | Path, checkpoint: int | None = None, dtype: str = "auto
         tmp.rename(out)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
+        if gpu_lock is not None:
+            gpu_lock.release()
+        if gpu_lock is not None:
+            gpu_lock.release()
     for name, figs in v.items():
         if isinstance(figs, dict):
             log(f"verification {name}: max |dlogit| {figs['max_abs_logit_diff']:.3e}, "
