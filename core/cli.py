@@ -234,6 +234,9 @@ def cmd_runs(a) -> int:
         print(f"{info.get('status', '?'):<9} {step:>10} {loss:>8}  {info['run_dir']}")
         if info.get("status") == "failed" and info.get("error"):
             print(f"          error: {info['error']}")
+        if info.get("status") == "queued" and info.get("queue_position"):
+            print(f"          queued: position {info['queue_position']} for {info.get('queue_device')} "
+                  f"(held by {info.get('queue_holder')})")
     return 0
 
 
