@@ -4,7 +4,6 @@ import sys
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-import yaml
 from core import config as C, estimate as E
 
 P = Path(__file__).resolve().parents[1] / "presets"

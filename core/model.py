@@ -67,7 +67,6 @@ def torch_dtype(name: str):
 
 def load_for_training(cfg: RunConfig, tokenizer, new_token_ids: list[int] | None = None):
     """Base model (optionally 4/8-bit), resized for added tokens, wrapped with LoRA unless full."""
-    import torch
     from transformers import AutoModelForCausalLM, BitsAndBytesConfig
 
     path = resolve_path(cfg.model.name_or_path)

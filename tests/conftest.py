@@ -86,3 +86,23 @@ def _no_leaked_children():
             os.killpg(os.getpgid(p.info["pid"]), signal.SIGKILL)
         except (ProcessLookupError, PermissionError):
             pass
+
+
+def events(run_dir, kind=None) -> list[dict]:
+    """A run's metrics.jsonl events, optionally of one kind."""
+    from core import runs
+
+    evs, _ = runs.read_events(run_dir)
+    return [e for e in evs if kind is None or e["event"] == kind]
+
+
+def wait_for(cond, timeout=120, every=0.2) -> bool:
+    """Poll cond() until it is true or the timeout passes (runs are real child processes)."""
+    import time
+
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        if cond():
+            return True
+        time.sleep(every)
+    return False

@@ -5,10 +5,6 @@ Each case: files it writes, how it is fed (data file, config, model folder or te
 exit code, and words the message must contain."""
 
 import json
-import os
-import subprocess
-import sys
-import time
 from pathlib import Path
 
 import pytest

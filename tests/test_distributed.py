@@ -8,31 +8,16 @@ import re
 import signal
 import subprocess
 import sys
-import time
 
 import psutil
 import pytest
 import yaml
 
-from conftest import ROOT, lorastudio
+from conftest import ROOT, events, lorastudio, wait_for
 from core import config as config_lib
 from core import distributed, locks, runs
 
 FAST = ["--set", "data.eval_split=0", "--set", "training.sample_every=0"]
-
-
-def events(run_dir, kind=None):
-    evs, _ = runs.read_events(run_dir)
-    return [e for e in evs if kind is None or e["event"] == kind]
-
-
-def wait_for(cond, timeout=120, every=0.2):
-    deadline = time.time() + timeout
-    while time.time() < deadline:
-        if cond():
-            return True
-        time.sleep(every)
-    return False
 
 
 def rank_pids(run_dir):

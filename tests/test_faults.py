@@ -1,7 +1,6 @@
 """Fault tests: locks and queues, hard stops, killed children, output floods, resume parity.
 They test mechanisms on the tiny model; rates and latencies live in bench/."""
 
-import json
 import os
 import signal
 import subprocess
@@ -11,22 +10,8 @@ from pathlib import Path
 
 import pytest
 
-from conftest import ROOT, lorastudio
+from conftest import ROOT, events, lorastudio, wait_for
 from core import locks, runs
-
-
-def events(run_dir, kind=None):
-    evs, _ = runs.read_events(run_dir)
-    return [e for e in evs if kind is None or e["event"] == kind]
-
-
-def wait_for(cond, timeout=120, every=0.2):
-    deadline = time.time() + timeout
-    while time.time() < deadline:
-        if cond():
-            return True
-        time.sleep(every)
-    return False
 
 
 def start(run_dir, *sets):

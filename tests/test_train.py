@@ -5,20 +5,14 @@ import os
 import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
 import yaml
 
-from conftest import ROOT, lorastudio, shared_assets
+from conftest import ROOT, events, lorastudio, shared_assets, wait_for
 from core import config as config_lib
 from core import runs
-
-
-def events(run_dir, kind=None):
-    evs, _ = runs.read_events(run_dir)
-    return [e for e in evs if kind is None or e["event"] == kind]
 
 
 def step_losses(run_dir):
@@ -90,15 +84,6 @@ def test_cli_runs_lists_the_run(smoke_run):
 
 # ---------------------------------------------------------------- stop and resume
 
-def _wait_for(cond, timeout=120, every=0.2):
-    deadline = time.time() + timeout
-    while time.time() < deadline:
-        if cond():
-            return True
-        time.sleep(every)
-    return False
-
-
 def test_sigterm_stops_with_adapter_then_resume_continues(tmp_path):
     run_dir = tmp_path / "stoppable"
     # slow enough that SIGTERM lands mid-training
@@ -107,10 +92,10 @@ def test_sigterm_stops_with_adapter_then_resume_continues(tmp_path):
          "--set", "training.max_steps=400", "--set", "training.save_steps=5", "--set", "training.sample_every=0",
          "--set", "data.eval_split=0"], cwd=ROOT)
     assert proc.wait(60) == 0
-    assert _wait_for(lambda: len(events(run_dir, "step")) >= 7), (run_dir / "train.log").read_text()[-2000:]
+    assert wait_for(lambda: len(events(run_dir, "step")) >= 7), (run_dir / "train.log").read_text()[-2000:]
     info = runs.read_json(run_dir)
     os.killpg(info["pgid"], signal.SIGTERM)
-    assert _wait_for(lambda: runs.read_json(run_dir).get("status") in ("stopped", "failed"), timeout=60)
+    assert wait_for(lambda: runs.read_json(run_dir).get("status") in ("stopped", "failed"), timeout=60)
     info = runs.read_json(run_dir)
     assert info["status"] == "stopped" and info["exit_code"] == 3, info
     assert (run_dir / "adapter" / "adapter_model.safetensors").exists()
@@ -120,7 +105,7 @@ def test_sigterm_stops_with_adapter_then_resume_continues(tmp_path):
     # resume: continues from that checkpoint, not from step 0
     out = lorastudio("resume", str(run_dir), "--detach")
     assert out.returncode == 0, out.stderr
-    assert _wait_for(lambda: any(e["step"] > stop_step for e in events(run_dir, "step")), timeout=120)
+    assert wait_for(lambda: any(e["step"] > stop_step for e in events(run_dir, "step")), timeout=120)
     resume_ev = events(run_dir, "resume")[-1]
     assert resume_ev["step"] == stop_step
     starts = events(run_dir, "start")
@@ -134,9 +119,9 @@ def test_stop_before_training_and_dead_child_is_failed(tmp_path):
     out = lorastudio("train", "presets/tiny_smoke.yaml", "--run-dir", str(run_dir), "--detach",
                      "--set", "training.max_steps=2000", "--set", "training.sample_every=0")
     assert out.returncode == 0
-    assert _wait_for(lambda: len(events(run_dir, "step")) >= 2)
+    assert wait_for(lambda: len(events(run_dir, "step")) >= 2)
     os.killpg(runs.read_json(run_dir)["pgid"], signal.SIGKILL)
-    assert _wait_for(lambda: runs.status(run_dir).get("status") == "failed", timeout=30)
+    assert wait_for(lambda: runs.status(run_dir).get("status") == "failed", timeout=30)
     info = runs.status(run_dir)
     assert "died" in info["error"] and info["log_tail"]
 
@@ -286,7 +271,6 @@ def test_cli_presets_commands(tmp_path):
 
 
 def test_cli_runs_and_stop_report_status(smoke_run, tmp_path):
-    home = str(smoke_run.parent.parent)
     out = lorastudio("stop", str(smoke_run))
     assert out.returncode == 0 and out.stdout.strip() == "done"  # nothing to stop
     assert "not a run directory" in lorastudio("stop", str(tmp_path)).stderr

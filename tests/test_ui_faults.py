@@ -154,7 +154,7 @@ def test_login_with_credentials(tmp_path):
 
 def test_uploads_are_size_limited(tmp_path):
     """--max-upload-mb: a bigger file is refused by the server; a small one is copied into the workspace."""
-    from gradio_client import Client, handle_file
+    from gradio_client import handle_file
 
     from test_webui_handlers import free_port
 
