@@ -39,8 +39,22 @@ def read_json(run_dir: str | Path) -> dict:
         return {}
 
 
+def _json_lock(run_dir: str | Path):
+    """run.json has several writers (the child or rank 0, Stop, a reader marking a dead run
+    failed, the queue): each read-modify-write holds this lock, or one could undo another's
+    update (a late `stop_requested` write putting back `running` over the child's `stopped`)."""
+    from filelock import FileLock
+
+    return FileLock(str(Path(run_dir) / ".run.json.lock"), timeout=30)
+
+
 def write_json(run_dir: str | Path, **updates) -> dict:
-    """Merge updates into run.json atomically (write a temp file, then rename)."""
+    """Merge updates into run.json atomically (under the lock; temp file, then rename)."""
+    with _json_lock(run_dir):
+        return _write_unlocked(run_dir, updates)
+
+
+def _write_unlocked(run_dir: str | Path, updates: dict) -> dict:
     path = Path(run_dir) / "run.json"
     data = read_json(run_dir)
     data.update(updates)
@@ -120,10 +134,14 @@ def status(run_dir: str | Path) -> dict:
     run_dir = Path(run_dir)
     info = read_json(run_dir)
     if info.get("status") in ACTIVE and info.get("pid") and not is_alive(info):
-        _kill_group(info.get("pgid"))
-        tail = log_tail(run_dir, 10)
-        info = write_json(run_dir, status="failed", error="the training process died unexpectedly",
-                          log_tail=tail, ended=time.time())
+        with _json_lock(run_dir):
+            info = read_json(run_dir)  # again, under the lock: the child may have just written its end
+            if info.get("status") not in ACTIVE or is_alive(info):
+                return info
+            _kill_group(info.get("pgid"))
+            tail = log_tail(run_dir, 10)
+            info = _write_unlocked(run_dir, dict(status="failed", error="the training process died unexpectedly",
+                                                 log_tail=tail, ended=time.time()))
         append_event(run_dir, "failed", error="the training process died unexpectedly", log_tail=tail)
     return info
 
@@ -235,6 +253,11 @@ def stop(run_dir: str | Path, grace: float = 30.0) -> str:
         write_json(run_dir, status="stopped", error=f"killed after a {grace:.0f}s grace period", ended=time.time())
     # reap any remaining members of the group (grandchildren)
     _kill_group(pgid)
+    # the child records its end before it exits; ranks of a multi-GPU run exit before their
+    # launcher. Give a last write a moment before a still-active run.json reads as a crash.
+    end = time.time() + 5
+    while read_json(run_dir).get("status") in ACTIVE and time.time() < end:
+        time.sleep(0.1)
     return status(run_dir).get("status", "unknown")
 
 
