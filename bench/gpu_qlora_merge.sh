@@ -3,13 +3,7 @@
 # through the product's own CLI. One device call (carry .whl, see bench/gpu_qlora_smoke.sh):
 #   bash bench/gpu_qlora_merge.sh
 set -uo pipefail
-export PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1 GRADIO_ANALYTICS_ENABLED=False
-OUT="${OUT:-/tmp/out}"; mkdir -p "$OUT"
-if [ -d .whl ]; then
-  python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl || exit 1
-  export PYTHONPATH="/tmp/site:$PWD/.whl/site:$PWD"
-fi
-export LORASTUDIO_HOME=/tmp/lshome
+source bench/device_env.sh
 nvidia-smi --query-gpu=name,memory.total --format=csv,noheader
 python3 -c "import torch, transformers, peft, bitsandbytes; print('torch', torch.__version__, 'transformers', transformers.__version__, 'peft', peft.__version__, 'bnb', bitsandbytes.__version__)"
 python3 bench/make_random_model.py qwen2.5-0.5b /tmp/model

@@ -1,15 +1,9 @@
 #!/usr/bin/env bash
 # QLoRA (bitsandbytes NF4) and bf16 LoRA on CUDA through the product's own CLI, one device call.
-# Run on the device (see docs/GPU.md):
+# Run on the device (see docs/BENCHMARKS.md):
 #   bash bench/gpu_qlora_smoke.sh        (carry .whl: trl, datasets, pydantic, bitsandbytes cuda130)
 set -uo pipefail
-export PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1 GRADIO_ANALYTICS_ENABLED=False
-OUT="${OUT:-/tmp/out}"; mkdir -p "$OUT"
-if [ -d .whl ]; then
-  python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl || exit 1
-  export PYTHONPATH="/tmp/site:$PWD/.whl/site:$PWD"
-fi
-export LORASTUDIO_HOME=/tmp/lshome
+source bench/device_env.sh
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader
 python3 - <<'PY'
 import torch, transformers, peft, trl, bitsandbytes, datasets
@@ -17,23 +11,8 @@ print("torch", torch.__version__, "transformers", transformers.__version__, "pef
       "trl", trl.__version__, "bitsandbytes", bitsandbytes.__version__, "datasets", datasets.__version__)
 print("gpu", torch.cuda.get_device_name(0))
 PY
-# A random-init model with the real Qwen2.5-0.5B architecture (24 layers, hidden 896, GQA 14/2),
-# paired with the embedded tokenizer (ids stay below the vocab).
-python3 - <<'PY'
-import torch, shutil
-from transformers import Qwen2Config, Qwen2ForCausalLM
-from core import tiny
-src = tiny.model_path()
-cfg = Qwen2Config(vocab_size=151936, hidden_size=896, intermediate_size=4864, num_hidden_layers=24,
-                  num_attention_heads=14, num_key_value_heads=2, max_position_embeddings=32768,
-                  tie_word_embeddings=True, rope_theta=1e6, eos_token_id=2, pad_token_id=3)
-torch.manual_seed(0)
-m = Qwen2ForCausalLM(cfg).to(torch.bfloat16)
-m.save_pretrained("/tmp/qwen05b-random", safe_serialization=True)
-for f in ("tokenizer.json", "tokenizer_config.json", "chat_template.jinja"):
-    shutil.copy(src / f, "/tmp/qwen05b-random" / __import__("pathlib").Path(f))
-print("built /tmp/qwen05b-random", sum(p.numel() for p in m.parameters()) / 1e6, "M params")
-PY
+# A random-init model with the real Qwen2.5-0.5B architecture, paired with the embedded tokenizer.
+python3 bench/make_random_model.py qwen2.5-0.5b /tmp/qwen05b-random || exit 1
 COMMON=(--set model.name_or_path=/tmp/qwen05b-random --set training.max_steps=40 --set training.sample_every=0
         --set training.micro_batch_size=8 --set training.learning_rate=1e-3 --set data.eval_split=0
         --set lora.r=16 --set template.cutoff_len=256 --set training.save_steps=1000)

@@ -171,6 +171,19 @@ def cmd_resume(a) -> int:
     return _follow(run_dir, proc)
 
 
+def _echo_from(log: Path, pos: int) -> int:
+    """Print what the child appended to its log since byte `pos`; return the new position."""
+    if not log.exists():
+        return pos
+    with open(log, "rb") as f:
+        f.seek(pos)
+        chunk = f.read()
+    if chunk:
+        sys.stdout.write(chunk.decode("utf-8", "replace"))
+        sys.stdout.flush()
+    return pos + len(chunk)
+
+
 def _follow(run_dir: Path, proc) -> int:
     """Echo train.log while the child runs; Ctrl-C stops the run cleanly (SIGTERM, grace, SIGKILL)."""
     from . import runs
@@ -186,23 +199,14 @@ def _follow(run_dir: Path, proc) -> int:
     old = signal.signal(signal.SIGINT, on_int)
     try:
         while True:
-            if log.exists():
-                with open(log, "rb") as f:
-                    f.seek(pos)
-                    chunk = f.read()
-                    pos += len(chunk)
-                if chunk:
-                    sys.stdout.write(chunk.decode("utf-8", "replace"))
-                    sys.stdout.flush()
+            pos = _echo_from(log, pos)
             if interrupted:
                 print("\nstopping (saving at the next step)...", flush=True)
                 runs.stop(run_dir, grace=60)
                 interrupted = False
             code = proc.poll()
             if code is not None:
-                with open(log, "rb") as f:
-                    f.seek(pos)
-                    sys.stdout.write(f.read().decode("utf-8", "replace"))
+                _echo_from(log, pos)  # the last lines written before it exited
                 info = runs.read_json(run_dir)
                 if info.get("launcher") and info.get("exit_code") is not None:
                     code = info["exit_code"]  # accelerate launch exits 1 for any rank's non-zero exit
@@ -327,13 +331,7 @@ def cmd_convert(a) -> int:
     try:
         while True:
             code = proc.poll()
-            with open(log, "rb") as f:
-                f.seek(pos)
-                chunk = f.read()
-            pos += len(chunk)
-            if chunk:
-                sys.stdout.write(chunk.decode("utf-8", "replace"))
-                sys.stdout.flush()
+            pos = _echo_from(log, pos)
             if code is not None:
                 break
             time.sleep(0.3)

@@ -51,12 +51,12 @@ def _compile(source: str):
         raise TemplateError(f"chat template syntax error at line {e.lineno}: {e.message}") from e
 
 
-def _render_source(source, messages, add_generation_prompt=False, tokenizer=None, track=False):
-    """Render one conversation in transformers' sandbox; returns (text, generation spans)."""
+def _render_batch(source, conversations, add_generation_prompt=False, tokenizer=None, track=False):
+    """Render conversations in transformers' sandbox; returns (texts, generation spans per text)."""
     _compile(source)  # syntax errors get a line number before anything else
     try:
         texts, indices = render_jinja_template(
-            conversations=[messages],
+            conversations=conversations,
             chat_template=source,
             return_assistant_tokens_mask=track,
             add_generation_prompt=add_generation_prompt,
@@ -66,7 +66,13 @@ def _render_source(source, messages, add_generation_prompt=False, tokenizer=None
         raise TemplateError(f"chat template refused by the sandbox (unsafe access): {e}") from e
     except (jinja2.TemplateError, TypeError) as e:
         raise TemplateError(f"chat template failed: {e}") from e
-    return texts[0], (indices[0] if track else [])
+    return texts, (indices if track else [[] for _ in texts])
+
+
+def _render_source(source, messages, add_generation_prompt=False, tokenizer=None, track=False):
+    """Render one conversation; returns (text, generation spans)."""
+    texts, indices = _render_batch(source, [messages], add_generation_prompt, tokenizer, track)
+    return texts[0], indices[0]
 
 
 def _trim(text: str, spans) -> list[tuple[int, int]]:
@@ -583,19 +589,7 @@ def _render_many(template: ChatTemplate, conversations: list, tokenizer) -> list
     generation spans); an unmarked one needs its per-conversation prefix diff."""
     if not template.has_markers:
         return [template.render_with_spans(m, tokenizer) for m in conversations]
-    _compile(template.source)
-    try:
-        texts, indices = render_jinja_template(
-            conversations=conversations,
-            chat_template=template.source,
-            return_assistant_tokens_mask=True,
-            add_generation_prompt=False,
-            **_template_kwargs(tokenizer),
-        )
-    except jinja2.exceptions.SecurityError as e:
-        raise TemplateError(f"chat template refused by the sandbox (unsafe access): {e}") from e
-    except (jinja2.TemplateError, TypeError) as e:
-        raise TemplateError(f"chat template failed: {e}") from e
+    texts, indices = _render_batch(template.source, conversations, False, tokenizer, track=True)
     return [(text, _trim(text, spans)) for text, spans in zip(texts, indices)]
 
 

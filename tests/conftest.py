@@ -57,6 +57,17 @@ def smoke_run(tmp_path_factory) -> Path:
 
 
 @pytest.fixture(scope="session")
+def qlora_run(tmp_path_factory) -> Path:
+    """One 4-step QLoRA NF4 run on CPU (bitsandbytes 0.50), shared by the training and merge tests."""
+    pytest.importorskip("bitsandbytes")
+    run_dir = tmp_path_factory.mktemp("runs") / "qlora"
+    lorastudio("train", "presets/tiny_smoke.yaml", "--run-dir", str(run_dir), "--set", "method=qlora",
+               "--set", "training.max_steps=4", "--set", "training.sample_every=0", "--set", "data.eval_split=0",
+               check=True)
+    return run_dir
+
+
+@pytest.fixture(scope="session")
 def demo_run(tmp_path_factory) -> Path:
     """One trained presets/tiny_demo.yaml run (~1 min on 2 cores), shared by persona/chat/merge tests."""
     run_dir = tmp_path_factory.mktemp("runs") / "demo"

@@ -176,14 +176,10 @@ def test_model_without_chat_template(tmp_path):
 
 # ---------------------------------------------------------------- QLoRA
 
-def test_qlora_merge_reloads_base_unquantized(tmp_path):
-    pytest.importorskip("bitsandbytes")
+def test_qlora_merge_reloads_base_unquantized(qlora_run):
     from transformers import AutoModelForCausalLM
 
-    run_dir = tmp_path / "qlora"
-    out = lorastudio("train", "presets/tiny_smoke.yaml", "--run-dir", str(run_dir), "--set", "method=qlora",
-                     "--set", "training.max_steps=4", "--set", "training.sample_every=0", "--set", "data.eval_split=0")
-    assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
+    run_dir = qlora_run
     res = lorastudio("convert", str(run_dir), "--merge")
     assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-2000:]
     assert "loading the base (float32" in res.stdout and "4-bit base + adapter" in res.stdout

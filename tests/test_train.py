@@ -128,12 +128,8 @@ def test_stop_before_training_and_dead_child_is_failed(tmp_path):
 
 # ---------------------------------------------------------------- other methods and bad input
 
-def test_qlora_nf4_on_cpu(tmp_path):
-    pytest.importorskip("bitsandbytes")
-    run_dir = tmp_path / "qlora"
-    out = lorastudio("train", "presets/tiny_smoke.yaml", "--run-dir", str(run_dir), "--set", "method=qlora",
-                     "--set", "training.max_steps=4", "--set", "training.sample_every=0", "--set", "data.eval_split=0")
-    assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
+def test_qlora_nf4_on_cpu(qlora_run):
+    run_dir = qlora_run
     cfg = yaml.safe_load((run_dir / "config.yaml").read_text())
     assert cfg["quantization"] == {"bits": 4, "quant_type": "nf4", "double_quant": True}
     log = (run_dir / "train.log").read_text()
