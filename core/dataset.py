@@ -63,8 +63,12 @@ def pack(dataset, seq_length: int):
     return pack_dataset(dataset, seq_length, strategy="bfd")
 
 
-def collator(tokenizer, packing: bool):
-    """Pads by position: labels are padded with -100, never masked by token id (pad may == eos)."""
+def collator(tokenizer, padding_free: bool):
+    """padding_free (packed rows, or template.padding_free): the micro-batch becomes one row,
+    position_ids restart at each sample (HF builds a block-diagonal causal mask from them) and
+    the label at each sample's first token is -100, so no sample attends to or predicts across
+    another. Otherwise rows are padded to the longest by position: labels are padded with -100,
+    never masked by token id (pad may == eos)."""
     from trl.trainer.sft_trainer import DataCollatorForLanguageModeling
 
-    return DataCollatorForLanguageModeling(pad_token_id=tokenizer.pad_token_id, padding_free=packing)
+    return DataCollatorForLanguageModeling(pad_token_id=tokenizer.pad_token_id, padding_free=padding_free)

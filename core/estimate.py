@@ -9,9 +9,9 @@ Weights (`weights`)
   QLoRA 4-bit NF4/FP4: the decoder's linear layers at 0.5 byte/param + quantisation constants
   (blocksize 64: one fp32 absmax per block = 4/64 byte/param; with double quant the absmax is
   8-bit plus one fp32 per 256 blocks: 1/64 + 4/(64*256) byte/param). 8-bit: 1 byte/param + one
-  fp32 scale per output row. Embeddings, lm_head and norms are not quantised; PEFT's
-  prepare_model_for_kbit_training then upcasts every non-4-bit parameter to fp32, so under QLoRA
-  they cost 4 bytes/param (that is what runs here, so that is what is counted).
+  fp32 scale per output row. Embeddings, lm_head and norms are not quantised and stay in the
+  compute dtype; with quantization.fp32_upcast (stock PEFT's prepare_model_for_kbit_training)
+  they cost 4 bytes/param.
 LoRA (`lora`)
   r * (in + out) per targeted linear (+ out for DoRA's magnitude), kept in fp32 by PEFT
   (autocast_adapter_dtype): 4 bytes weights + 4 grads + 8 AdamW state = 16 bytes/param.
@@ -29,14 +29,17 @@ Activations (`activations`), per token, per decoder layer, compute dtype b bytes
     LoRA      b x in per targeted linear (PEFT casts the input to the adapter's fp32 dtype and
               autocast casts it back: a separate copy each) + 1 x in (the dropout mask) if dropout > 0
     full FT   + 2bH             (the norm-weight products that need their input)
-  with gradient checkpointing: only each layer's input, rH per token (r = 4 under QLoRA, where the
-  fp32 embeddings and norms make the residual stream fp32; else b), plus one layer recomputed
+  with gradient checkpointing: only each layer's input, rH per token (r = 4 under QLoRA with
+  fp32_upcast, where fp32 embeddings and norms make the residual stream fp32; else b), plus one layer recomputed
   during backward (the full per-layer figure above, once) and the gradient of the hidden state.
   Tokens = cutoff_len x micro_batch_size (the worst case: rows padded to the batch's longest).
 Logits (`logits`)
   N x V x LOGITS_BYTES: the 16-bit logits, their fp32 upcast in the loss, log-softmax saved for
   backward and its gradient (~12 bytes/logit at the peak; Gemma-2's final softcapping adds 4).
-  Under QLoRA the fp32 lm_head is cast to a 16-bit copy that autograd keeps (2VH).
+  With fp32_upcast the fp32 lm_head is cast to a 16-bit copy that autograd keeps (2VH).
+  With training.kernels (liger's fused linear + cross-entropy) the logits are built a chunk of
+  N / ceil(V / H) tokens at a time, 6 bytes/logit (16-bit logits + fp32 gradient), plus the fp32
+  gradient of the hidden states (4NH).
 Fixed
   CUDA context (`CUDA_CONTEXT_GIB`: the driver, cuBLAS and kernels; counted by nvidia-smi, not by
   torch) and the allocator margin (`FRAGMENTATION` of the dynamic memory + `STATIC_SLACK` of the
@@ -222,7 +225,13 @@ def _resolved(cfg) -> dict:
     gc = t.gradient_checkpointing if t.gradient_checkpointing != "auto" else (not on_cpu)
     opt = t.optimizer if t.optimizer != "auto" else ("paged_adamw_32bit" if cfg.method == "qlora" and not on_cpu
                                                      else "adamw_torch")
-    return dict(device="cpu" if on_cpu else "cuda", dtype=dtype, gradient_checkpointing=bool(gc), optimizer=opt)
+    kernels = t.kernels
+    if kernels == "auto":
+        from .config import liger_available
+
+        kernels = "all" if not on_cpu and liger_available() else "off"
+    return dict(device="cpu" if on_cpu else "cuda", dtype=dtype, gradient_checkpointing=bool(gc), optimizer=opt,
+                kernels=kernels)
 
 
 def _breakdown(cfg, arch: dict) -> dict:
@@ -239,12 +248,13 @@ def _breakdown(cfg, arch: dict) -> dict:
     comp: dict[str, float] = {}
     # weights
     non_linear = pc["total"] - pc["linear"]
+    upcast = 4 if (bits and cfg.quantization.fp32_upcast) else b  # bytes/param of what is not quantised
     if bits == 4:
         per = 0.5 + (1 / NF4_BLOCK + 4 / (NF4_BLOCK * 256) if cfg.quantization.double_quant else 4 / NF4_BLOCK)
-        comp["weights"] = pc["linear"] * per + non_linear * 4  # fp32 after prepare_model_for_kbit_training
+        comp["weights"] = pc["linear"] * per + non_linear * upcast
     elif bits == 8:
         rows = sum(o for _i, o in linear_shapes(arch).values()) * L
-        comp["weights"] = pc["linear"] * 1 + rows * 4 + non_linear * 4
+        comp["weights"] = pc["linear"] * 1 + rows * 4 + non_linear * upcast
     else:
         comp["weights"] = pc["total"] * b
 
@@ -261,7 +271,7 @@ def _breakdown(cfg, arch: dict) -> dict:
 
     # activations, per token per layer (see the module docstring)
     tokens = cfg.template.cutoff_len * cfg.training.micro_batch_size
-    resid = 4 if bits else b
+    resid = upcast if bits else b
     norms = arch.get("norms_per_layer", 2)
     per_layer = norms * 4 * H + 2 * b * H + b * (2 * Hq + 2 * Hkv) + 4 * b * I
     if method == "full":
@@ -279,7 +289,11 @@ def _breakdown(cfg, arch: dict) -> dict:
     comp["activations"] = act
 
     logit_bytes = LOGITS_BYTES + (SOFTCAP_LOGITS_BYTES if arch.get("final_logit_softcapping") else 0)
-    comp["logits"] = tokens * V * logit_bytes + (2 * V * H if bits else 0)
+    if r["kernels"] in ("loss", "all"):
+        chunk = tokens / max(1, -(-V // H))
+        comp["logits"] = chunk * V * 6 + tokens * H * 4
+    else:
+        comp["logits"] = tokens * V * logit_bytes + (2 * V * H if bits and upcast == 4 else 0)
     if bits:  # one dequantised weight at a time (the widest linear), in and out of the matmul
         comp["dequant_buffer"] = 2 * max(i * o for i, o in linear_shapes(arch).values()) * 2
     if method == "full":

@@ -110,15 +110,17 @@ def load_for_training(cfg: RunConfig, tokenizer, new_token_ids: list[int] | None
     from peft import LoraConfig, get_peft_model, prepare_model_for_kbit_training
 
     sharded = cfg.training.gpus > 1 and cfg.training.strategy in ("fsdp", "zero3")
-    if cfg.method == "qlora" and sharded:
-        # FSDP/ZeRO-3 flatten each layer into one tensor of one dtype: keep everything in the
-        # quant storage dtype (prepare_model_for_kbit_training would upcast norms to fp32)
+    if cfg.method == "qlora" and cfg.quantization.fp32_upcast and not sharded:
+        # stock PEFT: norms, embeddings and lm_head upcast to fp32 (FSDP/ZeRO-3 cannot take it:
+        # they flatten each layer into one tensor of one dtype)
+        model = prepare_model_for_kbit_training(
+            model, use_gradient_checkpointing=gc, gradient_checkpointing_kwargs={"use_reentrant": False})
+    elif cfg.method == "qlora":
+        # everything that is not 4-bit stays in the compute dtype: under bf16 autocast the matmuls
+        # run in bf16 either way, and the fp32 copies only cost memory and a cast per step
         if gc:
             model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         model.enable_input_require_grads()
-    elif cfg.method == "qlora":
-        model = prepare_model_for_kbit_training(
-            model, use_gradient_checkpointing=gc, gradient_checkpointing_kwargs={"use_reentrant": False})
     elif gc:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         model.enable_input_require_grads()
@@ -134,6 +136,9 @@ def load_for_training(cfg: RunConfig, tokenizer, new_token_ids: list[int] | None
         use_dora=lc.use_dora, use_rslora=lc.use_rslora, task_type="CAUSAL_LM",
         trainable_token_indices=trainable_tokens,
     )
+    import torch
+
+    torch.manual_seed(cfg.training.seed)  # LoRA A init depends on the seed alone, not on what ran before
     try:
         model = get_peft_model(model, peft_cfg)
     except ValueError as e:

@@ -206,6 +206,16 @@ def prepare_data(cfg, tokenizer, template):
     return tokenized, eval_ds, stats, reports, data_lib.dataset_hash(sources)
 
 
+def _liger_config(kernels: str) -> dict | None:
+    """liger-kernel patches for training.kernels (the Trainer applies them to the base model
+    under the LoRA wrapper). The fused linear + cross-entropy never builds full-vocab logits."""
+    if kernels not in ("loss", "all"):
+        return None
+    every = kernels == "all"
+    return {"fused_linear_cross_entropy": True, "cross_entropy": False, "rope": every, "rms_norm": every,
+            "swiglu": every}
+
+
 def build_trainer(cfg, run_dir: Path, model, tokenizer, template, train_ds, eval_ds, callbacks=None):
     from transformers import Trainer, TrainingArguments
     from transformers.trainer_callback import PrinterCallback
@@ -214,6 +224,7 @@ def build_trainer(cfg, run_dir: Path, model, tokenizer, template, train_ds, eval
 
     t = cfg.training
     on_cuda = t.device == "cuda"
+    padding_free = bool(cfg.template.packing or cfg.template.padding_free)
     args = TrainingArguments(
         output_dir=str(run_dir), report_to="none", disable_tqdm=True,
         num_train_epochs=t.epochs, max_steps=t.max_steps,
@@ -227,7 +238,9 @@ def build_trainer(cfg, run_dir: Path, model, tokenizer, template, train_ds, eval
         logging_steps=t.logging_steps, save_strategy="steps", save_steps=t.save_steps,
         save_total_limit=t.save_total_limit, eval_strategy="steps" if eval_ds is not None else "no",
         eval_steps=t.eval_steps, remove_unused_columns=False, dataloader_num_workers=0,
-        include_num_input_tokens_seen="non_padding",
+        # padding-free rows hold no pad token (and pad may == eos, which a by-id count would skip)
+        include_num_input_tokens_seen="all" if padding_free else "non_padding",
+        use_liger_kernel=t.kernels in ("loss", "all"), liger_kernel_config=_liger_config(t.kernels),
         # LoRA uses every trainable parameter each step: no DDP search for unused ones
         ddp_find_unused_parameters=False if distributed.is_distributed() else None,
         # early stopping keeps the best checkpoint by eval loss and ends with it loaded
@@ -237,7 +250,7 @@ def build_trainer(cfg, run_dir: Path, model, tokenizer, template, train_ds, eval
     )
     trainer = Trainer(
         model=model, args=args, train_dataset=train_ds, eval_dataset=eval_ds,
-        data_collator=dataset_lib.collator(tokenizer, cfg.template.packing), processing_class=tokenizer,
+        data_collator=dataset_lib.collator(tokenizer, padding_free), processing_class=tokenizer,
         callbacks=callbacks or [],
     )
     trainer.remove_callback(PrinterCallback)  # our Metrics callback logs one line per step instead
@@ -291,6 +304,13 @@ def train(cfg, run_dir: Path, resume: bool) -> int:
     quantized = sum(type(m).__module__.startswith("bitsandbytes") and type(m).__name__ in ("Linear4bit", "Linear8bitLt")
                     for m in model.modules())
     _write_json(run_dir, params={"trainable": trainable, "total": total, "quantized_linear": quantized})
+    if t.kernels != "off" and missing and not model.config.get_text_config().tie_word_embeddings:
+        # the fused loss reads lm_head.weight directly and would miss the trained rows of added tokens
+        log("kernels: fused loss off (added tokens train rows of an untied lm_head)")
+        cfg.training.kernels = "off"
+    log(f"speed path: padding-free {bool(cfg.template.padding_free or cfg.template.packing)}, "
+        f"packing {cfg.template.packing}, kernels {t.kernels}, gradient checkpointing {t.gradient_checkpointing}, "
+        f"fp32 upcast {cfg.quantization.fp32_upcast if cfg.method == 'qlora' else 'n/a'}, lora dropout {cfg.lora.dropout}")
 
     # 4. train
     trainer = build_trainer(cfg, run_dir, model, tokenizer, template, train_ds, eval_ds,

@@ -1,0 +1,60 @@
+#!/usr/bin/env bash
+# Issue 6 speed/memory, one device call per shape group, the stock baseline in the same call:
+#   bash bench/gpu_speed.sh qlora8b   # Llama-3.1-8B shape, QLoRA, real chat lengths, 8 samples/step:
+#                                     #   stock (dropout 0.1 = XTuner's recipe, and 0), fast (default)
+#   bash bench/gpu_speed.sh mem8b     # Llama-3.1-8B shape, QLoRA, 1 x 2048 random tokens: stock and fast
+#   bash bench/gpu_speed.sh small     # Qwen2.5-0.5B and 1.5B shapes, bf16 LoRA, chat lengths: stock and fast
+# Needs .bench/chat_tokens.jsonl (here: python bench/speed.py prep .bench) and the .whl wheels
+# (trl, datasets, pydantic, liger-kernel, bitsandbytes cuda130); results: $OUT/speed.jsonl + logs.
+set -uo pipefail
+source bench/device_env.sh
+GROUP="${1:-qlora8b}"; shift || true
+EXTRA=("$@")
+nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader
+python3 -c "import torch, transformers, peft, bitsandbytes, trl; print('torch', torch.__version__, 'transformers', transformers.__version__, 'peft', peft.__version__, 'bnb', bitsandbytes.__version__, 'trl', trl.__version__)"
+python3 -c "import liger_kernel, triton; print('liger-kernel ok, triton', triton.__version__)" || echo "no liger-kernel"
+TOK=.bench/chat_tokens.jsonl
+R=(python3 bench/speed.py run --tokens "$TOK" --out "$OUT/speed.jsonl")
+
+one() {  # label, then speed.py args; the log of each run kept, a one-line summary printed
+  local label="$1"; shift
+  local t0=$SECONDS
+  "${R[@]}" --label "$label" "$@" "${EXTRA[@]}" > "$OUT/$label.log" 2>&1
+  local rc=$?
+  echo "$label rc=$rc $((SECONDS - t0))s $(grep -o '"non_pad_tokens_per_s": [0-9.]*\|"peak_device_used_gib": [0-9.]*\|"peak_reserved_gib": [0-9.]*' "$OUT/$label.log" | tr '\n' ' ')"
+  [ $rc -eq 0 ] || tail -25 "$OUT/$label.log"
+}
+
+case "$GROUP" in
+  qlora8b)
+    python3 bench/make_random_model.py llama3.1-8b /tmp/m8b
+    one stock-d0.1 --model /tmp/m8b --side stock --method qlora --dropout 0.1
+    one stock-d0 --model /tmp/m8b --side stock --method qlora --dropout 0
+    one fast --model /tmp/m8b --side fast --method qlora
+    one fast-gc-off --model /tmp/m8b --side fast --method qlora --gc off
+    ;;
+  mem8b)
+    python3 bench/make_random_model.py llama3.1-8b /tmp/m8b
+    one mem-stock --model /tmp/m8b --side stock --method qlora --seq 2048 --mb 1 --steps 6 --dropout 0.1
+    one mem-fast --model /tmp/m8b --side fast --method qlora --seq 2048 --mb 1 --steps 6
+    ;;
+  small)
+    for shape in qwen2.5-0.5b qwen2.5-1.5b; do
+      python3 bench/make_random_model.py $shape /tmp/$shape
+      one $shape-stock --model /tmp/$shape --side stock --method lora --dropout 0.1
+      one $shape-stock-d0 --model /tmp/$shape --side stock --method lora --dropout 0
+      one $shape-fast --model /tmp/$shape --side fast --method lora
+      one $shape-fast-gc-off --model /tmp/$shape --side fast --method lora --gc off
+    done
+    ;;
+  *) echo "unknown group $GROUP"; exit 2 ;;
+esac
+python3 - "$OUT/speed.jsonl" <<'PY'
+import json, sys
+rows = [json.loads(x) for x in open(sys.argv[1])]
+print(f"{'label':22} {'tok/s':>9} {'MFU':>6} {'alloc':>6} {'resv':>6} {'device':>6}  loss 1..3 / last")
+for r in rows:
+    l = r["losses"]
+    print(f"{r['label']:22} {r['non_pad_tokens_per_s']:9.0f} {r['mfu']:6.3f} {r['peak_allocated_gib']:6.2f} "
+          f"{r['peak_reserved_gib']:6.2f} {r['peak_device_used_gib']:6.2f}  {[round(x, 4) for x in l[:3]]} / {l[-1]:.4f}  {r['gpu']}")
+PY

@@ -1,0 +1,265 @@
+"""Training speed and memory: the product's default path vs stock HF Trainer + PEFT + bitsandbytes,
+on the same samples in the same order, one process per side (clean memory figures).
+
+    # here (CPU): real chat lengths, alpaca_en_demo rendered with the Qwen2.5 tokenizer + template
+    python bench/speed.py prep .bench
+    # on the device (bench/gpu_speed.sh runs these for a shape group, stock baseline in the same call)
+    python bench/speed.py run --model /tmp/m --tokens .bench/chat_tokens.jsonl --side stock --method qlora
+    python bench/speed.py run --model /tmp/m --tokens .bench/chat_tokens.jsonl --side fast --method qlora
+
+Stock = what the PEFT/bitsandbytes docs show: BitsAndBytesConfig NF4 + double quant,
+prepare_model_for_kbit_training, get_peft_model, Trainer(gradient_checkpointing=True, bf16=True),
+rows padded to the longest of each micro-batch (DataCollatorForSeq2Seq). Fast = the product's own
+path (core.model.load_for_training + core.train.build_trainer with the resolved config), every
+switch at its default unless a flag says otherwise. Both: LoRA r=64 alpha=16 on all 7 projections
+(XTuner's oasst1 recipe), same optimizer, constant LR 2e-4, seed 42, same micro-batch of samples.
+
+Reported per run (JSON): non-pad tokens/s over the steps after --warmup, loss per step, peak
+memory three ways (torch allocated, torch reserved, and the device's used memory sampled every
+10 ms = CUDA context + allocator + bitsandbytes paged/managed memory: the process is alone on the
+card), MFU = 4 * N_matmul * tokens/s / 989e12 (model FLOPs of the frozen matmuls: forward + input
+gradient; no recompute, no attention), card name, versions.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import sys
+import threading
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+PEAK_FLOPS = 989e12  # H100/H200 SXM dense bf16
+
+
+def prep(out_dir: str, dataset: str = "alpaca_en_demo.json", tokenizer: str = "qwen2.5") -> None:
+    """Tokenise a real dataset with a real tokenizer and its template through the product's own
+    labelling (core.train.prepare_data), no truncation below 4096: input_ids + labels per row."""
+    from core import config as config_lib
+    from core import train as train_lib
+
+    shared = ROOT.parent / "shared" / "assets"
+    cfg = config_lib.from_dict({"model": {"name_or_path": str(shared / "tokenizers" / tokenizer)},
+                                "data": {"sources": [{"path": str(shared / "data" / dataset)}]},
+                                "template": {"cutoff_len": 4096}})
+    tok, template, _missing, _ids = train_lib.load_tokenizer_and_template(cfg)
+    ds, _eval, stats, _reports, _hash = train_lib.prepare_data(cfg, tok, template)
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    with open(out / "chat_tokens.jsonl", "w") as f:
+        for r in ds:
+            f.write(json.dumps({"input_ids": r["input_ids"], "labels": r["labels"]}) + "\n")
+    lens = sorted(stats.lengths)
+    print(f"{out / 'chat_tokens.jsonl'}: {len(lens)} rows of {dataset} with the {tokenizer} template; "
+          f"mean {statistics.mean(lens):.0f}, p50 {lens[len(lens) // 2]}, p90 {lens[int(len(lens) * 0.9)]}, "
+          f"max {lens[-1]} tokens")
+
+
+# ---------------------------------------------------------------- one measured run
+
+class MemSampler(threading.Thread):
+    """The device's used memory (total - free), sampled every 10 ms: CUDA context, the caching
+    allocator and bitsandbytes' paged (managed) optimizer state all show up here."""
+
+    def __init__(self):
+        super().__init__(daemon=True)
+        self.peak, self.stop = 0, False
+
+    def run(self):
+        import torch
+
+        while not self.stop:
+            free, total = torch.cuda.mem_get_info()
+            self.peak = max(self.peak, total - free)
+            time.sleep(0.01)
+
+
+def rows_for(a, vocab: int) -> list[dict]:
+    if a.seq:  # fixed-length rows of random ids, every token trained (the 1 x seq configs)
+        import torch
+
+        g = torch.Generator().manual_seed(0)
+        ids = torch.randint(0, vocab, (max(a.steps, 1) * a.mb, a.seq), generator=g).tolist()
+        return [{"input_ids": x, "labels": x} for x in ids]
+    rows = [json.loads(x) for x in open(a.tokens)]
+    # ids stay below this model's vocab (Qwen2.5's 151k ids on a 128k-vocab Llama)
+    return [{"input_ids": [i % vocab for i in r["input_ids"]],
+             "labels": [-100 if x == -100 else x % vocab for x in r["labels"]]} for r in rows]
+
+
+def matmul_params(model_dir: str) -> int:
+    from core import estimate, model_configs
+
+    pc = estimate.param_counts(model_configs.from_config_json(json.loads((Path(model_dir) / "config.json").read_text())))
+    return pc["linear"] + pc["embedding"]  # decoder linears + the lm_head (tied or not, it is a matmul)
+
+
+def build_stock(a, tokenizer, ds, callbacks):
+    import torch
+    from peft import LoraConfig, get_peft_model, prepare_model_for_kbit_training
+    from transformers import (AutoModelForCausalLM, BitsAndBytesConfig, DataCollatorForSeq2Seq, Trainer,
+                              TrainingArguments, set_seed)
+
+    set_seed(42)
+    kw = {}
+    if a.method == "qlora":
+        kw["quantization_config"] = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4",
+                                                       bnb_4bit_use_double_quant=True,
+                                                       bnb_4bit_compute_dtype=torch.bfloat16)
+    cuda = torch.cuda.is_available()
+    model = AutoModelForCausalLM.from_pretrained(a.model, dtype=torch.bfloat16 if cuda else torch.float32,
+                                                 attn_implementation="sdpa", device_map={"": 0 if cuda else "cpu"}, **kw)
+    model.config.use_cache = False
+    if a.method == "qlora":
+        model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=a.gc != "off")
+    torch.manual_seed(42)
+    model = get_peft_model(model, LoraConfig(r=64, lora_alpha=16, lora_dropout=a.dropout, target_modules=TARGETS,
+                                             task_type="CAUSAL_LM"))
+    args = TrainingArguments(
+        output_dir=a.workdir, report_to="none", disable_tqdm=True, max_steps=a.steps,
+        per_device_train_batch_size=a.mb, gradient_accumulation_steps=1, learning_rate=2e-4,
+        lr_scheduler_type="constant", warmup_steps=0, optim=a.optim, bf16=cuda, use_cpu=not cuda, seed=42, data_seed=42,
+        gradient_checkpointing=a.gc != "off", gradient_checkpointing_kwargs={"use_reentrant": False},
+        logging_steps=1, save_strategy="no", remove_unused_columns=False, include_num_input_tokens_seen="non_padding")
+    collator = DataCollatorForSeq2Seq(tokenizer, padding="longest", label_pad_token_id=-100)
+    return Trainer(model=model, args=args, train_dataset=ds, data_collator=collator, callbacks=callbacks), {}
+
+
+def build_fast(a, tokenizer, ds, callbacks):
+    from core import config as config_lib
+    from core import model as model_lib
+    from core import train as train_lib
+
+    training = {"micro_batch_size": a.mb, "grad_accum": 1, "max_steps": a.steps, "learning_rate": 2e-4,
+                "lr_scheduler": "constant", "warmup_ratio": 0, "save_steps": 10 ** 6, "logging_steps": 1,
+                "device": "auto", "exclusive": False, "sample_prompts": [], "seed": 42}
+    if a.optim != "auto":
+        training["optimizer"] = a.optim
+    for k in ("gc", "kernels"):
+        v = getattr(a, k)
+        if v != "default":
+            training["gradient_checkpointing" if k == "gc" else "kernels"] = {"on": True, "off": False}.get(v, v)
+    raw = {"model": {"name_or_path": a.model}, "method": a.method,
+           "lora": {"r": 64, "alpha": 16, "dropout": a.dropout, "target_modules": TARGETS},
+           "template": {"cutoff_len": 1 << 20}, "training": training}
+    if a.method == "qlora":
+        raw["quantization"] = {"bits": 4}
+    cfg = config_lib.resolve(config_lib.from_dict(raw))
+    model = model_lib.load_for_training(cfg, tokenizer, [])
+    trainer = train_lib.build_trainer(cfg, Path(a.workdir), model, tokenizer, None, ds, None, callbacks=callbacks)
+    t = cfg.training
+    return trainer, {"optimizer": t.optimizer, "gradient_checkpointing": t.gradient_checkpointing,
+                     "kernels": t.kernels, "padding_free": cfg.template.padding_free,
+                     "fp32_upcast": cfg.quantization.fp32_upcast}
+
+
+def run(a) -> dict:
+    import datasets
+    import torch
+    from transformers import AutoConfig, AutoTokenizer, TrainerCallback
+
+    torch.backends.cuda.matmul.allow_tf32 = True  # both sides; only fp32 matmuls (stock's upcasts) see it
+    vocab = AutoConfig.from_pretrained(a.model).get_text_config().vocab_size
+    ds = datasets.Dataset.from_list(rows_for(a, vocab))
+    tokenizer = AutoTokenizer.from_pretrained(a.model)
+    sampler = MemSampler()
+    steps: list[dict] = []
+
+    cuda = torch.cuda.is_available()  # CPU: a dry check of the harness on a tiny model (no memory figures)
+    sync = torch.cuda.synchronize if cuda else (lambda: None)
+
+    class Timer(TrainerCallback):
+        def on_step_begin(self, args, state, control, **kw):
+            sync()
+            self.t0, self.tok0 = time.perf_counter(), state.num_input_tokens_seen
+
+        def on_step_end(self, args, state, control, **kw):
+            sync()
+            steps.append({"step": state.global_step, "s": time.perf_counter() - self.t0,
+                          "tokens": state.num_input_tokens_seen - self.tok0})
+
+        def on_log(self, args, state, control, logs=None, **kw):
+            if logs and "loss" in logs and steps:
+                steps[-1]["loss"] = logs["loss"]
+
+    t_load = time.perf_counter()
+    if cuda:
+        torch.cuda.init()
+        sampler.start()
+    build = build_stock if a.side == "stock" else build_fast
+    trainer, resolved = build(a, tokenizer, ds, [Timer()])
+    load_s = time.perf_counter() - t_load
+    if cuda:
+        torch.cuda.reset_peak_memory_stats()
+    trainer.train()
+    sync()
+    time.sleep(0.05)
+    sampler.stop = True
+    gib = (lambda f: round(f() / 2 ** 30, 2)) if cuda else (lambda f: None)
+    timed = steps[a.warmup:]
+    tok = sum(s["tokens"] for s in timed)
+    sec = sum(s["s"] for s in timed)
+    tps = tok / sec if sec else 0.0
+    n_mm = matmul_params(a.model)
+    return {
+        "side": a.side, "method": a.method, "model": Path(a.model).name, "dropout": a.dropout,
+        "micro_batch": a.mb, "seq": a.seq or "chat", "steps": len(steps), "timed_steps": len(timed),
+        "non_pad_tokens_per_s": round(tps, 1), "mfu": round(4 * n_mm * tps / PEAK_FLOPS, 4),
+        "tokens_per_step_mean": round(tok / max(1, len(timed)), 1),
+        "peak_allocated_gib": gib(torch.cuda.max_memory_allocated), "peak_reserved_gib": gib(torch.cuda.max_memory_reserved),
+        "peak_device_used_gib": gib(lambda: sampler.peak),
+        "losses": [s.get("loss") for s in steps], "step_s": [round(s["s"], 4) for s in steps],
+        "load_s": round(load_s, 1), "gpu": torch.cuda.get_device_name(0) if cuda else "cpu", "resolved": resolved,
+        "versions": {m: __import__(m).__version__ for m in ("torch", "transformers", "peft", "bitsandbytes")},
+        "matmul_params": n_mm,
+    }
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(prog="bench/speed.py")
+    sub = ap.add_subparsers(dest="cmd", required=True)
+    p = sub.add_parser("prep")
+    p.add_argument("out")
+    p.add_argument("--dataset", default="alpaca_en_demo.json")
+    r = sub.add_parser("run")
+    r.add_argument("--model", required=True)
+    r.add_argument("--tokens", help="chat_tokens.jsonl from `prep` (ignored with --seq)")
+    r.add_argument("--side", choices=["stock", "fast"], required=True)
+    r.add_argument("--method", choices=["qlora", "lora"], default="qlora")
+    r.add_argument("--mb", type=int, default=8, help="samples per micro-batch (= per optimizer step)")
+    r.add_argument("--seq", type=int, default=0, help="fixed-length random rows instead of chat data")
+    r.add_argument("--steps", type=int, default=20)
+    r.add_argument("--warmup", type=int, default=3, help="steps left out of tokens/s")
+    r.add_argument("--dropout", type=float, default=0.0)
+    r.add_argument("--optim", default="auto", help="auto = the product's default (stock gets the same)")
+    r.add_argument("--gc", default="default", help="on/off/default (stock: on unless off)")
+    r.add_argument("--kernels", default="default", help="fast side: off/loss/all/default")
+    r.add_argument("--label", default="")
+    r.add_argument("--out", default="")
+    r.add_argument("--workdir", default="/tmp/speed-work")
+    a = ap.parse_args(argv)
+    if a.cmd == "prep":
+        prep(a.out, a.dataset)
+        return 0
+    if a.side == "stock" and a.optim == "auto":
+        a.optim = "paged_adamw_32bit" if a.method == "qlora" else "adamw_torch"  # what the product resolves
+    res = run(a)
+    res["label"] = a.label
+    line = json.dumps(res)
+    print("RESULT " + line, flush=True)
+    if a.out:
+        with open(a.out, "a") as f:
+            f.write(line + "\n")
+    return 0
+
+
+if __name__ == "__main__":
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    sys.exit(main())

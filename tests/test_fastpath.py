@@ -1,0 +1,124 @@
+"""The default training path (padding-free micro-batches, no fp32 upcast under QLoRA, LoRA
+dropout 0) computes the same maths as stock HF + PEFT: on the trained tiny model, the same
+samples give equal logits, equal loss and equal LoRA gradients. CPU, fp32 (the speed lives in
+bench/speed.py on a GPU)."""
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from core import config as config_lib
+from core import dataset as dataset_lib
+from core import model as model_lib
+from core import train as train_lib
+
+
+def _cfg(smoke_run, method):
+    cfg = config_lib.load(smoke_run / "config.yaml")
+    cfg.method = method
+    cfg.lora.dropout = 0.0
+    cfg.training.device = "cpu"
+    cfg.model.dtype = "float32"
+    cfg.quantization.bits = 4 if method == "qlora" else None
+    cfg.training.gradient_checkpointing = "auto"
+    cfg.training.kernels = "auto"
+    cfg.template.padding_free = "auto"
+    return config_lib.resolve(cfg)
+
+
+def _stock(cfg, tokenizer):
+    """HF + PEFT the way their docs show: 4-bit through BitsAndBytesConfig and
+    prepare_model_for_kbit_training, LoRA with the same rank/alpha/targets."""
+    from peft import LoraConfig, get_peft_model, prepare_model_for_kbit_training
+    from transformers import AutoModelForCausalLM, BitsAndBytesConfig
+
+    kw = {}
+    if cfg.method == "qlora":
+        kw = dict(quantization_config=BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4",
+                                                         bnb_4bit_use_double_quant=True,
+                                                         bnb_4bit_compute_dtype=torch.float32),
+                  device_map={"": "cpu"})
+    base = AutoModelForCausalLM.from_pretrained(model_lib.resolve_path(cfg.model.name_or_path), dtype=torch.float32,
+                                                attn_implementation="sdpa", **kw)
+    if cfg.method == "qlora":
+        base = prepare_model_for_kbit_training(base, use_gradient_checkpointing=False)
+    lc = cfg.lora
+    return get_peft_model(base, LoraConfig(r=lc.r, lora_alpha=lc.alpha, lora_dropout=0.0,
+                                           target_modules=lc.target_modules, task_type="CAUSAL_LM"))
+
+
+@pytest.mark.parametrize("method", ["lora", "qlora"])
+def test_fast_path_equals_stock_logits_loss_and_lora_grads(smoke_run, method):
+    from peft import set_peft_model_state_dict
+    from transformers import DataCollatorForSeq2Seq
+
+    torch.set_num_threads(1)
+    cfg = _cfg(smoke_run, method)
+    assert cfg.template.padding_free is True and cfg.quantization.fp32_upcast is False
+    tokenizer, template, _missing, new_ids = train_lib.load_tokenizer_and_template(cfg)
+    train_ds, _eval, _stats, _reports, _hash = train_lib.prepare_data(cfg, tokenizer, template)
+    rows = [{"input_ids": r["input_ids"], "labels": r["labels"]} for r in train_ds.select(range(6))]
+    lengths = [len(r["input_ids"]) for r in rows]
+    assert len(set(lengths)) > 1  # padding really happens on the stock side
+
+    adapter = load_file(str(smoke_run / "adapter" / "adapter_model.safetensors"))
+    fast = model_lib.load_for_training(cfg, tokenizer, new_ids)  # the product's path
+    stock = _stock(cfg, tokenizer)
+    for m in (fast, stock):
+        res = set_peft_model_state_dict(m, adapter)
+        assert not res.unexpected_keys
+        m.train()
+    if method == "qlora":
+        assert sum(type(m).__name__ == "Linear4bit" for m in fast.modules()) > 0
+
+    packed = dataset_lib.collator(tokenizer, padding_free=True)(rows)  # the product's collator
+    padded = DataCollatorForSeq2Seq(tokenizer, padding="longest", label_pad_token_id=-100)(
+        [dict(r) for r in rows])  # stock: pad to the longest, attention mask
+    assert packed["input_ids"].shape == (1, sum(lengths)) and "attention_mask" not in packed
+    assert padded["input_ids"].shape == (6, max(lengths))
+
+    out_fast = fast(**packed, use_cache=False)
+    out_stock = stock(**padded, use_cache=False)
+    torch.testing.assert_close(out_fast.loss, out_stock.loss, rtol=1e-5, atol=1e-6)
+    start = 0
+    for i, n in enumerate(lengths):  # every sample's logits, pad positions excluded
+        torch.testing.assert_close(out_fast.logits[0, start:start + n], out_stock.logits[i, :n], rtol=1e-4, atol=1e-4)
+        start += n
+
+    out_fast.loss.backward()
+    out_stock.loss.backward()
+    g_fast = {n: p.grad for n, p in fast.named_parameters() if p.requires_grad}
+    g_stock = {n: p.grad for n, p in stock.named_parameters() if p.requires_grad}
+    assert set(g_fast) == set(g_stock) and len(g_fast) > 0
+    for name in g_fast:
+        assert g_fast[name] is not None and g_fast[name].abs().sum() > 0, name
+        torch.testing.assert_close(g_fast[name], g_stock[name], rtol=1e-3, atol=1e-6, msg=name)
+
+
+def test_padding_free_is_off_for_remote_code_and_kernels_need_cuda():
+    cfg = config_lib.from_dict({"model": {"trust_remote_code": True}, "training": {"device": "cpu"}})
+    assert config_lib.resolve(cfg).template.padding_free is False  # its attention may ignore position_ids
+    cfg = config_lib.from_dict({"training": {"device": "cpu", "kernels": "loss"}})
+    with pytest.raises(config_lib.ConfigError, match="training.kernels: loss needs CUDA"):
+        config_lib.resolve(cfg)
+    cfg = config_lib.from_dict({"training": {"device": "cpu"}})
+    assert config_lib.resolve(cfg).training.kernels == "off"
+
+
+def test_training_log_names_the_speed_path(smoke_run):
+    log = (smoke_run / "train.log").read_text()
+    assert "speed path: padding-free True, packing False, kernels off" in log
+
+
+def test_qlora_keeps_non_quantized_weights_in_the_compute_dtype(smoke_run):
+    """Stock prepare_model_for_kbit_training upcasts embeddings, norms and lm_head to fp32; the
+    product keeps them in the compute dtype (bf16 here, built on CPU) unless fp32_upcast is on."""
+    torch.set_num_threads(1)
+    cfg = _cfg(smoke_run, "qlora")
+    tokenizer, _template, _missing, new_ids = train_lib.load_tokenizer_and_template(cfg)
+    cfg.model.dtype = "bfloat16"  # a GPU run's dtype; loading (not training) works on CPU
+    for upcast, want in ((False, torch.bfloat16), (True, torch.float32)):
+        cfg.quantization.fp32_upcast = upcast
+        m = model_lib.load_for_training(cfg, tokenizer, new_ids)
+        dtypes = {n: p.dtype for n, p in m.named_parameters() if not p.requires_grad and p.dtype.is_floating_point}
+        assert dtypes and {d for n, d in dtypes.items() if "norm" in n or "embed" in n} == {want}, (upcast, dtypes)
