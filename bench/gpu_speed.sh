@@ -30,8 +30,9 @@ case "$GROUP" in
     python3 bench/make_random_model.py llama3.1-8b /tmp/m8b
     one stock-d0.1 --model /tmp/m8b --side stock --method qlora --dropout 0.1
     one stock-d0 --model /tmp/m8b --side stock --method qlora --dropout 0
+    one stock-d0-nocudnn --model /tmp/m8b --side stock --method qlora --dropout 0 --cudnn-sdpa off
     one fast --model /tmp/m8b --side fast --method qlora
-    one fast-gc-off --model /tmp/m8b --side fast --method qlora --gc off
+    one fast-gc-on --model /tmp/m8b --side fast --method qlora --gc on
     ;;
   mem8b)
     python3 bench/make_random_model.py llama3.1-8b /tmp/m8b
@@ -44,7 +45,7 @@ case "$GROUP" in
       one $shape-stock --model /tmp/$shape --side stock --method lora --dropout 0.1
       one $shape-stock-d0 --model /tmp/$shape --side stock --method lora --dropout 0
       one $shape-fast --model /tmp/$shape --side fast --method lora
-      one $shape-fast-gc-off --model /tmp/$shape --side fast --method lora --gc off
+      one $shape-fast-gc-on --model /tmp/$shape --side fast --method lora --gc on
     done
     ;;
   *) echo "unknown group $GROUP"; exit 2 ;;

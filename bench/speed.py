@@ -108,6 +108,8 @@ def build_stock(a, tokenizer, ds, callbacks):
                               TrainingArguments, set_seed)
 
     set_seed(42)
+    if a.cudnn_sdpa == "off":  # attribution: the product's attention setting on the stock side
+        torch.backends.cuda.enable_cudnn_sdp(False)
     kw = {}
     if a.method == "qlora":
         kw["quantization_config"] = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4",
@@ -152,6 +154,10 @@ def build_fast(a, tokenizer, ds, callbacks):
     if a.method == "qlora":
         raw["quantization"] = {"bits": 4}
     cfg = config_lib.resolve(config_lib.from_dict(raw))
+    if cfg.training.gradient_checkpointing == "auto":  # what the training child decides from the data
+        cfg.training.gradient_checkpointing, why = train_lib._decide_checkpointing(
+            cfg, [len(r["input_ids"]) for r in ds])
+        print("gradient checkpointing", why, flush=True)
     model = model_lib.load_for_training(cfg, tokenizer, [])
     trainer = train_lib.build_trainer(cfg, Path(a.workdir), model, tokenizer, None, ds, None, callbacks=callbacks)
     t = cfg.training
@@ -241,6 +247,7 @@ def main(argv=None) -> int:
     r.add_argument("--optim", default="auto", help="auto = the product's default (stock gets the same)")
     r.add_argument("--gc", default="default", help="on/off/default (stock: on unless off)")
     r.add_argument("--kernels", default="default", help="fast side: off/loss/all/default")
+    r.add_argument("--cudnn-sdpa", default="on", choices=["on", "off"], help="stock side: torch's default (on) or off")
     r.add_argument("--label", default="")
     r.add_argument("--out", default="")
     r.add_argument("--workdir", default="/tmp/speed-work")

@@ -85,7 +85,9 @@ class TrainingSection(_Section):
     max_grad_norm: float = Field(1.0, gt=0)
     optimizer: str = "auto"  # auto: paged_adamw_32bit for QLoRA on CUDA, else adamw_torch
     neftune_alpha: float | None = Field(None, gt=0)  # noisy embeddings (5 is common); None = off
-    gradient_checkpointing: Literal["auto", True, False] = "auto"  # auto: on for CUDA, off on CPU (12x slower there)
+    # recompute activations in backward: less memory, slower steps. auto: off on CPU (12x slower
+    # there); on CUDA off when the dataset's largest micro-batch fits the card without it
+    gradient_checkpointing: Literal["auto", True, False] = "auto"
     # liger-kernel (pip install 'lorastudio[gpu]'), CUDA only. loss: fused linear + cross-entropy
     # (never materialises full-vocab logits); all: + RMSNorm, RoPE, SwiGLU kernels;
     # auto: all when liger-kernel is installed, else off
@@ -247,8 +249,8 @@ def resolve(cfg: RunConfig) -> RunConfig:
             cfg.model.dtype = "float32"  # bf16 on CPU is far slower and less exact
     if device == "cpu" and cfg.model.dtype != "float32":
         raise ConfigError(f"model.dtype: {cfg.model.dtype} training on CPU is not supported; use float32 or auto")
-    if t.gradient_checkpointing == "auto":
-        t.gradient_checkpointing = device == "cuda"
+    if t.gradient_checkpointing == "auto" and device == "cpu":
+        t.gradient_checkpointing = False  # CUDA: decided by the training child once the data is known
     if t.exclusive == "auto":
         t.exclusive = device == "cuda"
     if cfg.template.padding_free == "auto":

@@ -344,6 +344,28 @@ def estimate(cfg, arch: dict | None = None, gpu_mem_gib: float | None = None, *,
     return out
 
 
+CHECKPOINTING_HEADROOM = 0.85  # turn checkpointing off only when the estimate uses <= 85% of free memory
+
+
+def checkpointing_decision(cfg, arch: dict | None, max_tokens: int, free_gib: float) -> tuple[bool, str]:
+    """gradient_checkpointing: auto on CUDA, decided once the data is known: off (no recompute,
+    ~1.3-7x faster steps) when the largest micro-batch of this dataset (max_tokens) fits in the
+    card's free memory without it, by this estimate with headroom; on otherwise or when the
+    architecture is unknown. Returns (checkpointing, reason)."""
+    if arch is None:
+        return True, "unknown architecture: kept on"
+    c = cfg.model_copy(deep=True)
+    c.training.gradient_checkpointing = False
+    mb = c.training.micro_batch_size
+    c.template.cutoff_len = max(1, -(-max_tokens // mb))  # the estimate's tokens = cutoff_len x micro-batch
+    need = _total_gib(c, arch)
+    if need <= CHECKPOINTING_HEADROOM * free_gib:
+        return False, (f"off: the largest micro-batch ({max_tokens} tokens) needs ~{need:.1f} GiB without it, "
+                       f"{free_gib:.1f} GiB free")
+    return True, (f"on: without it the largest micro-batch ({max_tokens} tokens) would need ~{need:.1f} GiB "
+                  f"of {free_gib:.1f} GiB free")
+
+
 def _with(cfg, **overrides):
     """A copy of cfg with dotted overrides (validated like --set)."""
     from .config import apply_override, from_dict

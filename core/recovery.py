@@ -13,7 +13,10 @@ from . import runs
 
 
 def oom_retry_overrides(cfg) -> dict | None:
-    """None when the micro-batch is already 1 (then the cutoff or QLoRA is the way out)."""
+    """Checkpointing first when the run had it off; else half the micro-batch. None when the
+    micro-batch is already 1 (then the cutoff or QLoRA is the way out)."""
+    if cfg.training.gradient_checkpointing is False and cfg.training.device == "cuda":
+        return {"training.gradient_checkpointing": True}
     mb, ga = cfg.training.micro_batch_size, cfg.training.grad_accum
     if mb <= 1:
         return None

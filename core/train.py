@@ -206,6 +206,29 @@ def prepare_data(cfg, tokenizer, template):
     return tokenized, eval_ds, stats, reports, data_lib.dataset_hash(sources)
 
 
+def _decide_checkpointing(cfg, lengths: list[int]) -> tuple[bool, str]:
+    """Worst micro-batch in tokens: packed rows are full; padding-free rows hold the mb longest
+    samples; padded rows are mb x the longest."""
+    import torch
+
+    from . import estimate
+
+    mb = cfg.training.micro_batch_size
+    longest = sorted(lengths, reverse=True)
+    if cfg.template.packing:
+        max_tokens = cfg.template.cutoff_len * mb
+    elif cfg.template.padding_free:
+        max_tokens = sum(longest[:mb])
+    else:
+        max_tokens = (longest[0] if longest else cfg.template.cutoff_len) * mb
+    free, _total = torch.cuda.mem_get_info()
+    try:
+        arch = estimate.arch_for(cfg.model.name_or_path)
+    except Exception:  # noqa: BLE001 - an unknown architecture keeps the safe setting
+        arch = None
+    return estimate.checkpointing_decision(cfg, arch, max_tokens, free / 2 ** 30)
+
+
 def _liger_config(kernels: str) -> dict | None:
     """liger-kernel patches for training.kernels (the Trainer applies them to the base model
     under the LoRA wrapper). The fused linear + cross-entropy never builds full-vocab logits."""
@@ -225,6 +248,13 @@ def build_trainer(cfg, run_dir: Path, model, tokenizer, template, train_ds, eval
     t = cfg.training
     on_cuda = t.device == "cuda"
     padding_free = bool(cfg.template.packing or cfg.template.padding_free)
+    if on_cuda:
+        import torch
+
+        # cuDNN attention (SDPA's first choice on Hopper) builds an execution plan for every new
+        # sequence length, and padded or padding-free batches change length every step (the CPU
+        # time of a step, docs/BENCHMARKS.md). Flash / memory-efficient attention need no plan.
+        torch.backends.cuda.enable_cudnn_sdp(False)
     args = TrainingArguments(
         output_dir=str(run_dir), report_to="none", disable_tqdm=True,
         num_train_epochs=t.epochs, max_steps=t.max_steps,
@@ -295,6 +325,12 @@ def train(cfg, run_dir: Path, resume: bool) -> int:
                                        "skipped": [s.reason for s in r.skipped[:20]]} for r in reports],
                           "tokens": summary})
     _event(run_dir, "data", **summary)
+
+    if t.gradient_checkpointing == "auto":  # CUDA: now that the longest micro-batch is known
+        t.gradient_checkpointing, why = _decide_checkpointing(cfg, stats.lengths)
+        log(f"gradient checkpointing {why}")
+        if distributed.is_main():
+            config_lib.save(cfg, run_dir / "config.yaml", header=_config_header(run_dir))  # the value that ran
 
     # 3. model (+ 4/8-bit base, + LoRA or full)
     model = model_lib.load_for_training(cfg, tokenizer, new_ids)

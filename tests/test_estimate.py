@@ -148,3 +148,17 @@ def test_ui_helpers_are_torch_free():
             "assert 'torch' not in sys.modules and 'transformers' not in sys.modules\n")
     out = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=120)
     assert out.returncode == 0, out.stderr[-2000:]
+
+
+def test_checkpointing_auto_decision_follows_the_card_and_the_data():
+    """gradient_checkpointing: auto on CUDA: off when the dataset's largest micro-batch fits the
+    card's free memory without it (the Llama-3.1-8B QLoRA preset: on for an 8 GiB card, off on 80 GiB)."""
+    c = cfg(method="qlora", **{"training.micro_batch_size": 1})
+    arch = E.arch_for(LLAMA)
+    on, why = E.checkpointing_decision(c, arch, max_tokens=2048, free_gib=7.5)
+    assert on is True and why.startswith("on:")
+    off, why = E.checkpointing_decision(c, arch, max_tokens=2048, free_gib=79.0)
+    assert off is False and why.startswith("off:") and "2048 tokens" in why
+    # a long batch on the same 80 GiB card keeps it on
+    assert E.checkpointing_decision(c, arch, max_tokens=200_000, free_gib=79.0)[0] is True
+    assert E.checkpointing_decision(c, None, max_tokens=10, free_gib=79.0) == (True, "unknown architecture: kept on")

@@ -39,11 +39,11 @@ def tiny_model_for(tokenizer):
     return LlamaForCausalLM(cfg)
 
 
-def trainer_batches(tmp_path, tok_dir, rows, packing=False, template="auto", cutoff=256, batch=2):
+def trainer_batches(tmp_path, tok_dir, rows, packing=False, template="auto", cutoff=256, batch=2, padding_free="auto"):
     cfg = config_lib.resolve(config_lib.from_dict({
         "model": {"name_or_path": str(tok_dir)},
         "data": {"sources": [{"path": str(write_jsonl(tmp_path / "d.jsonl", rows))}]},
-        "template": {"name": template, "cutoff_len": cutoff, "packing": packing},
+        "template": {"name": template, "cutoff_len": cutoff, "packing": packing, "padding_free": padding_free},
         "training": {"micro_batch_size": batch, "max_steps": 1},
     }))
     tokenizer, tmpl, _missing, _new = train_lib.load_tokenizer_and_template(cfg)
@@ -86,11 +86,18 @@ def test_trainer_labels_are_exactly_the_assistant_turns(tmp_path, family, packin
     assert joined.count(eot) >= 5 if eot else True  # each assistant turn's end-of-turn token is trained
 
 
-def test_pretraining_trains_every_token(tmp_path):
+@pytest.mark.parametrize("padding_free", [False, True])
+def test_pretraining_trains_every_token(tmp_path, padding_free):
     rows = [{"text": "Once upon a time there was a tiny model."}, {"text": "It learned to talk."}]
-    tokenizer, tmpl, batches, stats = trainer_batches(tmp_path, shared_assets() / "tokenizers" / "qwen2.5", rows)
+    tokenizer, tmpl, batches, stats = trainer_batches(tmp_path, shared_assets() / "tokenizers" / "qwen2.5", rows,
+                                                      padding_free=padding_free)
     total = sum(int((b["labels"] != -100).sum()) for b in batches)
-    assert total == stats.tokens  # every real token, eos included; padding excluded
+    # every real token, eos included; padding excluded. Padding-free rows also mask each sample's
+    # first label (else the previous sample's last token would predict it); padded rows keep it,
+    # but the loss's shift never uses a row's first label, so both train the same tokens.
+    assert total == stats.tokens - (len(rows) if padding_free else 0)
+    if padding_free:
+        assert len(batches) == 1 and batches[0]["input_ids"].shape[0] == 1 and "attention_mask" not in batches[0]
 
 
 def test_truncation_is_counted(tmp_path):

@@ -131,7 +131,7 @@ def test_stop_before_training_and_dead_child_is_failed(tmp_path):
 def test_qlora_nf4_on_cpu(qlora_run):
     run_dir = qlora_run
     cfg = yaml.safe_load((run_dir / "config.yaml").read_text())
-    assert cfg["quantization"] == {"bits": 4, "quant_type": "nf4", "double_quant": True}
+    assert cfg["quantization"] == {"bits": 4, "quant_type": "nf4", "double_quant": True, "fp32_upcast": False}
     log = (run_dir / "train.log").read_text()
     assert "(qlora, float32, cpu)" in log
     assert runs.read_json(run_dir)["params"]["quantized_linear"] == 4 * 7  # every projection is 4-bit
