@@ -13,7 +13,7 @@ def lora_block(r, alpha, dropout, targets="all-linear"):
     return f"""lora:
   r: {r}                          # rank: 8-64 typical; more capacity, more memory
   alpha: {alpha}                      # scale = alpha / r
-  dropout: {dropout}                   # 0.05-0.1 regularises small datasets
+  dropout: {dropout}                   # 0 is fastest; 0.05-0.1 regularises small datasets
   target_modules: {t}
 """
 
@@ -63,28 +63,28 @@ for size, mb_l, mb_q in (("0.5B", 2, 2), ("1.5B", 2, 2), ("7B", 1, 1)):
     tag = size.lower().replace(".", "_")
     for method, mb in (("lora", mb_l), ("qlora", mb_q)):
         chat(f"qwen2_5_{tag}_{method}", f"Qwen2.5-{size}-Instruct {'bf16 LoRA' if method == 'lora' else 'QLoRA (4-bit NF4 base)'} on your chat data (openai/sharegpt/alpaca, detected).",
-             f"Qwen/Qwen2.5-{size}-Instruct", "qwen", method, S, "auto", 2048, 16, 32, 0.05, 3, mb, 16 // mb, "2.0e-4")
+             f"Qwen/Qwen2.5-{size}-Instruct", "qwen", method, S, "auto", 2048, 16, 32, 0.0, 3, mb, 16 // mb, "2.0e-4")
 chat("llama3_1_8b_qlora", "Llama-3.1-8B-Instruct QLoRA on your chat data.",
-     "meta-llama/Llama-3.1-8B-Instruct", "llama3", "qlora", S, "auto", 2048, 16, 32, 0.05, 2, 1, 16, "2.0e-4",
+     "meta-llama/Llama-3.1-8B-Instruct", "llama3", "qlora", S, "auto", 2048, 16, 32, 0.0, 2, 1, 16, "2.0e-4",
      notes="# GATED: accept Meta's licence on huggingface.co/meta-llama/Llama-3.1-8B-Instruct and `hf auth login` first.\n")
 chat("mistral_7b_v0_3_qlora", "Mistral-7B-Instruct-v0.3 QLoRA on your chat data ([INST] template; no system role of its own).",
-     "mistralai/Mistral-7B-Instruct-v0.3", "mistral", "qlora", S, "auto", 2048, 16, 32, 0.05, 2, 2, 8, "2.0e-4")
+     "mistralai/Mistral-7B-Instruct-v0.3", "mistral", "qlora", S, "auto", 2048, 16, 32, 0.0, 2, 2, 8, "2.0e-4")
 chat("gemma2_2b_lora", "Gemma-2-2B-it bf16 LoRA on your chat data.",
-     "google/gemma-2-2b-it", "gemma", "lora", S, "auto", 1024, 16, 32, 0.05, 3, 2, 8, "2.0e-4",
+     "google/gemma-2-2b-it", "gemma", "lora", S, "auto", 1024, 16, 32, 0.0, 3, 2, 8, "2.0e-4",
      notes="# GATED: accept Google's Gemma licence on huggingface.co/google/gemma-2-2b-it and `hf auth login` first.\n"
            "# Gemma-2 softcaps attention logits (tanh at 50): only eager attention honours that (SDPA drops it),\n"
            "# so this preset uses eager; its s x s score matrix makes long cutoffs costly (counted in the estimate).\n",
      model_extra="  attn_implementation: eager     # honours attn_logit_softcapping (sdpa silently ignores it)\n")
 chat("phi3_mini_lora", "Phi-3-mini-4k-instruct bf16 LoRA on your chat data.",
-     "microsoft/Phi-3-mini-4k-instruct", "phi3", "lora", S, "auto", 2048, 16, 32, 0.05, 3, 2, 8, "2.0e-4",
+     "microsoft/Phi-3-mini-4k-instruct", "phi3", "lora", S, "auto", 2048, 16, 32, 0.0, 3, 2, 8, "2.0e-4",
      targets=["qkv_proj", "o_proj", "gate_up_proj", "down_proj"],
      notes="# Phi-3 fuses q/k/v into qkv_proj and gate/up into gate_up_proj: target those names (q_proj etc. do not exist).\n")
 chat("smollm2_360m_full", "SmolLM2-360M-Instruct full fine-tuning (every weight trained): small enough for any GPU.",
      "HuggingFaceTB/SmolLM2-360M-Instruct", "smollm", "full", S, "auto", 2048, 0, 0, 0, 3, 4, 4, "2.0e-5")
 chat("tinyllama_chat_lora", "TinyLlama-1.1B-Chat-v1.0 bf16 LoRA on your chat data (Zephyr-style template).",
-     "TinyLlama/TinyLlama-1.1B-Chat-v1.0", "zephyr", "lora", S, "auto", 2048, 16, 32, 0.05, 3, 4, 4, "2.0e-4")
+     "TinyLlama/TinyLlama-1.1B-Chat-v1.0", "zephyr", "lora", S, "auto", 2048, 16, 32, 0.0, 3, 4, 4, "2.0e-4")
 chat("deepseek_r1_distill_qwen_1_5b_lora", "DeepSeek-R1-Distill-Qwen-1.5B bf16 LoRA: keep the <think> reasoning in your answers if you want it kept.",
-     "deepseek-ai/DeepSeek-R1-Distill-Qwen-1.5B", "deepseek", "lora", S, "auto", 4096, 16, 32, 0.05, 2, 1, 16, "1.0e-4")
+     "deepseek-ai/DeepSeek-R1-Distill-Qwen-1.5B", "deepseek", "lora", S, "auto", 4096, 16, 32, 0.0, 2, 1, 16, "1.0e-4")
 chat("qwen2_5_0_5b_pretrain_text", "Continued pretraining of Qwen2.5-0.5B (base) on plain text: every token is trained.",
      "Qwen/Qwen2.5-0.5B", "auto", "lora", "data/corpus.txt", "text", 2048, 64, 128, 0.0, 1, 2, 8, "1.0e-4",
      packing=True, prompts=["The history of the printing press"],

@@ -144,10 +144,10 @@ def build_fast(a, tokenizer, ds, callbacks):
                 "device": "auto", "exclusive": False, "sample_prompts": [], "seed": 42}
     if a.optim != "auto":
         training["optimizer"] = a.optim
-    for k in ("gc", "kernels"):
-        v = getattr(a, k)
-        if v != "default":
-            training["gradient_checkpointing" if k == "gc" else "kernels"] = {"on": True, "off": False}.get(v, v)
+    if a.gc != "default":
+        training["gradient_checkpointing"] = a.gc == "on"
+    if a.kernels != "default":
+        training["kernels"] = a.kernels
     raw = {"model": {"name_or_path": a.model}, "method": a.method,
            "lora": {"r": 64, "alpha": 16, "dropout": a.dropout, "target_modules": TARGETS},
            "template": {"cutoff_len": 1 << 20}, "training": training}
@@ -184,12 +184,28 @@ def run(a) -> dict:
     class Timer(TrainerCallback):
         def on_step_begin(self, args, state, control, **kw):
             sync()
+            self.on_step_begin_profile(state)
             self.t0, self.tok0 = time.perf_counter(), state.num_input_tokens_seen
 
         def on_step_end(self, args, state, control, **kw):
             sync()
             steps.append({"step": state.global_step, "s": time.perf_counter() - self.t0,
                           "tokens": state.num_input_tokens_seen - self.tok0})
+            self.on_step_end_profile(state)
+
+        def on_step_begin_profile(self, state):
+            if a.profile and state.global_step == 8:
+                from torch.profiler import ProfilerActivity, profile
+
+                self.prof = profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA])
+                self.prof.__enter__()
+
+        def on_step_end_profile(self, state):
+            if a.profile and state.global_step == 8 + a.profile:
+                self.prof.__exit__(None, None, None)
+                ka = self.prof.key_averages()
+                print(ka.table(sort_by="self_cpu_time_total", row_limit=30, max_name_column_width=70))
+                print(ka.table(sort_by="cuda_time_total", row_limit=15, max_name_column_width=70))
 
         def on_log(self, args, state, control, logs=None, **kw):
             if logs and "loss" in logs and steps:
@@ -244,10 +260,11 @@ def main(argv=None) -> int:
     r.add_argument("--steps", type=int, default=20)
     r.add_argument("--warmup", type=int, default=3, help="steps left out of tokens/s")
     r.add_argument("--dropout", type=float, default=0.0)
-    r.add_argument("--optim", default="auto", help="auto = the product's default (stock gets the same)")
+    r.add_argument("--optim", default="auto", help="auto: the product's default; stock: the Trainer's default")
     r.add_argument("--gc", default="default", help="on/off/default (stock: on unless off)")
     r.add_argument("--kernels", default="default", help="fast side: off/loss/all/default")
     r.add_argument("--cudnn-sdpa", default="on", choices=["on", "off"], help="stock side: torch's default (on) or off")
+    r.add_argument("--profile", type=int, default=0, help="profile this many steps from step 9; print top ops")
     r.add_argument("--label", default="")
     r.add_argument("--out", default="")
     r.add_argument("--workdir", default="/tmp/speed-work")
@@ -256,7 +273,7 @@ def main(argv=None) -> int:
         prep(a.out, a.dataset)
         return 0
     if a.side == "stock" and a.optim == "auto":
-        a.optim = "paged_adamw_32bit" if a.method == "qlora" else "adamw_torch"  # what the product resolves
+        a.optim = "adamw_torch_fused"  # the Trainer's own default (torch >= 2.8)
     res = run(a)
     res["label"] = a.label
     line = json.dumps(res)

@@ -26,8 +26,10 @@ Activations (`activations`), per token, per decoder layer, compute dtype b bytes
                                  no s^2 term. eager attention adds 16 bytes x heads x s per token:
                                  scores, softcapping, softmax in fp32, probabilities)
     MLP       4 bI              (gate, act(gate), up, act*up)
-    LoRA      b x in per targeted linear (PEFT casts the input to the adapter's fp32 dtype and
-              autocast casts it back: a separate copy each) + 1 x in (the dropout mask) if dropout > 0
+    LoRA      nothing more with dropout 0 (lora_A saves the same input tensor as the base layer:
+              bitsandbytes layers skip PEFT's input cast under autocast, and the product turns it
+              off for 16-bit layers); with dropout > 0, b x in (the dropped copy) + 1 x in (the mask)
+              per targeted linear
     full FT   + 2bH             (the norm-weight products that need their input)
   with gradient checkpointing: only each layer's input, rH per token (r = 4 under QLoRA with
   fp32_upcast, where fp32 embeddings and norms make the residual stream fp32; else b), plus one layer recomputed
@@ -223,7 +225,8 @@ def _resolved(cfg) -> dict:
     on_cpu = t.device == "cpu"
     dtype = cfg.model.dtype if cfg.model.dtype != "auto" else ("float32" if on_cpu else "bfloat16")
     gc = t.gradient_checkpointing if t.gradient_checkpointing != "auto" else (not on_cpu)
-    opt = t.optimizer if t.optimizer != "auto" else ("paged_adamw_32bit" if cfg.method == "qlora" and not on_cpu
+    sharded = t.gpus > 1 and t.strategy in ("fsdp", "zero3")
+    opt = t.optimizer if t.optimizer != "auto" else ("adamw_torch_fused" if not on_cpu and not sharded
                                                      else "adamw_torch")
     kernels = t.kernels
     if kernels == "auto":
@@ -278,7 +281,7 @@ def _breakdown(cfg, arch: dict) -> dict:
         per_layer += 2 * b * H
     else:
         shapes = linear_shapes(arch)
-        per_in = b + (1 if cfg.lora.dropout > 0 else 0)
+        per_in = (b + 1) if cfg.lora.dropout > 0 else 0
         per_layer += sum(shapes[t][0] for t in targets) * per_in
     if cfg.model.attn_implementation == "eager":
         per_layer += EAGER_SCORE_BYTES * d["nh"] * cfg.template.cutoff_len

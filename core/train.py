@@ -151,7 +151,7 @@ def write_samples(run_dir, cfg, model, tokenizer, template, step, wrapped=None):
 
     if distributed.is_distributed() and not distributed.sharded(cfg) and not distributed.is_main():
         return
-    with distributed.full_params(wrapped) if distributed.sharded(cfg) else _nullctx():
+    with distributed.full_params(wrapped) if distributed.sharded(cfg) else _nullctx(), _autocast(cfg):
         for prompt in cfg.training.sample_prompts:
             reply = generate_reply(model, tokenizer, template, [{"role": "user", "content": prompt}],
                                    max_new_tokens=cfg.training.sample_max_new_tokens)
@@ -163,6 +163,18 @@ def _nullctx():
     import contextlib
 
     return contextlib.nullcontext()
+
+
+def _autocast(cfg):
+    """The Trainer's own autocast for generation mid-training: the LoRA layers expect it (16-bit
+    input, fp32 adapter weights, core.model.load_for_training)."""
+    if cfg.training.device != "cuda" or cfg.model.dtype == "float32":
+        return _nullctx()
+    import torch
+
+    from .model import torch_dtype
+
+    return torch.autocast("cuda", dtype=torch_dtype(cfg.model.dtype))
 
 
 # ---------------------------------------------------------------- the spine

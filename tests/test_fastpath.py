@@ -122,3 +122,33 @@ def test_qlora_keeps_non_quantized_weights_in_the_compute_dtype(smoke_run):
         m = model_lib.load_for_training(cfg, tokenizer, new_ids)
         dtypes = {n: p.dtype for n, p in m.named_parameters() if not p.requires_grad and p.dtype.is_floating_point}
         assert dtypes and {d for n, d in dtypes.items() if "norm" in n or "embed" in n} == {want}, (upcast, dtypes)
+
+
+def test_lora_input_cast_is_a_no_op_under_autocast():
+    """Why core.model turns PEFT's LoRA input cast off for 16-bit training on CUDA: under autocast
+    the fp32 copy of each input is cast straight back (bf16 -> fp32 -> bf16 is exact), so logits
+    and LoRA gradients are bit-identical without it (checked here with CPU autocast)."""
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM
+
+    torch.set_num_threads(1)
+    path = model_lib.resolve_path("builtin:tiny")
+    ids = torch.randint(5, 500, (2, 24), generator=torch.Generator().manual_seed(0))
+    out = {}
+    for cast in (True, False):
+        base = AutoModelForCausalLM.from_pretrained(path, dtype=torch.bfloat16)
+        torch.manual_seed(0)
+        m = get_peft_model(base, LoraConfig(r=8, lora_alpha=16, target_modules="all-linear", init_lora_weights=False))
+        n_lora = 0
+        for mod in m.modules():
+            if hasattr(mod, "cast_input_dtype_enabled"):
+                mod.cast_input_dtype_enabled = cast
+                n_lora += 1
+        assert n_lora > 0
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            res = m(input_ids=ids, labels=ids)
+        res.loss.backward()
+        out[cast] = (res.logits.detach(), {n: p.grad.clone() for n, p in m.named_parameters() if p.requires_grad})
+    assert torch.equal(out[True][0], out[False][0])
+    for name, g in out[True][1].items():
+        assert torch.equal(g, out[False][1][name]), name
