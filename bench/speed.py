@@ -154,14 +154,15 @@ def build_fast(a, tokenizer, ds, callbacks):
     if a.method == "qlora":
         raw["quantization"] = {"bits": 4}
     cfg = config_lib.resolve(config_lib.from_dict(raw))
-    if cfg.training.gradient_checkpointing == "auto":  # what the training child decides from the data
-        cfg.training.gradient_checkpointing, why = train_lib._decide_checkpointing(
-            cfg, [len(r["input_ids"]) for r in ds])
-        print("gradient checkpointing", why, flush=True)
+    if a.gpu_mem:
+        cfg.training.gpu_memory_gib = a.gpu_mem
+    _decided, why = train_lib.memory_plan(cfg, [len(r["input_ids"]) for r in ds])  # what the training child does
+    print("memory plan:", "; ".join(why), flush=True)
     model = model_lib.load_for_training(cfg, tokenizer, [])
     trainer = train_lib.build_trainer(cfg, Path(a.workdir), model, tokenizer, None, ds, None, callbacks=callbacks)
     t = cfg.training
     return trainer, {"optimizer": t.optimizer, "gradient_checkpointing": t.gradient_checkpointing,
+                     "embeddings_on_cpu": cfg.model.embeddings_on_cpu,
                      "kernels": t.kernels, "padding_free": cfg.template.padding_free,
                      "fp32_upcast": cfg.quantization.fp32_upcast}
 
@@ -265,6 +266,7 @@ def main(argv=None) -> int:
     r.add_argument("--kernels", default="default", help="fast side: off/loss/all/default")
     r.add_argument("--cudnn-sdpa", default="on", choices=["on", "off"], help="stock side: torch's default (on) or off")
     r.add_argument("--profile", type=int, default=0, help="profile this many steps from step 9; print top ops")
+    r.add_argument("--gpu-mem", type=float, default=0, help="fast side: training.gpu_memory_gib (the memory budget)")
     r.add_argument("--label", default="")
     r.add_argument("--out", default="")
     r.add_argument("--workdir", default="/tmp/speed-work")

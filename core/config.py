@@ -28,6 +28,9 @@ class ModelSection(_Section):
     trust_remote_code: bool = False  # runs code shipped with the model: only for models you trust
     dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"  # auto: bf16 on capable GPUs, fp32 on CPU
     attn_implementation: Literal["sdpa", "eager", "flex_attention"] = "sdpa"
+    # QLoRA: keep the input embedding table in CPU RAM (V x H x 2 bytes less GPU memory: 1 GiB on
+    # an 8B model; lookups are cheap). auto: only when the run would not fit the GPU otherwise
+    embeddings_on_cpu: Literal["auto", True, False] = "auto"
 
 
 class DataSource(_Section):
@@ -83,7 +86,8 @@ class TrainingSection(_Section):
     warmup_ratio: float = Field(0.03, ge=0, lt=1)
     weight_decay: float = Field(0.0, ge=0)
     max_grad_norm: float = Field(1.0, gt=0)
-    optimizer: str = "auto"  # auto: adamw_torch_fused on one GPU, else adamw_torch; paged_adamw_8bit saves memory
+    # auto: adamw_torch_fused on one GPU (paged_adamw_8bit when the run would not fit otherwise), else adamw_torch
+    optimizer: str = "auto"
     neftune_alpha: float | None = Field(None, gt=0)  # noisy embeddings (5 is common); None = off
     # recompute activations in backward: less memory, slower steps. auto: off on CPU (12x slower
     # there); on CUDA off when the dataset's largest micro-batch fits the card without it
@@ -104,6 +108,9 @@ class TrainingSection(_Section):
     device: Literal["auto", "cpu", "cuda"] = "auto"
     exclusive: Literal["auto", True, False] = "auto"  # one job per device (file lock); auto: on for CUDA
     queue: bool = True  # device busy: wait in the queue (True) or refuse at once (False)
+    # GPU memory this run may use, per GPU (a shared card, an 8 GB budget); None: the card's free
+    # memory at start. The auto settings above pick speed when it fits and savings when not.
+    gpu_memory_gib: float | None = Field(None, gt=0)
     gpus: int = Field(1, gt=0)  # processes (one per GPU; on CPU: gloo processes); >1 starts `accelerate launch`
     strategy: Literal["ddp", "fsdp", "zero2", "zero3"] = "ddp"  # ddp: a full copy per GPU; fsdp/zero3 shard the model
     offload: bool = False  # fsdp/zero2/zero3: keep params/optimizer state in CPU RAM (slower, fits bigger models)
@@ -263,11 +270,17 @@ def resolve(cfg: RunConfig) -> RunConfig:
         raise ConfigError(f"training.kernels: {t.kernels} needs liger-kernel: pip install 'lorastudio[gpu]' "
                           "(or kernels: auto)")
     sharded = t.gpus > 1 and t.strategy in ("fsdp", "zero3")
-    if t.optimizer == "auto":
-        # CUDA: torch's fused AdamW, one kernel for every LoRA tensor (bitsandbytes' paged AdamW
-        # steps tensor by tensor through managed memory: 0.58 vs 0.35 s a step on an 8B QLoRA,
-        # docs/BENCHMARKS.md). Sharded runs: plain torch AdamW (state sharded with the params).
-        t.optimizer = "adamw_torch_fused" if device == "cuda" and not sharded else "adamw_torch"
+    if t.optimizer == "auto" and (device != "cuda" or sharded):
+        # sharded runs: plain torch AdamW (state sharded with the params). One GPU: decided by the
+        # training child with the memory plan (core.estimate.memory_plan): torch's fused AdamW,
+        # one kernel for every LoRA tensor (bitsandbytes' paged AdamW steps tensor by tensor
+        # through managed memory: 0.58 vs 0.35 s a step on an 8B QLoRA, docs/BENCHMARKS.md),
+        # or paged_adamw_8bit when memory is short.
+        t.optimizer = "adamw_torch"
+    if device != "cuda" or cfg.method != "qlora":
+        cfg.model.embeddings_on_cpu = bool(cfg.model.embeddings_on_cpu is True)
+    if cfg.model.embeddings_on_cpu is True and (device != "cuda" or cfg.method != "qlora"):
+        raise ConfigError("model.embeddings_on_cpu: only for QLoRA on CUDA")
     if sharded and t.optimizer.startswith("paged_"):
         raise ConfigError(f"training.optimizer: {t.optimizer} cannot be checkpointed under {t.strategy}; "
                           "use adamw_torch (or optimizer: auto)")

@@ -233,8 +233,9 @@ def _resolved(cfg) -> dict:
         from .config import liger_available
 
         kernels = "all" if not on_cpu and liger_available() else "off"
+    emb_cpu = cfg.model.embeddings_on_cpu is True and cfg.method == "qlora" and not on_cpu
     return dict(device="cpu" if on_cpu else "cuda", dtype=dtype, gradient_checkpointing=bool(gc), optimizer=opt,
-                kernels=kernels)
+                kernels=kernels, embeddings_on_cpu=emb_cpu)
 
 
 def _breakdown(cfg, arch: dict) -> dict:
@@ -260,6 +261,8 @@ def _breakdown(cfg, arch: dict) -> dict:
         comp["weights"] = pc["linear"] * 1 + rows * 4 + non_linear * upcast
     else:
         comp["weights"] = pc["total"] * b
+    if r["embeddings_on_cpu"] and not arch.get("tie_word_embeddings"):
+        comp["weights"] -= pc["embedding"] * upcast  # the table lives in CPU RAM
 
     # trainable parameters: LoRA (fp32 weights + grads + AdamW) or the full model
     n_lora, targets = (0, [])
@@ -367,6 +370,50 @@ def checkpointing_decision(cfg, arch: dict | None, max_tokens: int, free_gib: fl
                        f"{free_gib:.1f} GiB free")
     return True, (f"on: without it the largest micro-batch ({max_tokens} tokens) would need ~{need:.1f} GiB "
                   f"of {free_gib:.1f} GiB free")
+
+
+def memory_plan(cfg, arch: dict | None, max_tokens: int, budget_gib: float) -> tuple[dict, list[str]]:
+    """The auto memory settings of a one-GPU run, fastest first, given the dataset's largest
+    micro-batch (max_tokens) and the memory this run may use (budget_gib): checkpointing off if
+    that fits with headroom; fused AdamW if it fits, else paged_adamw_8bit; QLoRA embeddings in CPU
+    RAM only if still short. Only fields left at auto are decided. Returns ({dotted field: value},
+    reasons)."""
+    t = cfg.training
+    out: dict = {}
+    why: list[str] = []
+    if t.gradient_checkpointing == "auto":
+        gc, reason = checkpointing_decision(cfg, arch, max_tokens, budget_gib)
+        out["training.gradient_checkpointing"] = gc
+        why.append(f"gradient checkpointing {reason}")
+    if arch is None:
+        if t.optimizer == "auto":
+            out["training.optimizer"] = "adamw_torch_fused"
+        if cfg.model.embeddings_on_cpu == "auto":
+            out["model.embeddings_on_cpu"] = False
+        return out, why
+    c = cfg.model_copy(deep=True)
+    c.template.cutoff_len = max(1, -(-max_tokens // c.training.micro_batch_size))
+    if "training.gradient_checkpointing" in out:
+        c.training.gradient_checkpointing = out["training.gradient_checkpointing"]
+    if cfg.model.embeddings_on_cpu == "auto":
+        c.model.embeddings_on_cpu = False
+    if t.optimizer == "auto":
+        c.training.optimizer = "adamw_torch_fused"
+        need = _total_gib(c, arch)
+        if need > budget_gib:
+            c.training.optimizer = "paged_adamw_8bit"
+            why.append(f"optimizer paged_adamw_8bit: fused AdamW would need ~{need:.1f} GiB of {budget_gib:.1f}")
+        out["training.optimizer"] = c.training.optimizer
+    if cfg.model.embeddings_on_cpu == "auto":
+        need = _total_gib(c, arch)
+        cpu = cfg.method == "qlora" and need > budget_gib and not arch.get("tie_word_embeddings")
+        if cpu:
+            c.model.embeddings_on_cpu = True
+            why.append(f"embeddings in CPU RAM: ~{need:.1f} GiB needed with them on the GPU, {budget_gib:.1f} available")
+        out["model.embeddings_on_cpu"] = cpu
+    need = _total_gib(c, arch)
+    why.append(f"estimated peak ~{need:.1f} GiB of {budget_gib:.1f} GiB" + ("" if need <= budget_gib else " (may not fit)"))
+    return out, why
 
 
 def _with(cfg, **overrides):

@@ -218,14 +218,17 @@ def prepare_data(cfg, tokenizer, template):
     return tokenized, eval_ds, stats, reports, data_lib.dataset_hash(sources)
 
 
-def _decide_checkpointing(cfg, lengths: list[int]) -> tuple[bool, str]:
-    """Worst micro-batch in tokens: packed rows are full; padding-free rows hold the mb longest
-    samples; padded rows are mb x the longest."""
+def memory_plan(cfg, lengths: list[int]) -> tuple[dict, list[str]]:
+    """Fill the auto memory settings of a CUDA run in place (core.estimate.memory_plan) and cap
+    torch's allocator at training.gpu_memory_gib when set. The worst micro-batch in tokens:
+    packed rows are full; padding-free rows hold the mb longest samples; padded rows are mb x
+    the longest. Returns (the decided fields, reasons)."""
     import torch
 
     from . import estimate
 
-    mb = cfg.training.micro_batch_size
+    t = cfg.training
+    mb = t.micro_batch_size
     longest = sorted(lengths, reverse=True)
     if cfg.template.packing:
         max_tokens = cfg.template.cutoff_len * mb
@@ -233,12 +236,34 @@ def _decide_checkpointing(cfg, lengths: list[int]) -> tuple[bool, str]:
         max_tokens = sum(longest[:mb])
     else:
         max_tokens = (longest[0] if longest else cfg.template.cutoff_len) * mb
-    free, _total = torch.cuda.mem_get_info()
+    free, total = torch.cuda.mem_get_info()
+    budget = free / 2 ** 30
+    reasons = []
+    if t.gpu_memory_gib:
+        budget = min(budget, t.gpu_memory_gib)
+        # the allocator's cap (the CUDA context and managed memory come on top: the plan counts them)
+        torch.cuda.set_per_process_memory_fraction(min(1.0, t.gpu_memory_gib * 2 ** 30 / total))
+        reasons.append(f"budget {t.gpu_memory_gib:g} GiB (training.gpu_memory_gib)")
+    if t.gpus > 1:
+        # every rank must make the same choice (an optimizer per rank that differs would split the
+        # replicas) and free memory differs by rank: multi-GPU runs keep the safe static settings
+        decided = {}
+        if t.gradient_checkpointing == "auto":
+            t.gradient_checkpointing = decided["training.gradient_checkpointing"] = True
+        if t.optimizer == "auto":
+            t.optimizer = decided["training.optimizer"] = "adamw_torch_fused"
+        if cfg.model.embeddings_on_cpu == "auto":
+            cfg.model.embeddings_on_cpu = decided["model.embeddings_on_cpu"] = False
+        return decided, reasons + ["multi-GPU: checkpointing on, fused AdamW, embeddings on the GPU unless set"]
     try:
         arch = estimate.arch_for(cfg.model.name_or_path)
-    except Exception:  # noqa: BLE001 - an unknown architecture keeps the safe setting
+    except Exception:  # noqa: BLE001 - an unknown architecture keeps the safe settings
         arch = None
-    return estimate.checkpointing_decision(cfg, arch, max_tokens, free / 2 ** 30)
+    decided, why = estimate.memory_plan(cfg, arch, max_tokens, budget)
+    for key, value in decided.items():
+        section, field = key.split(".")
+        setattr(getattr(cfg, section), field, value)
+    return decided, reasons + why
 
 
 def _liger_config(kernels: str) -> dict | None:
@@ -338,11 +363,12 @@ def train(cfg, run_dir: Path, resume: bool) -> int:
                           "tokens": summary})
     _event(run_dir, "data", **summary)
 
-    if t.gradient_checkpointing == "auto":  # CUDA: now that the longest micro-batch is known
-        t.gradient_checkpointing, why = _decide_checkpointing(cfg, stats.lengths)
-        log(f"gradient checkpointing {why}")
-        if distributed.is_main():
-            config_lib.save(cfg, run_dir / "config.yaml", header=_config_header(run_dir))  # the value that ran
+    if t.device == "cuda":  # the auto memory settings, now that the longest micro-batch is known
+        decided, reasons = memory_plan(cfg, stats.lengths)
+        for r in reasons:
+            log(f"memory plan: {r}")
+        if decided and distributed.is_main():
+            config_lib.save(cfg, run_dir / "config.yaml", header=_config_header(run_dir))  # the values that ran
 
     # 3. model (+ 4/8-bit base, + LoRA or full)
     model = model_lib.load_for_training(cfg, tokenizer, new_ids)

@@ -162,3 +162,24 @@ def test_checkpointing_auto_decision_follows_the_card_and_the_data():
     # a long batch on the same 80 GiB card keeps it on
     assert E.checkpointing_decision(c, arch, max_tokens=200_000, free_gib=79.0)[0] is True
     assert E.checkpointing_decision(c, None, max_tokens=10, free_gib=79.0) == (True, "unknown architecture: kept on")
+
+
+def test_memory_plan_picks_speed_when_it_fits_and_savings_when_not():
+    c = cfg(method="qlora", **{"training.micro_batch_size": 1})
+    arch = E.arch_for(LLAMA)
+    big, why = E.memory_plan(c, arch, max_tokens=2048, budget_gib=79.0)
+    assert big == {"training.gradient_checkpointing": False, "training.optimizer": "adamw_torch_fused",
+                   "model.embeddings_on_cpu": False}, why
+    small, why = E.memory_plan(c, arch, max_tokens=2048, budget_gib=7.5)  # "an 8 GB card"
+    assert small == {"training.gradient_checkpointing": True, "training.optimizer": "paged_adamw_8bit",
+                     "model.embeddings_on_cpu": True}, why
+    assert any("embeddings in CPU RAM" in w for w in why) and "of 7.5 GiB" in why[-1]
+    # what the plan ends at is what the estimate says for those settings
+    s = E._with(c, training__gradient_checkpointing=True, training__optimizer="paged_adamw_8bit",
+                model__embeddings_on_cpu=True)
+    on_gpu = E._with(c, training__gradient_checkpointing=True, training__optimizer="paged_adamw_8bit")
+    assert E._total_gib(on_gpu, arch) - E._total_gib(s, arch) == pytest.approx(128256 * 4096 * 2 / 2**30, rel=0.03)
+    # fields the user set are left alone
+    fixed = cfg(method="qlora", **{"training.micro_batch_size": 1, "training.optimizer": "adamw_torch",
+                                    "training.gradient_checkpointing": "true"})
+    assert set(E.memory_plan(fixed, arch, 2048, 7.5)[0]) == {"model.embeddings_on_cpu"}

@@ -24,7 +24,7 @@ FORM = [  # (name, config path, label, default)
     ("method", "method", "Method", "lora"),
     ("lora_r", "lora.r", "LoRA r", 16),
     ("lora_alpha", "lora.alpha", "LoRA alpha", 32),
-    ("lora_dropout", "lora.dropout", "LoRA dropout", 0.05),
+    ("lora_dropout", "lora.dropout", "LoRA dropout", 0.0),
     ("lora_targets", "lora.target_modules", "Target modules (all-linear or q_proj, v_proj, ...)", "all-linear"),
     ("use_dora", "lora.use_dora", "DoRA", False),
     ("use_rslora", "lora.use_rslora", "rsLoRA", False),
@@ -45,6 +45,7 @@ FORM = [  # (name, config path, label, default)
     ("gpus", "training.gpus", "GPUs (processes; >1 starts accelerate launch)", 1),
     ("strategy", "training.strategy", "Multi-GPU strategy", "ddp"),
     ("offload", "training.offload", "Offload to CPU RAM (fsdp/zero)", False),
+    ("gpu_memory", "training.gpu_memory_gib", "GPU memory budget (GiB; 0 = the card's free memory)", 0),
 ]
 FORM_NAMES = [f[0] for f in FORM]
 CONTEXT = ["model", "trust_remote_code", "data", "fmt", "columns", "template", "custom_jinja", "cutoff"]
@@ -92,7 +93,7 @@ def preset_form(preset: str) -> dict:
             v = v or 4
         elif name == "run_name":
             v = v or ""
-        elif name == "early_stopping":
+        elif name in ("early_stopping", "gpu_memory"):
             v = v or 0
         out[name] = v
     src = cfg["data"]["sources"]
@@ -125,6 +126,8 @@ def build_config(preset: str | None, values: dict):
             v = str(v).strip() or None
         elif name == "early_stopping":
             v = int(v) or None  # 0 = off
+        elif name == "gpu_memory":
+            v = float(v) or None  # 0 = the card's free memory
         elif name == "gpus":
             v = int(v)
         elif name in ("lora_r", "max_steps", "micro_batch_size", "grad_accum", "eval_steps", "save_steps",
@@ -198,7 +201,8 @@ def start(preset: str, model: str, trust_remote_code: bool, data: str, fmt: str,
           lora_targets: str, use_dora: bool, use_rslora: bool, quant_bits: float, learning_rate: float,
           epochs: float, max_steps: float, micro_batch_size: float, grad_accum: float, packing: bool,
           eval_split: float, eval_steps: float, save_steps: float, sample_every: float, sample_prompts: str,
-          run_name: str, early_stopping: float = 0, gpus: float = 1, strategy: str = "ddp", offload: bool = False):
+          run_name: str, early_stopping: float = 0, gpus: float = 1, strategy: str = "ddp", offload: bool = False,
+          gpu_memory: float = 0):
     values = dict(locals())
     preset = values.pop("preset")
     return start_from_dict(preset or None, values)
@@ -417,6 +421,8 @@ def build(ui: dict) -> None:
                                         label="Strategy (ddp: a copy per GPU; fsdp/zero3 shard the model; "
                                               "zero2/zero3 need DeepSpeed installed)")
             f["offload"] = gr.Checkbox(label="Offload params/optimizer to CPU RAM (fsdp/zero only)")
+            f["gpu_memory"] = _num("GPU memory budget (GiB; 0 = the card's free memory; auto settings "
+                                   "trade speed for memory to fit it)", 0, minimum=0)
         f["sample_prompts"] = gr.Textbox(label="Sample prompts (one per line)", lines=2)
         ui["form"] = f
     with gr.Row():
