@@ -4,6 +4,8 @@
 #                                     #   stock (dropout 0.1 = XTuner's recipe, and 0), fast (default)
 #   bash bench/gpu_speed.sh mem8b     # Llama-3.1-8B shape, QLoRA, 1 x 2048 random tokens: stock, fast, fast in 7.5 GiB
 #   bash bench/gpu_speed.sh small     # Qwen2.5-0.5B and 1.5B shapes, bf16 LoRA, chat lengths: stock and fast
+#   bash bench/gpu_speed.sh long-stock          # stock's longest sequence within 80 GiB (bisection)
+#   SEQ=N bash bench/gpu_speed.sh long-fast     # the fast path, 3 steps at N tokens within 80 GiB
 # Needs .bench/chat_tokens.jsonl (here: python bench/speed.py prep .bench) and the .whl wheels
 # (trl, datasets, pydantic, liger-kernel, bitsandbytes cuda130); results: $OUT/speed.jsonl + logs.
 set -uo pipefail
@@ -51,6 +53,15 @@ case "$GROUP" in
       one $shape-fast-gc-on --model /tmp/$shape --side fast --method lora --gc on
     done
     ;;
+  long-stock)  # stock's longest trainable sequence on a card capped at 80 GiB (bisection, one process)
+    python3 bench/make_random_model.py llama3.1-8b /tmp/m8b
+    one long-stock --model /tmp/m8b --side stock --method qlora --bisect --cap 80 --dropout 0.1
+    ;;
+  long-fast)  # the fast path, 3 steps at SEQ tokens (10x stock's longest) within the same 80 GiB
+    python3 bench/make_random_model.py llama3.1-8b /tmp/m8b
+    one long-fast --model /tmp/m8b --side fast --method qlora --seq "${SEQ:?SEQ=10x stock max}" --mb 1 --steps 3 \
+        --warmup 0 --cap 80
+    ;;
   *) echo "unknown group $GROUP"; exit 2 ;;
 esac
 python3 - "$OUT/speed.jsonl" <<'PY'
@@ -58,6 +69,10 @@ import json, sys
 rows = [json.loads(x) for x in open(sys.argv[1])]
 print(f"{'label':22} {'tok/s':>9} {'MFU':>6} {'alloc':>6} {'resv':>6} {'device':>6}  loss 1..3 / last")
 for r in rows:
+    if "stock_max_seq" in r:
+        print(f"{r['label']:22} stock's longest trainable sequence under {r['cap_gib']} GiB: {r['stock_max_seq']} "
+              f"(first OOM {r['first_oom']})  {r['gpu']}")
+        continue
     l = r["losses"]
     print(f"{r['label']:22} {r['non_pad_tokens_per_s']:9.0f} {r['mfu']:6.3f} {r['peak_allocated_gib']:6.2f} "
           f"{r['peak_reserved_gib']:6.2f} {r['peak_device_used_gib']:6.2f}  {[round(x, 4) for x in l[:3]]} / {l[-1]:.4f}  {r['gpu']}")

@@ -156,13 +156,14 @@ def build_fast(a, tokenizer, ds, callbacks):
     cfg = config_lib.resolve(config_lib.from_dict(raw))
     if a.gpu_mem:
         cfg.training.gpu_memory_gib = a.gpu_mem
-    _decided, why = train_lib.memory_plan(cfg, [len(r["input_ids"]) for r in ds])  # what the training child does
-    print("memory plan:", "; ".join(why), flush=True)
+    if cfg.training.device == "cuda":  # what the training child does once the data is known
+        _decided, why = train_lib.memory_plan(cfg, [len(r["input_ids"]) for r in ds])
+        print("memory plan:", "; ".join(why), flush=True)
     model = model_lib.load_for_training(cfg, tokenizer, [])
     trainer = train_lib.build_trainer(cfg, Path(a.workdir), model, tokenizer, None, ds, None, callbacks=callbacks)
     t = cfg.training
     return trainer, {"optimizer": t.optimizer, "gradient_checkpointing": t.gradient_checkpointing,
-                     "embeddings_on_cpu": cfg.model.embeddings_on_cpu,
+                     "embeddings_on_cpu": cfg.model.embeddings_on_cpu, "offload_activations": t.offload_activations,
                      "kernels": t.kernels, "padding_free": cfg.template.padding_free,
                      "fp32_upcast": cfg.quantization.fp32_upcast}
 
@@ -245,6 +246,56 @@ def run(a) -> dict:
     }
 
 
+def bisect_stock(a) -> dict:
+    """Stock's longest trainable sequence (one full step: forward, backward, optimizer) with
+    torch's allocator capped at a.cap GiB: doubling from 4096, then bisection to 1024 tokens.
+    The model is loaded once; each try is a fresh Trainer over one row of random ids."""
+    import gc
+
+    import datasets
+    import torch
+    from transformers import AutoConfig, AutoTokenizer, Trainer
+
+    total = torch.cuda.mem_get_info()[1]
+    torch.cuda.set_per_process_memory_fraction(min(1.0, a.cap * 2 ** 30 / total))
+    vocab = AutoConfig.from_pretrained(a.model).get_text_config().vocab_size
+    tokenizer = AutoTokenizer.from_pretrained(a.model)
+    a.steps, a.mb = 1, 1
+    base_trainer, _ = build_stock(a, tokenizer, datasets.Dataset.from_list([{"input_ids": [1], "labels": [1]}]), [])
+    model, args, collator = base_trainer.model, base_trainer.args, base_trainer.data_collator
+    tries: dict[int, bool] = {}
+
+    def fits(n: int) -> bool:
+        g = torch.Generator().manual_seed(n)
+        ids = torch.randint(0, vocab, (n,), generator=g).tolist()
+        ds = datasets.Dataset.from_list([{"input_ids": ids, "labels": ids}])
+        ok = True
+        try:
+            Trainer(model=model, args=args, train_dataset=ds, data_collator=collator).train()
+        except torch.OutOfMemoryError:
+            ok = False
+        model.zero_grad(set_to_none=True)
+        gc.collect()
+        torch.cuda.empty_cache()
+        tries[n] = ok
+        print(f"stock seq {n}: {'ok' if ok else 'OOM'} (peak reserved {torch.cuda.max_memory_reserved() / 2**30:.1f} GiB)",
+              flush=True)
+        torch.cuda.reset_peak_memory_stats()
+        return ok
+
+    lo, hi = 0, 4096
+    while fits(hi):
+        lo, hi = hi, hi * 2
+    while hi - lo > 1024:
+        mid = (lo + hi) // 2 // 1024 * 1024
+        if fits(mid):
+            lo = mid
+        else:
+            hi = mid
+    return {"label": a.label or "stock-bisect", "cap_gib": a.cap, "stock_max_seq": lo, "first_oom": hi,
+            "tries": tries, "gpu": torch.cuda.get_device_name(0)}
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(prog="bench/speed.py")
     sub = ap.add_subparsers(dest="cmd", required=True)
@@ -267,6 +318,8 @@ def main(argv=None) -> int:
     r.add_argument("--cudnn-sdpa", default="on", choices=["on", "off"], help="stock side: torch's default (on) or off")
     r.add_argument("--profile", type=int, default=0, help="profile this many steps from step 9; print top ops")
     r.add_argument("--gpu-mem", type=float, default=0, help="fast side: training.gpu_memory_gib (the memory budget)")
+    r.add_argument("--bisect", action="store_true", help="stock side: longest trainable --seq under --cap GiB")
+    r.add_argument("--cap", type=float, default=0, help="GiB cap for --bisect (fast side: its memory budget)")
     r.add_argument("--label", default="")
     r.add_argument("--out", default="")
     r.add_argument("--workdir", default="/tmp/speed-work")
@@ -276,6 +329,16 @@ def main(argv=None) -> int:
         return 0
     if a.side == "stock" and a.optim == "auto":
         a.optim = "adamw_torch_fused"  # the Trainer's own default (torch >= 2.8)
+    if a.bisect:
+        res = bisect_stock(a)
+        line = json.dumps(res)
+        print("RESULT " + line, flush=True)
+        if a.out:
+            with open(a.out, "a") as f:
+                f.write(line + "\n")
+        return 0
+    if a.cap and a.side == "fast" and not a.gpu_mem:
+        a.gpu_mem = a.cap
     res = run(a)
     res["label"] = a.label
     line = json.dumps(res)

@@ -92,6 +92,10 @@ class TrainingSection(_Section):
     # recompute activations in backward: less memory, slower steps. auto: off on CPU (12x slower
     # there); on CUDA off when the dataset's largest micro-batch fits the card without it
     gradient_checkpointing: Literal["auto", True, False] = "auto"
+    # with checkpointing: each layer's saved input goes to CPU RAM during forward and comes back
+    # for its recompute (layers x tokens x hidden x 2 bytes less; slower). auto: only when the
+    # run would not fit otherwise (CUDA); the long-context setting
+    offload_activations: Literal["auto", True, False] = "auto"
     # liger-kernel (pip install 'lorastudio[gpu]'), CUDA only. loss: fused linear + cross-entropy
     # (never materialises full-vocab logits); all: + RMSNorm, RoPE, SwiGLU kernels;
     # auto: all when liger-kernel is installed, else off
@@ -279,6 +283,8 @@ def resolve(cfg: RunConfig) -> RunConfig:
         t.optimizer = "adamw_torch"
     if device != "cuda" or cfg.method != "qlora":
         cfg.model.embeddings_on_cpu = bool(cfg.model.embeddings_on_cpu is True)
+    if device != "cuda" and t.offload_activations == "auto":
+        t.offload_activations = False
     if cfg.model.embeddings_on_cpu is True and (device != "cuda" or cfg.method != "qlora"):
         raise ConfigError("model.embeddings_on_cpu: only for QLoRA on CUDA")
     if sharded and t.optimizer.startswith("paged_"):

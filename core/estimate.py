@@ -235,7 +235,7 @@ def _resolved(cfg) -> dict:
         kernels = "all" if not on_cpu and liger_available() else "off"
     emb_cpu = cfg.model.embeddings_on_cpu is True and cfg.method == "qlora" and not on_cpu
     return dict(device="cpu" if on_cpu else "cuda", dtype=dtype, gradient_checkpointing=bool(gc), optimizer=opt,
-                kernels=kernels, embeddings_on_cpu=emb_cpu)
+                kernels=kernels, embeddings_on_cpu=emb_cpu, offload_activations=t.offload_activations is True)
 
 
 def _breakdown(cfg, arch: dict) -> dict:
@@ -288,10 +288,11 @@ def _breakdown(cfg, arch: dict) -> dict:
         per_layer += sum(shapes[t][0] for t in targets) * per_in
     if cfg.model.attn_implementation == "eager":
         per_layer += EAGER_SCORE_BYTES * d["nh"] * cfg.template.cutoff_len
+    offload = r["offload_activations"]  # saved tensors in CPU RAM: only the layer being recomputed stays
     if r["gradient_checkpointing"]:
-        act = tokens * (L * resid * H + per_layer + 2 * b * H)
+        act = tokens * ((0 if offload else L * resid * H) + per_layer + 2 * b * H)
     else:
-        act = tokens * L * per_layer
+        act = tokens * (1 if offload else L) * per_layer
     comp["activations"] = act
 
     logit_bytes = LOGITS_BYTES + (SOFTCAP_LOGITS_BYTES if arch.get("final_logit_softcapping") else 0)
@@ -390,6 +391,8 @@ def memory_plan(cfg, arch: dict | None, max_tokens: int, budget_gib: float) -> t
             out["training.optimizer"] = "adamw_torch_fused"
         if cfg.model.embeddings_on_cpu == "auto":
             out["model.embeddings_on_cpu"] = False
+        if t.offload_activations == "auto":
+            out["training.offload_activations"] = False
         return out, why
     c = cfg.model_copy(deep=True)
     c.template.cutoff_len = max(1, -(-max_tokens // c.training.micro_batch_size))
@@ -411,6 +414,13 @@ def memory_plan(cfg, arch: dict | None, max_tokens: int, budget_gib: float) -> t
             c.model.embeddings_on_cpu = True
             why.append(f"embeddings in CPU RAM: ~{need:.1f} GiB needed with them on the GPU, {budget_gib:.1f} available")
         out["model.embeddings_on_cpu"] = cpu
+    if t.offload_activations == "auto":
+        need = _total_gib(c, arch)
+        off = need > budget_gib and c.training.gradient_checkpointing is True
+        if off:
+            c.training.offload_activations = True
+            why.append(f"activations in CPU RAM: ~{need:.1f} GiB needed with them on the GPU, {budget_gib:.1f} available")
+        out["training.offload_activations"] = off
     need = _total_gib(c, arch)
     why.append(f"estimated peak ~{need:.1f} GiB of {budget_gib:.1f} GiB" + ("" if need <= budget_gib else " (may not fit)"))
     return out, why

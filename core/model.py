@@ -107,9 +107,12 @@ def load_for_training(cfg: RunConfig, tokenizer, new_token_ids: list[int] | None
             embeddings_on_cpu(model)
 
     gc = bool(cfg.training.gradient_checkpointing)
+    # offloaded activations: the reentrant checkpoint keeps each layer's input with
+    # save_for_backward, which torch.autograd.graph.save_on_cpu (core.train) moves to CPU RAM
+    gc_kwargs = {"use_reentrant": cfg.training.offload_activations is True}
     if cfg.method == "full":
         if gc:
-            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=gc_kwargs)
         return model
 
     from peft import LoraConfig, get_peft_model, prepare_model_for_kbit_training
@@ -119,15 +122,15 @@ def load_for_training(cfg: RunConfig, tokenizer, new_token_ids: list[int] | None
         # stock PEFT: norms, embeddings and lm_head upcast to fp32 (FSDP/ZeRO-3 cannot take it:
         # they flatten each layer into one tensor of one dtype)
         model = prepare_model_for_kbit_training(
-            model, use_gradient_checkpointing=gc, gradient_checkpointing_kwargs={"use_reentrant": False})
+            model, use_gradient_checkpointing=gc, gradient_checkpointing_kwargs=gc_kwargs)
     elif cfg.method == "qlora":
         # everything that is not 4-bit stays in the compute dtype: under bf16 autocast the matmuls
         # run in bf16 either way, and the fp32 copies only cost memory and a cast per step
         if gc:
-            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=gc_kwargs)
         model.enable_input_require_grads()
     elif gc:
-        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=gc_kwargs)
         model.enable_input_require_grads()
     lc = cfg.lora
     trainable_tokens = None

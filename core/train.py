@@ -254,7 +254,10 @@ def memory_plan(cfg, lengths: list[int]) -> tuple[dict, list[str]]:
             t.optimizer = decided["training.optimizer"] = "adamw_torch_fused"
         if cfg.model.embeddings_on_cpu == "auto":
             cfg.model.embeddings_on_cpu = decided["model.embeddings_on_cpu"] = False
-        return decided, reasons + ["multi-GPU: checkpointing on, fused AdamW, embeddings on the GPU unless set"]
+        if t.offload_activations == "auto":
+            t.offload_activations = decided["training.offload_activations"] = False
+        return decided, reasons + ["multi-GPU: checkpointing on, fused AdamW, embeddings and activations on the "
+                                   "GPU unless set"]
     try:
         arch = estimate.arch_for(cfg.model.name_or_path)
     except Exception:  # noqa: BLE001 - an unknown architecture keeps the safe settings
@@ -264,6 +267,24 @@ def memory_plan(cfg, lengths: list[int]) -> tuple[dict, list[str]]:
         section, field = key.split(".")
         setattr(getattr(cfg, section), field, value)
     return decided, reasons + why
+
+
+def _offloading_trainer_class():
+    from transformers import Trainer
+
+    class OffloadingTrainer(Trainer):
+        """training.offload_activations: tensors saved for backward during the forward (with
+        reentrant checkpointing: each layer's input) live in pinned CPU RAM until backward."""
+
+        def compute_loss(self, model, inputs, *args, **kwargs):
+            import torch
+
+            if not model.training:
+                return super().compute_loss(model, inputs, *args, **kwargs)
+            with torch.autograd.graph.save_on_cpu(pin_memory=torch.cuda.is_available()):
+                return super().compute_loss(model, inputs, *args, **kwargs)
+
+    return OffloadingTrainer
 
 
 def _liger_config(kernels: str) -> dict | None:
@@ -285,6 +306,7 @@ def build_trainer(cfg, run_dir: Path, model, tokenizer, template, train_ds, eval
     t = cfg.training
     on_cuda = t.device == "cuda"
     padding_free = bool(cfg.template.packing or cfg.template.padding_free)
+    _OffloadingTrainer = _offloading_trainer_class() if t.offload_activations is True else None
     if on_cuda:
         import torch
 
@@ -315,7 +337,7 @@ def build_trainer(cfg, run_dir: Path, model, tokenizer, template, train_ds, eval
         metric_for_best_model="eval_loss" if t.early_stopping_patience is not None else None,
         greater_is_better=False if t.early_stopping_patience is not None else None,
     )
-    trainer = Trainer(
+    trainer = (_OffloadingTrainer if t.offload_activations is True else Trainer)(
         model=model, args=args, train_dataset=train_ds, eval_dataset=eval_ds,
         data_collator=dataset_lib.collator(tokenizer, padding_free), processing_class=tokenizer,
         callbacks=callbacks or [],
@@ -384,7 +406,9 @@ def train(cfg, run_dir: Path, resume: bool) -> int:
         cfg.training.kernels = "off"
     log(f"speed path: padding-free {bool(cfg.template.padding_free or cfg.template.packing)}, "
         f"packing {cfg.template.packing}, kernels {t.kernels}, gradient checkpointing {t.gradient_checkpointing}, "
-        f"fp32 upcast {cfg.quantization.fp32_upcast if cfg.method == 'qlora' else 'n/a'}, lora dropout {cfg.lora.dropout}")
+        f"fp32 upcast {cfg.quantization.fp32_upcast if cfg.method == 'qlora' else 'n/a'}, lora dropout {cfg.lora.dropout}, "
+        f"optimizer {t.optimizer}, offload activations {t.offload_activations}, "
+        f"embeddings on cpu {cfg.model.embeddings_on_cpu}")
 
     # 4. train
     trainer = build_trainer(cfg, run_dir, model, tokenizer, template, train_ds, eval_ds,

@@ -169,10 +169,10 @@ def test_memory_plan_picks_speed_when_it_fits_and_savings_when_not():
     arch = E.arch_for(LLAMA)
     big, why = E.memory_plan(c, arch, max_tokens=2048, budget_gib=79.0)
     assert big == {"training.gradient_checkpointing": False, "training.optimizer": "adamw_torch_fused",
-                   "model.embeddings_on_cpu": False}, why
+                   "model.embeddings_on_cpu": False, "training.offload_activations": False}, why
     small, why = E.memory_plan(c, arch, max_tokens=2048, budget_gib=7.5)  # "an 8 GB card"
     assert small == {"training.gradient_checkpointing": True, "training.optimizer": "paged_adamw_8bit",
-                     "model.embeddings_on_cpu": True}, why
+                     "model.embeddings_on_cpu": True, "training.offload_activations": True}, why
     assert any("embeddings in CPU RAM" in w for w in why) and "of 7.5 GiB" in why[-1]
     # what the plan ends at is what the estimate says for those settings
     s = E._with(c, training__gradient_checkpointing=True, training__optimizer="paged_adamw_8bit",
@@ -182,4 +182,4 @@ def test_memory_plan_picks_speed_when_it_fits_and_savings_when_not():
     # fields the user set are left alone
     fixed = cfg(method="qlora", **{"training.micro_batch_size": 1, "training.optimizer": "adamw_torch",
                                     "training.gradient_checkpointing": "true"})
-    assert set(E.memory_plan(fixed, arch, 2048, 7.5)[0]) == {"model.embeddings_on_cpu"}
+    assert set(E.memory_plan(fixed, arch, 2048, 7.5)[0]) == {"model.embeddings_on_cpu", "training.offload_activations"}

@@ -152,3 +152,53 @@ def test_lora_input_cast_is_a_no_op_under_autocast():
     assert torch.equal(out[True][0], out[False][0])
     for name, g in out[True][1].items():
         assert torch.equal(g, out[False][1][name]), name
+
+
+def test_offloaded_activations_same_grads_and_only_layer_inputs_saved(smoke_run, monkeypatch):
+    """training.offload_activations: reentrant checkpointing under save_on_cpu: the same loss and
+    LoRA gradients as plain checkpointing, and what goes to CPU RAM is each layer's input, not
+    every intermediate (counted through the save_on_cpu hooks)."""
+    torch.set_num_threads(1)
+    packed_shapes: list = []
+    real = torch.autograd.graph.save_on_cpu
+
+    class Spy(real):
+        def __init__(self, pin_memory=False, device_type="cuda"):
+            super().__init__(pin_memory=pin_memory, device_type=device_type)
+            pack = self.pack_hook if hasattr(self, "pack_hook") else None
+            if pack is not None:
+                def counted(t):
+                    packed_shapes.append(tuple(t.shape))
+                    return pack(t)
+                self.pack_hook = counted
+
+    monkeypatch.setattr(torch.autograd.graph, "save_on_cpu", Spy)
+    results = {}
+    for offload in (False, True):
+        cfg = _cfg(smoke_run, "lora")
+        cfg.training.gradient_checkpointing = True
+        cfg.training.offload_activations = offload
+        tokenizer, template, _m, new_ids = train_lib.load_tokenizer_and_template(cfg)
+        train_ds, *_ = train_lib.prepare_data(cfg, tokenizer, template)
+        model = model_lib.load_for_training(cfg, tokenizer, new_ids)
+        model.train()
+        trainer = train_lib.build_trainer(cfg, smoke_run.parent / f"offload-{offload}", model, tokenizer, template,
+                                          train_ds, None)
+        assert type(trainer).__name__ == ("OffloadingTrainer" if offload else "Trainer")
+        batch = dataset_lib.collator(tokenizer, True)([{k: r[k] for k in ("input_ids", "labels")}
+                                                       for r in train_ds.select(range(4))])
+        before = len(packed_shapes)
+        loss = trainer.compute_loss(model, batch)
+        n_packed = len(packed_shapes) - before
+        loss.backward()
+        results[offload] = (loss.detach(), {n: p.grad.clone() for n, p in model.named_parameters() if p.requires_grad},
+                            n_packed)
+    torch.testing.assert_close(results[True][0], results[False][0])
+    for name, g in results[False][1].items():
+        torch.testing.assert_close(results[True][1][name], g, rtol=1e-4, atol=1e-6, msg=name)
+    assert results[False][2] == 0  # plain checkpointing: no save_on_cpu at all
+    n_layers = 4  # the tiny model
+    hidden = [s for s in packed_shapes if len(s) == 3 and s[-1] == 256]
+    assert len(hidden) >= n_layers  # each layer's input went through the CPU hooks
+    # observed 14: 4 layer inputs + the final norm, lm_head and loss inputs (not every intermediate)
+    assert results[True][2] <= n_layers + 12
