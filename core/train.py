@@ -404,6 +404,12 @@ def train(cfg, run_dir: Path, resume: bool) -> int:
         # the fused loss reads lm_head.weight directly and would miss the trained rows of added tokens
         log("kernels: fused loss off (added tokens train rows of an untied lm_head)")
         cfg.training.kernels = "off"
+    _write_json(run_dir, speed_path={
+        "padding_free": bool(cfg.template.padding_free or cfg.template.packing), "packing": cfg.template.packing,
+        "kernels": t.kernels, "gradient_checkpointing": t.gradient_checkpointing, "optimizer": t.optimizer,
+        "offload_activations": t.offload_activations, "embeddings_on_cpu": cfg.model.embeddings_on_cpu,
+        "fp32_upcast": cfg.quantization.fp32_upcast if cfg.method == "qlora" else None,
+        "lora_dropout": cfg.lora.dropout if cfg.method != "full" else None})
     log(f"speed path: padding-free {bool(cfg.template.padding_free or cfg.template.packing)}, "
         f"packing {cfg.template.packing}, kernels {t.kernels}, gradient checkpointing {t.gradient_checkpointing}, "
         f"fp32 upcast {cfg.quantization.fp32_upcast if cfg.method == 'qlora' else 'n/a'}, lora dropout {cfg.lora.dropout}, "

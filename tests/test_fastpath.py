@@ -105,9 +105,18 @@ def test_padding_free_is_off_for_remote_code_and_kernels_need_cuda():
     assert config_lib.resolve(cfg).training.kernels == "off"
 
 
-def test_training_log_names_the_speed_path(smoke_run):
+def test_training_log_run_json_and_train_tab_name_the_speed_path(smoke_run, monkeypatch):
+    from core import runs
+    from webui import tab_train
+
     log = (smoke_run / "train.log").read_text()
     assert "speed path: padding-free True, packing False, kernels off" in log
+    sp = runs.read_json(smoke_run)["speed_path"]
+    assert sp["padding_free"] is True and sp["kernels"] == "off" and sp["gradient_checkpointing"] is False
+    assert sp["optimizer"] == "adamw_torch" and sp["fp32_upcast"] is None  # lora on CPU
+    monkeypatch.setenv("LORASTUDIO_ALLOW_DIRS", str(smoke_run.parent))  # what --allow-dir does
+    md = tab_train.status_markdown(tab_train.run_view(str(smoke_run)))
+    assert "speed path: padding-free; no fused kernels; optimizer adamw_torch" in md
 
 
 def test_qlora_keeps_non_quantized_weights_in_the_compute_dtype(smoke_run):

@@ -280,6 +280,7 @@ def run_view(run_dir: str) -> dict:
         "best": history.best_checkpoint(run_dir, events), "data": data,
         "log": runs.log_tail(run_dir, 20), "cli": f"lorastudio train {Path(run_dir) / 'config.yaml'}",
         "retry": info.get("retry"), "queue_position": info.get("queue_position"),
+        "speed_path": info.get("speed_path"),
     }
 
 
@@ -304,6 +305,15 @@ def status_markdown(v: dict) -> str:
     md = " · ".join(parts)
     if v.get("best"):
         md += f"\n\n⭐ best checkpoint by eval loss: **checkpoint-{v['best']['step']}** ({v['best']['eval_loss']:.4f})"
+    sp = v.get("speed_path")
+    if sp:
+        on = [name for key, name in (("padding_free", "padding-free"), ("packing", "packing"),
+                                     ("gradient_checkpointing", "checkpointing"),
+                                     ("offload_activations", "activations in CPU RAM"),
+                                     ("embeddings_on_cpu", "embeddings in CPU RAM"), ("fp32_upcast", "fp32 upcast"))
+              if sp.get(key) is True]
+        kernels = f"kernels {sp['kernels']}" if sp.get("kernels") not in (None, "off") else "no fused kernels"
+        md += f"\n\nspeed path: {', '.join(on) or 'defaults'}; {kernels}; optimizer {sp.get('optimizer')}"
     if v.get("queue_position") and v["status"] == "queued":
         md += f"\n\nqueued: position {v['queue_position']} (another run holds the device)"
     if v.get("error"):
