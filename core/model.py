@@ -165,11 +165,38 @@ def embeddings_on_cpu(model) -> None:
     """Move the (frozen) input embedding table to CPU RAM: ids go to the CPU for the lookup and
     the rows come back to the GPU (a few MB a step). Frees V x H x 2 bytes of GPU memory."""
     emb = model.get_input_embeddings()
-    device = emb.weight.device
-    emb.to("cpu")
-    emb.weight.requires_grad_(False)
-    emb.register_forward_pre_hook(lambda _m, args: (args[0].to("cpu"), *args[1:]))
-    emb.register_forward_hook(lambda _m, _args, out: out.to(device, non_blocking=True))
+    model.set_input_embeddings(CPUEmbedding(emb, emb.weight.device))
+    del emb
+
+
+def _cpu_embedding_class():
+    import torch
+
+    class CPUEmbedding(torch.nn.Module):
+        """A frozen embedding whose table lives in CPU RAM. The table is not a registered
+        parameter, so `model.device` (the first parameter's device, which generation and the
+        samples use for their inputs) stays the GPU."""
+
+        def __init__(self, emb, device):
+            super().__init__()
+            self._table = {"weight": emb.weight.detach().to("cpu")}
+            self.num_embeddings, self.embedding_dim = emb.num_embeddings, emb.embedding_dim
+            self.padding_idx = emb.padding_idx
+            self.out_device = device
+
+        @property
+        def weight(self):  # shape/dtype for code that inspects the input embedding
+            return self._table["weight"]
+
+        def forward(self, input_ids):
+            rows = torch.nn.functional.embedding(input_ids.to("cpu"), self._table["weight"], self.padding_idx)
+            return rows.to(self.out_device, non_blocking=True)
+
+    return CPUEmbedding
+
+
+def CPUEmbedding(emb, device):  # noqa: N802 - builds the module class lazily (no torch at import)
+    return _cpu_embedding_class()(emb, device)
 
 
 def _local_cuda() -> int:

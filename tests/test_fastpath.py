@@ -211,3 +211,25 @@ def test_offloaded_activations_same_grads_and_only_layer_inputs_saved(smoke_run,
     assert len(hidden) >= n_layers  # each layer's input went through the CPU hooks
     # observed 14: 4 layer inputs + the final norm, lm_head and loss inputs (not every intermediate)
     assert results[True][2] <= n_layers + 12
+
+
+def test_cpu_embedding_table_keeps_outputs_and_model_device():
+    """model.embeddings_on_cpu: the table is not a registered parameter (model.device stays the
+    GPU's), lookups give the same rows, input gradients still flow for checkpointing."""
+    from transformers import AutoModelForCausalLM
+
+    torch.set_num_threads(1)
+    m = AutoModelForCausalLM.from_pretrained(model_lib.resolve_path("builtin:tiny"), dtype=torch.float32)
+    ids = torch.randint(5, 500, (2, 16), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        ref = m(input_ids=ids).logits
+    n_params = sum(p.numel() for p in m.parameters())
+    table = m.get_input_embeddings().weight
+    model_lib.embeddings_on_cpu(m)
+    emb = m.get_input_embeddings()
+    assert type(emb).__name__ == "CPUEmbedding" and emb.weight.shape == table.shape
+    assert sum(p.numel() for p in m.parameters()) == n_params - table.numel() * (0 if m.config.tie_word_embeddings else 1)
+    with torch.no_grad():
+        torch.testing.assert_close(m(input_ids=ids).logits, ref)
+    m.enable_input_require_grads()
+    assert m.get_input_embeddings()(ids).requires_grad
