@@ -47,9 +47,13 @@ def run_config(name: str, model_dir: str | None, steps: int) -> C.RunConfig:
         "model": {"name_or_path": model_dir or SHAPE_HUB[shape]},
         "method": method,
         "template": {"cutoff_len": cutoff},
-        "lora": {"r": 16, "alpha": 32, "dropout": 0.05, "target_modules": "all-linear"},
+        "lora": {"r": 16, "alpha": 32, "dropout": 0.0, "target_modules": "all-linear"},
+        # explicit, so this machine's estimate and the device's run agree on what they count (the
+        # memory plan and liger availability would otherwise differ between the two machines)
         "training": {"micro_batch_size": mb, "grad_accum": 1, "max_steps": steps, "save_steps": 10_000,
-                     "learning_rate": 1e-4 if method != "full" else 1e-5, "exclusive": False, "logging_steps": 1},
+                     "learning_rate": 1e-4 if method != "full" else 1e-5, "exclusive": False, "logging_steps": 1,
+                     "gradient_checkpointing": True, "optimizer": "adamw_torch_fused",
+                     "kernels": os.environ.get("KERNELS", "all"), "offload_activations": False},
     })
 
 

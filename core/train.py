@@ -320,7 +320,9 @@ def build_trainer(cfg, run_dir: Path, model, tokenizer, template, train_ds, eval
         per_device_train_batch_size=t.micro_batch_size, per_device_eval_batch_size=t.micro_batch_size,
         gradient_accumulation_steps=t.grad_accum, learning_rate=t.learning_rate,
         lr_scheduler_type=t.lr_scheduler, warmup_steps=t.warmup_ratio, weight_decay=t.weight_decay,
-        max_grad_norm=t.max_grad_norm, optim=t.optimizer, neftune_noise_alpha=t.neftune_alpha,
+        max_grad_norm=t.max_grad_norm, neftune_noise_alpha=t.neftune_alpha,
+        # "auto" left here only when the memory plan did not run (a caller of build_trainer alone)
+        optim=t.optimizer if t.optimizer != "auto" else ("adamw_torch_fused" if on_cuda else "adamw_torch"),
         gradient_checkpointing=False,  # already enabled on the model (use_reentrant=False)
         bf16=on_cuda and cfg.model.dtype == "bfloat16", fp16=on_cuda and cfg.model.dtype == "float16",
         use_cpu=not on_cuda, seed=t.seed, data_seed=t.seed,
