@@ -54,7 +54,7 @@ class TemplateSection(_Section):
     packing: bool = False  # pack samples into cutoff_len rows (no cross-sample attention)
     # one row per micro-batch: samples concatenated with restarting position_ids, no pad tokens
     # (same samples per step, same loss, no cross-sample attention); auto: on unless the model
-    # runs remote code (its attention may ignore position_ids)
+    # runs remote code (its attention may ignore position_ids) or NEFTune is on
     padding_free: Literal["auto", True, False] = "auto"
 
 
@@ -265,7 +265,9 @@ def resolve(cfg: RunConfig) -> RunConfig:
     if t.exclusive == "auto":
         t.exclusive = device == "cuda"
     if cfg.template.padding_free == "auto":
-        cfg.template.padding_free = not cfg.model.trust_remote_code
+        # off for remote code (its attention may ignore position_ids) and NEFTune (its noise is
+        # scaled by the row's length, which a padding-free row multiplies)
+        cfg.template.padding_free = not cfg.model.trust_remote_code and t.neftune_alpha is None
     if t.kernels == "auto":
         t.kernels = "all" if device == "cuda" and liger_available() else "off"
     elif t.kernels != "off" and device != "cuda":

@@ -98,6 +98,8 @@ def test_fast_path_equals_stock_logits_loss_and_lora_grads(smoke_run, method):
 def test_padding_free_is_off_for_remote_code_and_kernels_need_cuda():
     cfg = config_lib.from_dict({"model": {"trust_remote_code": True}, "training": {"device": "cpu"}})
     assert config_lib.resolve(cfg).template.padding_free is False  # its attention may ignore position_ids
+    cfg = config_lib.from_dict({"training": {"device": "cpu", "neftune_alpha": 5}})
+    assert config_lib.resolve(cfg).template.padding_free is False  # NEFTune's noise scales with row length
     cfg = config_lib.from_dict({"training": {"device": "cpu", "kernels": "loss"}})
     with pytest.raises(config_lib.ConfigError, match="training.kernels: loss needs CUDA"):
         config_lib.resolve(cfg)
