@@ -347,6 +347,10 @@ def estimate(cfg, arch: dict | None = None, gpu_mem_gib: float | None = None, *,
                params_total=br["params_total"], params_trainable=br["params_trainable"],
                lora_targets=br["lora_targets"], tokens_per_step=br["tokens_per_step"], resolved=br["resolved"],
                suggestions=[])
+    if gpu_mem_gib is not None and cfg.training.device != "cpu" and cfg.training.gpus == 1:
+        # what the training child's memory plan would pick on this card (worst case: full rows)
+        decided, why = memory_plan(cfg, arch, br["tokens_per_step"], gpu_mem_gib)
+        out["plan"] = {"settings": decided, "reasons": why}
     if fits is False:
         out["suggestions"] = suggestions(cfg, arch, gpu_mem_gib)
     out["time"] = time_estimate(cfg, br["params_total"], gpu_name, dataset_tokens)
@@ -543,6 +547,10 @@ def format_text(est: dict) -> str:
     for s in est["suggestions"]:
         lines.append(f"  - {s['text']}: {s['total_gib']:.1f} GiB{' (fits)' if s['fits'] else ''}  "
                      + " ".join(f"--set {x}" for x in s["set"]))
+    if est.get("plan") and est["plan"]["settings"]:
+        lines.append("memory plan on this card (auto settings, full rows): "
+                     + ", ".join(f"{k.split('.')[-1]}={v}" for k, v in est["plan"]["settings"].items())
+                     + f"; {est['plan']['reasons'][-1]}")
     tm = est["time"]
     if tm["status"] == "measured":
         t = f"time: {tm['tokens_per_s']} tokens/s on {tm['card']} ({tm['source']})"
@@ -560,6 +568,9 @@ def format_markdown(est: dict) -> str:
     if est["suggestions"]:
         md += "\n\nTo fit:\n" + "\n".join(f"- {s['text']}: {s['total_gib']:.1f} GiB" + (" ✓" if s["fits"] else "")
                                            for s in est["suggestions"])
+    if est.get("plan") and est["plan"]["settings"]:
+        md += "\n\nMemory plan on this card (the auto settings; full-length rows): " + ", ".join(
+            f"`{k.split('.')[-1]}: {v}`" for k, v in est["plan"]["settings"].items()) + f" — {est['plan']['reasons'][-1]}"
     tm = est["time"]
     md += "\n\n" + (f"Throughput: {tm['tokens_per_s']} tokens/s on {tm['card']} (measured)" if tm["status"] == "measured"
                     else f"Time per epoch: unmeasured for {tm['params_class']} {tm['method']}")

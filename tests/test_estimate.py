@@ -183,3 +183,15 @@ def test_memory_plan_picks_speed_when_it_fits_and_savings_when_not():
     fixed = cfg(method="qlora", **{"training.micro_batch_size": 1, "training.optimizer": "adamw_torch",
                                     "training.gradient_checkpointing": "true"})
     assert set(E.memory_plan(fixed, arch, 2048, 7.5)[0]) == {"model.embeddings_on_cpu", "training.offload_activations"}
+
+
+def test_preflight_shows_the_memory_plan_for_the_card():
+    """`lorastudio estimate --gpu-mem` and the Train tab name what the memory plan would pick."""
+    out = subprocess.run([sys.executable, "-m", "core.cli", "estimate", "presets/llama3_1_8b_qlora.yaml",
+                          "--gpu-mem", "8GB"], cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert out.returncode in (0, 1), out.stderr  # 1 = does not fit (without liger-kernel's fused loss it does not)
+    assert "memory plan on this card" in out.stdout and "optimizer=paged_adamw_8bit" in out.stdout
+    assert "embeddings_on_cpu=True" in out.stdout
+    big = E.estimate(cfg(method="qlora"), detect=False, gpu_mem_gib=80)
+    assert big["plan"]["settings"]["training.gradient_checkpointing"] is False
+    assert "gradient_checkpointing: False" in E.format_markdown(big)
