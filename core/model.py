@@ -101,8 +101,11 @@ def load_for_training(cfg: RunConfig, tokenizer, new_token_ids: list[int] | None
         model.resize_token_embeddings(len(tokenizer))
     model.config.use_cache = False  # the KV cache is useless (and wasteful) while training
     if cfg.model.embeddings_on_cpu is True and device == "cuda":
-        if new_token_ids or model.config.get_text_config().tie_word_embeddings:
-            pass  # trained rows of added tokens / a table shared with lm_head stay on the GPU
+        import torch
+
+        plain = type(model.get_input_embeddings()) is torch.nn.Embedding  # not e.g. Gemma's scaled one
+        if new_token_ids or model.config.get_text_config().tie_word_embeddings or not plain:
+            pass  # trained rows of added tokens, a table shared with lm_head, a custom module: stay on the GPU
         else:
             embeddings_on_cpu(model)
 
