@@ -323,7 +323,7 @@ def build_trainer(cfg, run_dir: Path, model, tokenizer, template, train_ds, eval
         max_grad_norm=t.max_grad_norm, neftune_noise_alpha=t.neftune_alpha,
         # "auto" left here only when the memory plan did not run (a caller of build_trainer alone)
         optim=t.optimizer if t.optimizer != "auto" else ("adamw_torch_fused" if on_cuda else "adamw_torch"),
-        gradient_checkpointing=False,  # already enabled on the model (use_reentrant=False)
+        gradient_checkpointing=False,  # already enabled on the model (core.model.load_for_training)
         bf16=on_cuda and cfg.model.dtype == "bfloat16", fp16=on_cuda and cfg.model.dtype == "float16",
         use_cpu=not on_cuda, seed=t.seed, data_seed=t.seed,
         logging_steps=t.logging_steps, save_strategy="steps", save_steps=t.save_steps,

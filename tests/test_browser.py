@@ -101,8 +101,13 @@ def test_full_flow_in_a_real_browser(page):
     tab(page, "Train")
     page.get_by_text("Training options").click()
     steps = page.locator("#max-steps input")
+    # the page-load event fills the form from the preset (30 steps): on a loaded machine it can land
+    # after a fill, so wait for it first, then fill and check the value held
+    wait_for(lambda: steps.input_value() == "30", 60, "the preset's values in the form")
     steps.fill("150")
     steps.press("Tab")
+    time.sleep(1)
+    assert steps.input_value() == "150"
     old_run = page.locator("#run-select input").input_value()  # the workspace may hold earlier runs
     page.locator("#start-btn").click()
     wait_for(lambda: page.locator("#run-select input").input_value() not in ("", old_run), 30, "the new run")
