@@ -22,7 +22,6 @@ def main() -> None:
     from core import config as config_lib
     from core import dataset as dataset_lib
     from core import model as model_lib
-    from core import train as train_lib
 
     ap = argparse.ArgumentParser()
     ap.add_argument("model")

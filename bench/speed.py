@@ -331,16 +331,11 @@ def main(argv=None) -> int:
         a.optim = "adamw_torch_fused"  # the Trainer's own default (torch >= 2.8)
     if a.bisect:
         res = bisect_stock(a)
-        line = json.dumps(res)
-        print("RESULT " + line, flush=True)
-        if a.out:
-            with open(a.out, "a") as f:
-                f.write(line + "\n")
-        return 0
-    if a.cap and a.side == "fast" and not a.gpu_mem:
-        a.gpu_mem = a.cap
-    res = run(a)
-    res["label"] = a.label
+    else:
+        if a.cap and a.side == "fast" and not a.gpu_mem:
+            a.gpu_mem = a.cap
+        res = run(a)
+        res["label"] = a.label
     line = json.dumps(res)
     print("RESULT " + line, flush=True)
     if a.out:

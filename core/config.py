@@ -280,7 +280,7 @@ def resolve(cfg: RunConfig) -> RunConfig:
         # sharded runs: plain torch AdamW (state sharded with the params). One GPU: decided by the
         # training child with the memory plan (core.estimate.memory_plan): torch's fused AdamW,
         # one kernel for every LoRA tensor (bitsandbytes' paged AdamW steps tensor by tensor
-        # through managed memory: 0.58 vs 0.35 s a step on an 8B QLoRA, docs/BENCHMARKS.md),
+        # through managed memory: 0.58 vs 0.38 s a step on an 8B QLoRA, H200, docs/BENCHMARKS.md),
         # or paged_adamw_8bit when memory is short.
         t.optimizer = "adamw_torch"
     if device != "cuda" or cfg.method != "qlora":

@@ -360,6 +360,13 @@ def estimate(cfg, arch: dict | None = None, gpu_mem_gib: float | None = None, *,
 CHECKPOINTING_HEADROOM = 0.85  # turn checkpointing off only when the estimate uses <= 85% of free memory
 
 
+def _at_tokens(cfg, max_tokens: int):
+    """A copy of cfg whose estimate counts max_tokens per micro-batch (tokens = cutoff_len x mb)."""
+    c = cfg.model_copy(deep=True)
+    c.template.cutoff_len = max(1, -(-max_tokens // c.training.micro_batch_size))
+    return c
+
+
 def checkpointing_decision(cfg, arch: dict | None, max_tokens: int, free_gib: float) -> tuple[bool, str]:
     """gradient_checkpointing: auto on CUDA, decided once the data is known: off (no recompute,
     ~1.3-7x faster steps) when the largest micro-batch of this dataset (max_tokens) fits in the
@@ -367,10 +374,8 @@ def checkpointing_decision(cfg, arch: dict | None, max_tokens: int, free_gib: fl
     architecture is unknown. Returns (checkpointing, reason)."""
     if arch is None:
         return True, "unknown architecture: kept on"
-    c = cfg.model_copy(deep=True)
+    c = _at_tokens(cfg, max_tokens)
     c.training.gradient_checkpointing = False
-    mb = c.training.micro_batch_size
-    c.template.cutoff_len = max(1, -(-max_tokens // mb))  # the estimate's tokens = cutoff_len x micro-batch
     need = _total_gib(c, arch)
     if need <= CHECKPOINTING_HEADROOM * free_gib:
         return False, (f"off: the largest micro-batch ({max_tokens} tokens) needs ~{need:.1f} GiB without it, "
@@ -400,8 +405,7 @@ def memory_plan(cfg, arch: dict | None, max_tokens: int, budget_gib: float) -> t
         if t.offload_activations == "auto":
             out["training.offload_activations"] = False
         return out, why
-    c = cfg.model_copy(deep=True)
-    c.template.cutoff_len = max(1, -(-max_tokens // c.training.micro_batch_size))
+    c = _at_tokens(cfg, max_tokens)
     if "training.gradient_checkpointing" in out:
         c.training.gradient_checkpointing = out["training.gradient_checkpointing"]
     if cfg.model.embeddings_on_cpu == "auto":

@@ -167,12 +167,6 @@ def load_for_training(cfg: RunConfig, tokenizer, new_token_ids: list[int] | None
 def embeddings_on_cpu(model) -> None:
     """Move the (frozen) input embedding table to CPU RAM: ids go to the CPU for the lookup and
     the rows come back to the GPU (a few MB a step). Frees V x H x 2 bytes of GPU memory."""
-    emb = model.get_input_embeddings()
-    model.set_input_embeddings(CPUEmbedding(emb, emb.weight.device))
-    del emb
-
-
-def _cpu_embedding_class():
     import torch
 
     class CPUEmbedding(torch.nn.Module):
@@ -195,11 +189,8 @@ def _cpu_embedding_class():
             rows = torch.nn.functional.embedding(input_ids.to("cpu"), self._table["weight"], self.padding_idx)
             return rows.to(self.out_device, non_blocking=True)
 
-    return CPUEmbedding
-
-
-def CPUEmbedding(emb, device):  # noqa: N802 - builds the module class lazily (no torch at import)
-    return _cpu_embedding_class()(emb, device)
+    emb = model.get_input_embeddings()
+    model.set_input_embeddings(CPUEmbedding(emb, emb.weight.device))
 
 
 def _local_cuda() -> int:

@@ -306,7 +306,6 @@ def build_trainer(cfg, run_dir: Path, model, tokenizer, template, train_ds, eval
     t = cfg.training
     on_cuda = t.device == "cuda"
     padding_free = bool(cfg.template.packing or cfg.template.padding_free)
-    _OffloadingTrainer = _offloading_trainer_class() if t.offload_activations is True else None
     if on_cuda:
         import torch
 
@@ -339,7 +338,8 @@ def build_trainer(cfg, run_dir: Path, model, tokenizer, template, train_ds, eval
         metric_for_best_model="eval_loss" if t.early_stopping_patience is not None else None,
         greater_is_better=False if t.early_stopping_patience is not None else None,
     )
-    trainer = (_OffloadingTrainer if t.offload_activations is True else Trainer)(
+    trainer_class = _offloading_trainer_class() if t.offload_activations is True else Trainer
+    trainer = trainer_class(
         model=model, args=args, train_dataset=train_ds, eval_dataset=eval_ds,
         data_collator=dataset_lib.collator(tokenizer, padding_free), processing_class=tokenizer,
         callbacks=callbacks or [],
