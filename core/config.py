@@ -100,6 +100,10 @@ class TrainingSection(_Section):
     # (never materialises full-vocab logits); all: + RMSNorm, RoPE, SwiGLU kernels;
     # auto: all when liger-kernel is installed, else off
     kernels: Literal["auto", "off", "loss", "all"] = "auto"
+    # each LoRA layer as one autograd node (core/fused_lora.py): the same maths with a fraction of
+    # the kernel launches (a QLoRA step is CPU-bound). auto: on for CUDA LoRA/QLoRA without dropout
+    # or DoRA on one GPU or DDP
+    fused_lora: Literal["auto", True, False] = "auto"
     seed: int = 42
     logging_steps: int = Field(1, gt=0)
     eval_steps: int = Field(50, gt=0)
@@ -276,6 +280,9 @@ def resolve(cfg: RunConfig) -> RunConfig:
         raise ConfigError(f"training.kernels: {t.kernels} needs liger-kernel: pip install 'lorastudio[gpu]' "
                           "(or kernels: auto)")
     sharded = t.gpus > 1 and t.strategy in ("fsdp", "zero3")
+    if t.fused_lora == "auto":
+        t.fused_lora = (device == "cuda" and cfg.method in ("lora", "qlora") and cfg.lora.dropout == 0
+                        and not cfg.lora.use_dora and not sharded)
     if t.optimizer == "auto" and (device != "cuda" or sharded):
         # sharded runs: plain torch AdamW (state sharded with the params). One GPU: decided by the
         # training child with the memory plan (core.estimate.memory_plan): torch's fused AdamW,

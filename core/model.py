@@ -154,6 +154,10 @@ def load_for_training(cfg: RunConfig, tokenizer, new_token_ids: list[int] | None
         model = get_peft_model(model, peft_cfg)
     except ValueError as e:
         raise ConfigError(f"lora.target_modules: {e}") from None
+    if cfg.training.fused_lora is True:
+        from . import fused_lora
+
+        fused_lora.install(model)  # plain LoRA layers: one autograd node each (dropout > 0 falls back)
     if device == "cuda" and cfg.model.dtype != "float32" and not lc.use_dora:
         # Training (and the samples) run under autocast: PEFT's cast of every LoRA input to the
         # adapter's fp32 makes a copy of the activation that the matmul casts straight back

@@ -269,10 +269,72 @@ def memory_plan(cfg, lengths: list[int]) -> tuple[dict, list[str]]:
     return decided, reasons + why
 
 
-def _offloading_trainer_class():
+def _trainer_class(offload_activations: bool):
     from transformers import Trainer
 
-    class OffloadingTrainer(Trainer):
+    class LeanTrainer(Trainer):
+        """The stock Trainer minus its per-step bookkeeping that costs more than it says. A LoRA
+        step on an 8B model is CPU-bound (docs/BENCHMARKS.md), and every step the stock loop walks
+        all ~2,700 modules three or four times (model.train(), num_parameters() for the FLOPs
+        count, model.zero_grad(), clip over model.parameters()) and syncs with the GPU to count
+        tokens. Same numbers, same order of operations; one process only for the cached
+        parameter list (FSDP and DeepSpeed replace parameters when they wrap the model)."""
+
+        _n_params = None  # for floating_point_ops: constant during training
+        _trainable = None  # trainable parameters, cached at the first step; False: not used
+
+        def _lean_params(self, model):
+            if self._trainable is None:
+                single = self.args.world_size == 1 and not self.is_deepspeed_enabled and not self.is_fsdp_enabled
+                self._trainable = [p for p in model.parameters() if p.requires_grad] if single else False
+                if self._trainable:  # Trainer calls model.zero_grad() after each optimizer step
+                    params = self._trainable
+
+                    def zero_grad(set_to_none: bool = True):
+                        for p in params:
+                            if set_to_none:
+                                p.grad = None
+                            elif p.grad is not None:
+                                p.grad.zero_()
+
+                    model.__dict__["zero_grad"] = zero_grad
+            return self._trainable
+
+        def training_step(self, model, inputs, num_items_in_batch=None):
+            if self._trainable is None or not model.training:
+                # the full walk: at the first step (from_pretrained leaves the base model in eval
+                # mode under a PeftModel in train mode) and after a switch to eval (eval, samples)
+                model.train()
+            self._lean_params(model)
+            model.__dict__["train"] = lambda mode=True: model  # the stock step's own model.train()
+            try:
+                return super().training_step(model, inputs, num_items_in_batch)
+            finally:
+                del model.__dict__["train"]
+
+        def floating_point_ops(self, inputs):
+            main = getattr(self.model, "main_input_name", "input_ids")
+            if self._n_params is None:
+                self._n_params = super().floating_point_ops({main: _OneToken()})
+            return self._n_params * inputs[main].numel() if main in inputs else 0
+
+        def _clip_grad_norm(self, model):
+            if self._trainable:
+                return self.accelerator.clip_grad_norm_(self._trainable, self.args.max_grad_norm)
+            return super()._clip_grad_norm(model)
+
+        def _track_num_input_tokens(self, inputs):
+            # padding-free rows hold no pad: every token counts, read from the shape (no GPU sync)
+            main = getattr(self.model, "main_input_name", "input_ids")
+            if self._trainable and self.args.include_num_input_tokens_seen == "all" and main in inputs:
+                self.state.num_input_tokens_seen += inputs[main].numel()
+            else:
+                super()._track_num_input_tokens(inputs)
+
+    if not offload_activations:
+        return LeanTrainer
+
+    class OffloadingTrainer(LeanTrainer):
         """training.offload_activations: tensors saved for backward during the forward (with
         reentrant checkpointing: each layer's input) live in pinned CPU RAM until backward."""
 
@@ -287,6 +349,13 @@ def _offloading_trainer_class():
     return OffloadingTrainer
 
 
+class _OneToken:
+    """An input of one token: the stock floating_point_ops gives 6 x parameters for it."""
+
+    def numel(self) -> int:
+        return 1
+
+
 def _liger_config(kernels: str) -> dict | None:
     """liger-kernel patches for training.kernels (the Trainer applies them to the base model
     under the LoRA wrapper). The fused linear + cross-entropy never builds full-vocab logits."""
@@ -298,7 +367,7 @@ def _liger_config(kernels: str) -> dict | None:
 
 
 def build_trainer(cfg, run_dir: Path, model, tokenizer, template, train_ds, eval_ds, callbacks=None):
-    from transformers import Trainer, TrainingArguments
+    from transformers import TrainingArguments
     from transformers.trainer_callback import PrinterCallback
 
     from . import dataset as dataset_lib
@@ -331,6 +400,8 @@ def build_trainer(cfg, run_dir: Path, model, tokenizer, template, train_ds, eval
         # padding-free rows hold no pad token (and pad may == eos, which a by-id count would skip)
         include_num_input_tokens_seen="all" if padding_free else "non_padding",
         use_liger_kernel=t.kernels in ("loss", "all"), liger_kernel_config=_liger_config(t.kernels),
+        # batches are pinned: their copy to the GPU need not wait for the previous step to finish
+        accelerator_config={"non_blocking": on_cuda},
         # LoRA uses every trainable parameter each step: no DDP search for unused ones
         ddp_find_unused_parameters=False if distributed.is_distributed() else None,
         # early stopping keeps the best checkpoint by eval loss and ends with it loaded
@@ -338,8 +409,7 @@ def build_trainer(cfg, run_dir: Path, model, tokenizer, template, train_ds, eval
         metric_for_best_model="eval_loss" if t.early_stopping_patience is not None else None,
         greater_is_better=False if t.early_stopping_patience is not None else None,
     )
-    trainer_class = _offloading_trainer_class() if t.offload_activations is True else Trainer
-    trainer = trainer_class(
+    trainer = _trainer_class(t.offload_activations is True)(
         model=model, args=args, train_dataset=train_ds, eval_dataset=eval_ds,
         data_collator=dataset_lib.collator(tokenizer, padding_free), processing_class=tokenizer,
         callbacks=callbacks or [],
@@ -410,10 +480,11 @@ def train(cfg, run_dir: Path, resume: bool) -> int:
         "padding_free": bool(cfg.template.padding_free or cfg.template.packing), "packing": cfg.template.packing,
         "kernels": t.kernels, "gradient_checkpointing": t.gradient_checkpointing, "optimizer": t.optimizer,
         "offload_activations": t.offload_activations, "embeddings_on_cpu": cfg.model.embeddings_on_cpu,
-        "fp32_upcast": cfg.quantization.fp32_upcast if cfg.method == "qlora" else None,
+        "fused_lora": t.fused_lora, "fp32_upcast": cfg.quantization.fp32_upcast if cfg.method == "qlora" else None,
         "lora_dropout": cfg.lora.dropout if cfg.method != "full" else None})
     log(f"speed path: padding-free {bool(cfg.template.padding_free or cfg.template.packing)}, "
-        f"packing {cfg.template.packing}, kernels {t.kernels}, gradient checkpointing {t.gradient_checkpointing}, "
+        f"packing {cfg.template.packing}, kernels {t.kernels}, fused lora {t.fused_lora}, "
+        f"gradient checkpointing {t.gradient_checkpointing}, "
         f"fp32 upcast {cfg.quantization.fp32_upcast if cfg.method == 'qlora' else 'n/a'}, lora dropout {cfg.lora.dropout}, "
         f"optimizer {t.optimizer}, offload activations {t.offload_activations}, "
         f"embeddings on cpu {cfg.model.embeddings_on_cpu}")

@@ -47,13 +47,19 @@ def _stock(cfg, tokenizer):
                                            target_modules=lc.target_modules, task_type="CAUSAL_LM"))
 
 
-@pytest.mark.parametrize("method", ["lora", "qlora"])
-def test_fast_path_equals_stock_logits_loss_and_lora_grads(smoke_run, method):
+@pytest.mark.parametrize("method,fused", [("lora", False), ("qlora", False), ("lora", True), ("qlora", True)])
+def test_fast_path_equals_stock_logits_loss_and_lora_grads(smoke_run, method, fused, monkeypatch):
     from peft import set_peft_model_state_dict
     from transformers import DataCollatorForSeq2Seq
 
+    from core import fused_lora
+
+    calls = []
+    apply = fused_lora.LoRALinear.apply
+    monkeypatch.setattr(fused_lora.LoRALinear, "apply", lambda *a: calls.append(1) or apply(*a))
     torch.set_num_threads(1)
     cfg = _cfg(smoke_run, method)
+    cfg.training.fused_lora = fused  # its auto default is CUDA only; the maths is the same here
     assert cfg.template.padding_free is True and cfg.quantization.fp32_upcast is False
     tokenizer, template, _missing, new_ids = train_lib.load_tokenizer_and_template(cfg)
     train_ds, _eval, _stats, _reports, _hash = train_lib.prepare_data(cfg, tokenizer, template)
@@ -79,6 +85,8 @@ def test_fast_path_equals_stock_logits_loss_and_lora_grads(smoke_run, method):
 
     out_fast = fast(**packed, use_cache=False)
     out_stock = stock(**padded, use_cache=False)
+    n_lora = sum(hasattr(m, "lora_A") for m in fast.modules())
+    assert len(calls) == (n_lora if fused else 0) and n_lora > 0  # one fused node per LoRA layer
     torch.testing.assert_close(out_fast.loss, out_stock.loss, rtol=1e-5, atol=1e-6)
     start = 0
     for i, n in enumerate(lengths):  # every sample's logits, pad positions excluded
@@ -105,6 +113,29 @@ def test_padding_free_is_off_for_remote_code_and_kernels_need_cuda():
         config_lib.resolve(cfg)
     cfg = config_lib.from_dict({"training": {"device": "cpu"}})
     assert config_lib.resolve(cfg).training.kernels == "off"
+    assert config_lib.resolve(cfg).training.fused_lora is False  # auto: CUDA only
+
+
+def test_fused_lora_auto_rules(monkeypatch):
+    """auto: on for CUDA LoRA/QLoRA without dropout or DoRA, off when sharded (FSDP / ZeRO-3 hold
+    the frozen weight in shards the fused backward would read)."""
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda *a, **k: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 2)
+
+    def fused(**over):
+        raw = {"method": "lora", "training": {"device": "cuda"}, "lora": {}}
+        for key, value in over.items():
+            section, field = key.split("__")
+            raw.setdefault(section, {})[field] = value
+        return config_lib.resolve(config_lib.from_dict(raw)).training.fused_lora
+
+    assert fused() is True
+    assert fused(lora__dropout=0.05) is False
+    assert fused(lora__use_dora=True) is False
+    assert fused(training__gpus=2, training__strategy="fsdp") is False
+    assert fused(training__gpus=2, training__strategy="ddp") is True
+    assert fused(lora__dropout=0.05, training__fused_lora=True) is True  # explicit: dropout layers fall back
 
 
 def test_training_log_run_json_and_train_tab_name_the_speed_path(smoke_run, monkeypatch):
@@ -195,7 +226,7 @@ def test_offloaded_activations_same_grads_and_only_layer_inputs_saved(smoke_run,
         model.train()
         trainer = train_lib.build_trainer(cfg, smoke_run.parent / f"offload-{offload}", model, tokenizer, template,
                                           train_ds, None)
-        assert type(trainer).__name__ == ("OffloadingTrainer" if offload else "Trainer")
+        assert type(trainer).__name__ == ("OffloadingTrainer" if offload else "LeanTrainer")
         batch = dataset_lib.collator(tokenizer, True)([{k: r[k] for k in ("input_ids", "labels")}
                                                        for r in train_ds.select(range(4))])
         before = len(packed_shapes)
@@ -235,3 +266,85 @@ def test_cpu_embedding_table_keeps_outputs_and_model_device():
         torch.testing.assert_close(m(input_ids=ids).logits, ref)
     m.enable_input_require_grads()
     assert m.get_input_embeddings()(ids).requires_grad
+
+
+def test_lean_trainer_steps_like_the_stock_trainer(smoke_run, tmp_path):
+    """The product's Trainer subclass skips per-step module walks and a GPU sync; over real steps
+    it gives the stock Trainer's losses, gradient norms, token count and FLOPs, and a switch to
+    eval mid-run (sample replies) is undone before the next step."""
+    from transformers import Trainer, TrainerCallback
+
+    torch.set_num_threads(1)
+    cfg = _cfg(smoke_run, "lora")
+    cfg.lora.dropout = 0.1  # dropout makes train mode visible in the loss
+    cfg.training.max_steps, cfg.training.logging_steps, cfg.training.micro_batch_size = 6, 1, 4
+    cfg.training.grad_accum, cfg.training.save_steps = 2, 10 ** 6
+    cfg.training.gradient_checkpointing = True
+    tokenizer, template, _m, new_ids = train_lib.load_tokenizer_and_template(cfg)
+    train_ds, *_ = train_lib.prepare_data(cfg, tokenizer, template)
+
+    class EvalMidRun(TrainerCallback):  # what write_samples does between steps
+        def on_step_end(self, args, state, control, model=None, **kw):
+            if state.global_step == 3:
+                model.eval()
+
+    out = {}
+    for lean in (True, False):
+        torch.manual_seed(0)
+        model = model_lib.load_for_training(cfg, tokenizer, new_ids)
+        trainer = train_lib.build_trainer(cfg, tmp_path / f"lean-{lean}", model, tokenizer, template, train_ds, None,
+                                          callbacks=[EvalMidRun()])
+        if not lean:
+            trainer = Trainer(model=model, args=trainer.args, train_dataset=train_ds,
+                              data_collator=trainer.data_collator, processing_class=tokenizer,
+                              callbacks=[EvalMidRun()])
+        else:
+            assert type(trainer).__name__ == "LeanTrainer"
+        # from_pretrained leaves the base model in eval mode under a PeftModel in train mode: the
+        # decoder layers must train (their checkpointing and dropout depend on it) from step 1 on
+        layer_modes = []
+        model.get_base_model().model.layers[0].register_forward_pre_hook(
+            lambda mod, args: layer_modes.append(mod.training))
+        trainer.train()
+        assert len(layer_modes) >= 12 and all(layer_modes), layer_modes
+        assert all(m.training for m in model.modules())  # the eval switch at step 3 was undone
+        hist = [h for h in trainer.state.log_history if "loss" in h]
+        out[lean] = ([h["loss"] for h in hist], [h["grad_norm"] for h in hist], trainer.state.num_input_tokens_seen,
+                     trainer.state.total_flos)
+    assert len(out[True][0]) == 6
+    assert out[True][0] == pytest.approx(out[False][0], rel=1e-6)
+    assert out[True][1] == pytest.approx(out[False][1], rel=1e-5)
+    assert out[True][2] == out[False][2] > 0
+    assert out[True][3] == out[False][3] > 0
+
+
+def test_fused_lora_falls_back_outside_plain_training(smoke_run):
+    """Chat's disable_adapter(), eval mode and LoRA dropout take PEFT's own forward."""
+    from core import fused_lora
+
+    torch.set_num_threads(1)
+    cfg = _cfg(smoke_run, "lora")
+    cfg.training.fused_lora = True
+    tokenizer, _template, _m, new_ids = train_lib.load_tokenizer_and_template(cfg)
+    model = model_lib.load_for_training(cfg, tokenizer, new_ids)
+    layer = next(m for m in model.modules() if hasattr(m, "lora_A"))
+    torch.nn.init.normal_(layer.lora_B["default"].weight)  # B = 0 at init would hide the adapter
+    x = torch.randn(2, 5, layer.in_features)
+    model.train()
+    fused_out = layer(x)
+    assert "forward" in layer.__dict__
+    with model.disable_adapter():
+        torch.testing.assert_close(layer(x), layer.get_base_layer()(x))
+    model.eval()
+    torch.testing.assert_close(layer(x), fused_out, rtol=1e-5, atol=1e-6)  # PEFT's forward, same value
+    assert not torch.allclose(fused_out, layer.get_base_layer()(x))
+    model.train()
+    layer.lora_dropout["default"] = torch.nn.Dropout(0.5)  # dropout: PEFT's path (random masks)
+    calls = []
+    orig = fused_lora.LoRALinear.apply
+    fused_lora.LoRALinear.apply = lambda *a: calls.append(1) or orig(*a)
+    try:
+        layer(x)
+    finally:
+        fused_lora.LoRALinear.apply = orig
+    assert calls == []

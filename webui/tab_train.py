@@ -310,7 +310,8 @@ def status_markdown(v: dict) -> str:
         on = [name for key, name in (("padding_free", "padding-free"), ("packing", "packing"),
                                      ("gradient_checkpointing", "checkpointing"),
                                      ("offload_activations", "activations in CPU RAM"),
-                                     ("embeddings_on_cpu", "embeddings in CPU RAM"), ("fp32_upcast", "fp32 upcast"))
+                                     ("embeddings_on_cpu", "embeddings in CPU RAM"), ("fp32_upcast", "fp32 upcast"),
+                                     ("fused_lora", "fused LoRA layers"))
               if sp.get(key) is True]
         kernels = f"kernels {sp['kernels']}" if sp.get("kernels") not in (None, "off") else "no fused kernels"
         md += f"\n\nspeed path: {', '.join(on) or 'defaults'}; {kernels}; optimizer {sp.get('optimizer')}"
