@@ -5,6 +5,6 @@ export PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1 GRADIO_ANALYTICS_ENABLED=False
 OUT="${OUT:-/tmp/out}"; mkdir -p "$OUT"
 if [ -d .whl ]; then
   python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl || exit 1
-  export PYTHONPATH="/tmp/site:$PWD/.whl/site:$PWD"
+  export PYTHONPATH="/tmp/site:$PWD/.whl/site:$PWD" PATH="/tmp/site/bin:$PATH"
 fi
 export LORASTUDIO_HOME=/tmp/lshome

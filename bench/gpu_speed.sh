@@ -2,6 +2,7 @@
 # Issue 6 speed/memory, one device call per shape group, the stock baseline in the same call:
 #   bash bench/gpu_speed.sh qlora8b   # Llama-3.1-8B shape, QLoRA, real chat lengths, 8 samples/step:
 #                                     #   stock (dropout 0.1 = XTuner's recipe, and 0), fast (default)
+#   bash bench/gpu_speed.sh pyspy8b   # the fast path's CPU time by function (py-spy)
 #   bash bench/gpu_speed.sh mem8b     # Llama-3.1-8B shape, QLoRA, 1 x 2048 random tokens: stock, fast, fast in 7.5 GiB
 #   bash bench/gpu_speed.sh small     # Qwen2.5-0.5B and 1.5B shapes, bf16 LoRA, chat lengths: stock and fast
 #   bash bench/gpu_speed.sh long-stock          # stock's longest sequence within 80 GiB (bisection)
@@ -28,13 +29,21 @@ one() {  # label, then speed.py args; the log of each run kept, a one-line summa
 }
 
 case "$GROUP" in
-  qlora8b)
+  qlora8b)  # 30 steps, the first 5 untimed; a short warm-up run first fills Triton's kernel cache
+    # (a fresh machine compiles liger's kernels in the first run); "fast" twice: the run-to-run spread
     python3 bench/make_random_model.py llama3.1-8b /tmp/m8b
-    one stock-d0.1 --model /tmp/m8b --side stock --method qlora --dropout 0.1
-    one stock-d0 --model /tmp/m8b --side stock --method qlora --dropout 0
-    one stock-d0-nocudnn --model /tmp/m8b --side stock --method qlora --dropout 0 --cudnn-sdpa off
-    one fast --model /tmp/m8b --side fast --method qlora
-    one fast-gc-on --model /tmp/m8b --side fast --method qlora --gc on
+    S=(--steps 30 --warmup 5)
+    one warm-up --model /tmp/m8b --side fast --method qlora --steps 8
+    [ -n "${SKIP_D01:-}" ] || one stock-d0.1 --model /tmp/m8b --side stock --method qlora --dropout 0.1 "${S[@]}"
+    one stock-d0 --model /tmp/m8b --side stock --method qlora --dropout 0 "${S[@]}"
+    one fast --model /tmp/m8b --side fast --method qlora "${S[@]}"
+    one fast-unfused --model /tmp/m8b --side fast --method qlora --fused off "${S[@]}"
+    one fast-again --model /tmp/m8b --side fast --method qlora "${S[@]}"
+    ;;
+  pyspy8b)  # where the fast path's CPU time goes: py-spy over the timed steps, by function
+    python3 bench/make_random_model.py llama3.1-8b /tmp/m8b
+    one fast-pyspy --model /tmp/m8b --side fast --method qlora --steps 30 --pyspy 15 --pyspy-out "$OUT/pyspy.txt"
+    sleep 2; python3 bench/stacks.py "$OUT/pyspy.txt" --top 45 > "$OUT/pyspy-summary.txt"; head -100 "$OUT/pyspy-summary.txt"
     ;;
   mem8b)
     python3 bench/make_random_model.py llama3.1-8b /tmp/m8b
@@ -44,13 +53,14 @@ case "$GROUP" in
     # moves the embedding table to CPU RAM; peak_device_used_gib (context + managed memory) is the figure
     one mem-fast-7.5 --model /tmp/m8b --side fast --method qlora --seq 2048 --mb 1 --steps 6 --gpu-mem 7.5
     ;;
-  small)
+  small)  # stock at the fast path's dropout 0 (SKIP_D01 unset: also 0.1, XTuner's recipe)
+    S=(--steps 30 --warmup 5)
     for shape in qwen2.5-0.5b qwen2.5-1.5b; do
       python3 bench/make_random_model.py $shape /tmp/$shape
-      one $shape-stock --model /tmp/$shape --side stock --method lora --dropout 0.1
-      one $shape-stock-d0 --model /tmp/$shape --side stock --method lora --dropout 0
-      one $shape-fast --model /tmp/$shape --side fast --method lora
-      one $shape-fast-gc-on --model /tmp/$shape --side fast --method lora --gc on
+      [ -n "${SKIP_D01:-}" ] || one $shape-stock --model /tmp/$shape --side stock --method lora --dropout 0.1 "${S[@]}"
+      one $shape-stock-d0 --model /tmp/$shape --side stock --method lora --dropout 0 "${S[@]}"
+      one $shape-warm-up --model /tmp/$shape --side fast --method lora --steps 8
+      one $shape-fast --model /tmp/$shape --side fast --method lora "${S[@]}"
     done
     ;;
   long-stock)  # stock's longest trainable sequence on a card capped at 80 GiB (bisection, one process)

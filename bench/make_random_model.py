@@ -28,6 +28,9 @@ def main(shape: str, out: str) -> None:
 
     from core import tiny
 
+    if (Path(out) / "config.json").exists():  # built earlier in this call (or on a still-warm machine)
+        print(f"{out}: already built")
+        return
     cls_name, kw = SHAPES[shape]
     cfg = getattr(transformers, cls_name)(max_position_embeddings=32768, eos_token_id=2, pad_token_id=3,
                                           bos_token_id=None, **kw)

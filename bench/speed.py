@@ -148,6 +148,8 @@ def build_fast(a, tokenizer, ds, callbacks):
         training["gradient_checkpointing"] = a.gc == "on"
     if a.kernels != "default":
         training["kernels"] = a.kernels
+    if a.fused != "default":
+        training["fused_lora"] = a.fused == "on"
     raw = {"model": {"name_or_path": a.model}, "method": a.method,
            "lora": {"r": 64, "alpha": 16, "dropout": a.dropout, "target_modules": TARGETS},
            "template": {"cutoff_len": 1 << 20}, "training": training}
@@ -164,7 +166,7 @@ def build_fast(a, tokenizer, ds, callbacks):
     t = cfg.training
     return trainer, {"optimizer": t.optimizer, "gradient_checkpointing": t.gradient_checkpointing,
                      "embeddings_on_cpu": cfg.model.embeddings_on_cpu, "offload_activations": t.offload_activations,
-                     "kernels": t.kernels, "padding_free": cfg.template.padding_free,
+                     "kernels": t.kernels, "fused_lora": t.fused_lora, "padding_free": cfg.template.padding_free,
                      "fp32_upcast": cfg.quantization.fp32_upcast}
 
 
@@ -179,23 +181,42 @@ def run(a) -> dict:
     tokenizer = AutoTokenizer.from_pretrained(a.model)
     sampler = MemSampler()
     steps: list[dict] = []
+    span: dict = {}
 
     cuda = torch.cuda.is_available()  # CPU: a dry check of the harness on a tiny model (no memory figures)
     sync = torch.cuda.synchronize if cuda else (lambda: None)
 
     class Timer(TrainerCallback):
+        # Throughput is wall-clock over the timed steps with one GPU sync at each end: a sync
+        # per step would stall the CPU's launch queue and charge both sides for the harness.
+        # Per-step times are then the CPU's view (a step's work may finish in the next one).
         def on_step_begin(self, args, state, control, **kw):
-            sync()
+            if len(steps) == a.warmup or a.sync_steps:
+                sync()
+            if len(steps) == a.warmup:
+                span.update(t0=time.perf_counter(), tok0=state.num_input_tokens_seen)
             self.on_step_begin_profile(state)
             self.t0, self.tok0 = time.perf_counter(), state.num_input_tokens_seen
 
         def on_step_end(self, args, state, control, **kw):
-            sync()
-            steps.append({"step": state.global_step, "s": time.perf_counter() - self.t0,
+            if state.global_step == state.max_steps or a.sync_steps:
+                sync()
+            now = time.perf_counter()
+            steps.append({"step": state.global_step, "s": now - self.t0,
                           "tokens": state.num_input_tokens_seen - self.tok0})
+            span.update(t1=now, tok1=state.num_input_tokens_seen)
             self.on_step_end_profile(state)
 
         def on_step_begin_profile(self, state):
+            if a.pyspy and len(steps) == a.warmup:  # sampled Python stacks of the timed steps
+                import os
+                import subprocess
+
+                try:
+                    subprocess.Popen(["py-spy", "record", "--pid", str(os.getpid()), "--duration", str(a.pyspy),
+                                      "--rate", "200", "--nonblocking", "--format", "raw", "-o", a.pyspy_out])
+                except OSError as e:
+                    print(f"py-spy not started: {e}", flush=True)
             if a.profile and state.global_step == 8:
                 from torch.profiler import ProfilerActivity, profile
 
@@ -228,8 +249,8 @@ def run(a) -> dict:
     sampler.stop = True
     gib = (lambda f: round(f() / 2 ** 30, 2)) if cuda else (lambda f: None)
     timed = steps[a.warmup:]
-    tok = sum(s["tokens"] for s in timed)
-    sec = sum(s["s"] for s in timed)
+    tok = span["tok1"] - span["tok0"] if "t0" in span else 0
+    sec = span["t1"] - span["t0"] if "t0" in span else 0.0
     tps = tok / sec if sec else 0.0
     n_mm = matmul_params(a.model)
     return {
@@ -315,8 +336,12 @@ def main(argv=None) -> int:
     r.add_argument("--optim", default="auto", help="auto: the product's default; stock: the Trainer's default")
     r.add_argument("--gc", default="default", help="on/off/default (stock: on unless off)")
     r.add_argument("--kernels", default="default", help="fast side: off/loss/all/default")
+    r.add_argument("--fused", default="default", help="fast side: fused LoRA layers on/off/default")
     r.add_argument("--cudnn-sdpa", default="on", choices=["on", "off"], help="stock side: torch's default (on) or off")
     r.add_argument("--profile", type=int, default=0, help="profile this many steps from step 9; print top ops")
+    r.add_argument("--pyspy", type=int, default=0, help="seconds of py-spy sampling from the first timed step")
+    r.add_argument("--pyspy-out", default="pyspy.txt", help="collapsed stacks (py-spy --format raw)")
+    r.add_argument("--sync-steps", action="store_true", help="sync the GPU at every step boundary (attribution)")
     r.add_argument("--gpu-mem", type=float, default=0, help="fast side: training.gpu_memory_gib (the memory budget)")
     r.add_argument("--bisect", action="store_true", help="stock side: longest trainable --seq under --cap GiB")
     r.add_argument("--cap", type=float, default=0, help="GiB cap for --bisect (fast side: its memory budget)")
