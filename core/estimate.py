@@ -68,13 +68,15 @@ EAGER_SCORE_BYTES = 16  # eager attention, per head x s x s: scores, softcap, fp
 NF4_BLOCK = 64
 
 # Measured training throughput, tokens/s, per (params class, method, card). Only figures in
-# docs/BENCHMARKS.md are listed; anything else is "unmeasured". Those two were measured at tiny
-# sequence lengths (mean 36 tokens), so they understate long-sequence throughput.
+# docs/BENCHMARKS.md are listed; anything else is "unmeasured". The 0.5B QLoRA figure was measured
+# at tiny sequence lengths (mean 36 tokens), so it understates longer samples; the rest are the
+# default path on real chat lengths (mean 194 tokens, 8 samples a step), r=64 on 7 projections.
+_CHAT = "docs/BENCHMARKS.md, issue 6: real chat lengths, 8 samples/step, r=64 on 7 projections"
 THROUGHPUT: dict[tuple[str, str, str], dict] = {
     ("0.5B", "qlora", "H200"): {"tokens_per_s": 366, "source": "docs/BENCHMARKS.md, issue 2 smoke (short samples)"},
-    ("0.5B", "lora", "H200"): {"tokens_per_s": 540, "source": "docs/BENCHMARKS.md, issue 2 smoke (short samples)"},
-    ("7B", "qlora", "H200"): {"tokens_per_s": 3740, "source": "docs/BENCHMARKS.md, issue 6: Llama-3.1-8B shape, "
-                                                          "r=64 on 7 projections, real chat lengths, 8 samples/step"},
+    ("0.5B", "lora", "H200"): {"tokens_per_s": 7281, "source": _CHAT + ", Qwen2.5-0.5B shape"},
+    ("1.5B", "lora", "H200"): {"tokens_per_s": 6778, "source": _CHAT + ", Qwen2.5-1.5B shape"},
+    ("7B", "qlora", "H200"): {"tokens_per_s": 3563, "source": _CHAT + ", Llama-3.1-8B shape (the slower of two runs)"},
 }
 
 
