@@ -3,6 +3,7 @@
 #   bash bench/gpu_speed.sh qlora8b   # Llama-3.1-8B shape, QLoRA, real chat lengths, 8 samples/step:
 #                                     #   stock (dropout 0.1 = XTuner's recipe, and 0), fast (default)
 #   bash bench/gpu_speed.sh pyspy8b   # the fast path's CPU time by function (py-spy)
+#   bash bench/gpu_speed.sh graphs    # eager step vs the same step as a CUDA graph (the CPU-free ceiling)
 #   bash bench/gpu_speed.sh mem8b     # Llama-3.1-8B shape, QLoRA, 1 x 2048 random tokens: stock, fast, fast in 7.5 GiB
 #   bash bench/gpu_speed.sh small     # Qwen2.5-0.5B and 1.5B shapes, bf16 LoRA, chat lengths: stock and fast
 #   bash bench/gpu_speed.sh long-stock          # stock's longest sequence within 80 GiB (bisection)
@@ -62,6 +63,15 @@ case "$GROUP" in
       one $shape-warm-up --model /tmp/$shape --side fast --method lora --steps 8
       one $shape-fast --model /tmp/$shape --side fast --method lora "${S[@]}"
     done
+    ;;
+  graphs)  # the step without its CPU cost: eager vs one CUDA graph replayed (bench/graph_probe.py)
+    python3 bench/make_random_model.py llama3.1-8b /tmp/m8b
+    python3 bench/graph_probe.py /tmp/m8b --method qlora --bucket 2048 --out "$OUT/graphs.jsonl" > "$OUT/graph-8b.log" 2>&1
+    echo "graph 8b rc=$?"; grep '^{\|graph vs\|peak\|Error' "$OUT/graph-8b.log" | cut -c1-400
+    python3 bench/make_random_model.py qwen2.5-1.5b /tmp/qwen2.5-1.5b
+    python3 bench/graph_probe.py /tmp/qwen2.5-1.5b --method lora --bucket 2048 --out "$OUT/graphs.jsonl" > "$OUT/graph-1.5b.log" 2>&1
+    echo "graph 1.5b rc=$?"; grep '^{\|graph vs\|peak\|Error' "$OUT/graph-1.5b.log" | cut -c1-400
+    exit 0
     ;;
   long-stock)  # stock's longest trainable sequence on a card capped at 80 GiB (bisection, one process)
     python3 bench/make_random_model.py llama3.1-8b /tmp/m8b

@@ -8,8 +8,8 @@ backward recomputes the frozen weight (4-bit: dequantized again, as bitsandbytes
 returns fp32 gradients for the fp32 adapter weights. Same maths as PEFT's vanilla LoRA (no
 dropout, no DoRA): tests/test_fastpath.py compares outputs and gradients.
 
-Used only while training, with one active adapter and no dropout; anything else (chat's
-disable_adapter(), merged weights, several adapters) takes PEFT's own forward."""
+Used only while training, with one active adapter, no dropout and a frozen base weight; anything
+else (chat's disable_adapter(), merged weights, several adapters) takes PEFT's own forward."""
 
 from __future__ import annotations
 
@@ -67,10 +67,12 @@ def _fused_forward(self, x, *args, **kwargs):
             or not isinstance(self.lora_dropout[adapters[0]], torch.nn.Identity)):
         return type(self).forward(self, x, *args, **kwargs)
     name = adapters[0]
+    base = self.get_base_layer()
+    if base.weight.requires_grad:  # a trained base weight: its gradient is PEFT's business
+        return type(self).forward(self, x, *args, **kwargs)
     device_type = x.device.type
     dtype = torch.get_autocast_dtype(device_type) if torch.is_autocast_enabled(device_type) else x.dtype
-    return LoRALinear.apply(x, self.lora_A[name].weight, self.lora_B[name].weight, self.get_base_layer(),
-                            self.scaling[name], dtype)
+    return LoRALinear.apply(x, self.lora_A[name].weight, self.lora_B[name].weight, base, self.scaling[name], dtype)
 
 
 def install(model) -> int:

@@ -345,6 +345,12 @@ def test_fused_lora_falls_back_outside_plain_training(smoke_run):
     fused_lora.LoRALinear.apply = lambda *a: calls.append(1) or orig(*a)
     try:
         layer(x)
+        assert calls == []
+        layer.lora_dropout["default"] = torch.nn.Identity()
+        layer(x)
+        assert calls == [1]  # back on the fused path
+        layer.get_base_layer().weight.requires_grad_(True)  # a trained base weight: PEFT's path
+        layer(x)
+        assert calls == [1]
     finally:
         fused_lora.LoRALinear.apply = orig
-    assert calls == []
