@@ -23,41 +23,41 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
-TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+from speed import TARGETS, rows_for  # noqa: E402 - bench/ is this script's own directory
 
 
-def batches(path: str, vocab: int, mb: int, bucket: int, n: int, pad_id: int):
-    """n micro-batches of mb chat samples each, packed into one row; with bucket > 0 the row is
-    padded to bucket tokens by a trailing segment (labels -100) and samples that would not fit
-    are left for the next batch. Returns dicts of CPU tensors + the real token count."""
+def batches(path: str, vocab: int, mb: int, bucket: int, n: int, tokenizer):
+    """n micro-batches of up to mb chat samples, each one padding-free row from the product's
+    collator; with bucket > 0 samples that would not fit are left for the next batch and the row
+    is padded to bucket tokens by a trailing segment (labels -100, positions restarting).
+    Returns dicts of CPU tensors, the segment index of each token and the real token count."""
+    import argparse
+
     import torch
 
-    rows = [json.loads(x) for x in open(path)]
+    from core import dataset as dataset_lib
+
+    collate = dataset_lib.collator(tokenizer, padding_free=True)
+    rows = rows_for(argparse.Namespace(seq=0, tokens=path), vocab)
     out, i = [], 0
     while len(out) < n and i < len(rows):
-        ids, labels, pos, real = [], [], [], 0
-        for _ in range(mb):
-            if i >= len(rows):
+        take, real = [], 0
+        while len(take) < mb and i < len(rows):
+            k = len(rows[i]["input_ids"])
+            if bucket and real + k > bucket - 1:
                 break
-            r = rows[i]
-            if bucket and real + len(r["input_ids"]) > bucket - 1:
-                break
+            take.append(rows[i])
+            real += k
             i += 1
-            ids += [t % vocab for t in r["input_ids"]]
-            # the first token of each sample predicts nothing across the boundary (as the collator)
-            lab = [-100 if t == -100 else t % vocab for t in r["labels"]]
-            labels += [-100] + lab[1:]
-            pos += list(range(len(r["input_ids"])))
-            real += len(r["input_ids"])
+        b = collate(take)
         if bucket:
             pad = bucket - real
-            ids += [pad_id] * pad
-            labels += [-100] * pad
-            pos += list(range(pad))
-        seg = torch.tensor(pos) == 0
-        doc = torch.cumsum(seg.long(), 0)
-        out.append({"input_ids": torch.tensor([ids]), "labels": torch.tensor([labels]),
-                    "position_ids": torch.tensor([pos]), "doc": doc, "real": real})
+            b = {"input_ids": torch.cat([b["input_ids"], torch.full((1, pad), tokenizer.pad_token_id)], 1),
+                 "labels": torch.cat([b["labels"], torch.full((1, pad), -100)], 1),
+                 "position_ids": torch.cat([b["position_ids"], torch.arange(pad)[None]], 1)}
+        doc = torch.cumsum((b["position_ids"][0] == 0).long(), 0)
+        out.append({"input_ids": b["input_ids"], "labels": b["labels"], "position_ids": b["position_ids"],
+                    "doc": doc, "real": real})
     return out
 
 
@@ -109,8 +109,8 @@ def main() -> None:
     amp = torch.autocast(dev, dtype=torch.bfloat16, enabled=cuda, cache_enabled=False)  # no cast cache in graphs
     sync = torch.cuda.synchronize if cuda else (lambda: None)
     n = 3 + a.steps
-    free = batches(a.tokens, vocab, a.mb, 0, n, tok.pad_token_id)
-    bucketed = batches(a.tokens, vocab, a.mb, a.bucket, n, tok.pad_token_id)
+    free = batches(a.tokens, vocab, a.mb, 0, n, tok)
+    bucketed = batches(a.tokens, vocab, a.mb, a.bucket, n, tok)
 
     def to_dev(b):
         return {"input_ids": b["input_ids"].to(dev), "labels": b["labels"].to(dev),

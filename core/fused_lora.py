@@ -62,13 +62,11 @@ class LoRALinear(torch.autograd.Function):
 def _fused_forward(self, x, *args, **kwargs):
     """PEFT LoraLayer.forward, fused when the layer is in the plain training case."""
     adapters = self.active_adapters
-    if (args or kwargs or not self.training or self.disable_adapters or self.merged or len(adapters) != 1
-            or adapters[0] not in self.lora_A or adapters[0] in getattr(self, "lora_variant", {})
-            or not isinstance(self.lora_dropout[adapters[0]], torch.nn.Identity)):
-        return type(self).forward(self, x, *args, **kwargs)
-    name = adapters[0]
+    name = adapters[0] if len(adapters) == 1 else None
     base = self.get_base_layer()
-    if base.weight.requires_grad:  # a trained base weight: its gradient is PEFT's business
+    if (args or kwargs or not self.training or self.disable_adapters or self.merged or name not in self.lora_A
+            or name in getattr(self, "lora_variant", {}) or not isinstance(self.lora_dropout[name], torch.nn.Identity)
+            or base.weight.requires_grad):  # a trained base weight: its gradient is PEFT's business
         return type(self).forward(self, x, *args, **kwargs)
     device_type = x.device.type
     dtype = torch.get_autocast_dtype(device_type) if torch.is_autocast_enabled(device_type) else x.dtype

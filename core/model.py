@@ -104,9 +104,8 @@ def load_for_training(cfg: RunConfig, tokenizer, new_token_ids: list[int] | None
         import torch
 
         plain = type(model.get_input_embeddings()) is torch.nn.Embedding  # not e.g. Gemma's scaled one
-        if new_token_ids or model.config.get_text_config().tie_word_embeddings or not plain:
-            pass  # trained rows of added tokens, a table shared with lm_head, a custom module: stay on the GPU
-        else:
+        # trained rows of added tokens, a table shared with lm_head, a custom module: stay on the GPU
+        if plain and not new_token_ids and not model.config.get_text_config().tie_word_embeddings:
             embeddings_on_cpu(model)
 
     gc = bool(cfg.training.gradient_checkpointing)

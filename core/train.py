@@ -244,28 +244,21 @@ def memory_plan(cfg, lengths: list[int]) -> tuple[dict, list[str]]:
         # the allocator's cap (the CUDA context and managed memory come on top: the plan counts them)
         torch.cuda.set_per_process_memory_fraction(min(1.0, t.gpu_memory_gib * 2 ** 30 / total))
         reasons.append(f"budget {t.gpu_memory_gib:g} GiB (training.gpu_memory_gib)")
-    if t.gpus > 1:
-        # every rank must make the same choice (an optimizer per rank that differs would split the
-        # replicas) and free memory differs by rank: multi-GPU runs keep the safe static settings
-        decided = {}
-        if t.gradient_checkpointing == "auto":
-            t.gradient_checkpointing = decided["training.gradient_checkpointing"] = True
-        if t.optimizer == "auto":
-            t.optimizer = decided["training.optimizer"] = "adamw_torch_fused"
-        if cfg.model.embeddings_on_cpu == "auto":
-            cfg.model.embeddings_on_cpu = decided["model.embeddings_on_cpu"] = False
-        if t.offload_activations == "auto":
-            t.offload_activations = decided["training.offload_activations"] = False
-        return decided, reasons + ["multi-GPU: checkpointing on, fused AdamW, embeddings and activations on the "
-                                   "GPU unless set"]
-    try:
-        arch = estimate.arch_for(cfg.model.name_or_path)
-    except Exception:  # noqa: BLE001 - an unknown architecture keeps the safe settings
-        arch = None
+    # multi-GPU: every rank must make the same choice (an optimizer per rank that differs would
+    # split the replicas) and free memory differs by rank: the safe static settings, those the
+    # plan gives an unknown architecture
+    arch = None
+    if t.gpus == 1:
+        try:
+            arch = estimate.arch_for(cfg.model.name_or_path)
+        except Exception:  # noqa: BLE001 - an unknown architecture keeps the safe settings
+            pass
     decided, why = estimate.memory_plan(cfg, arch, max_tokens, budget)
     for key, value in decided.items():
         section, field = key.split(".")
         setattr(getattr(cfg, section), field, value)
+    if t.gpus > 1:
+        why = ["multi-GPU: checkpointing on, fused AdamW, embeddings and activations on the GPU unless set"]
     return decided, reasons + why
 
 
