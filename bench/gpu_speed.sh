@@ -2,6 +2,7 @@
 # Issue 6 speed/memory, one device call per shape group, the stock baseline in the same call:
 #   bash bench/gpu_speed.sh qlora8b   # Llama-3.1-8B shape, QLoRA, real chat lengths, 8 samples/step:
 #                                     #   stock (dropout 0.1 = XTuner's recipe, and 0), fast (default)
+#   LOGS=/tmp/logs bash bench/gpu_speed.sh tune  # row padding / allocator / liger variants, 8B + 1.5B
 #   bash bench/gpu_speed.sh pyspy8b   # the fast path's CPU time by function (py-spy)
 #   bash bench/gpu_speed.sh graphs    # eager step vs the same step as a CUDA graph (the CPU-free ceiling)
 #   bash bench/gpu_speed.sh mem8b     # Llama-3.1-8B shape, QLoRA, 1 x 2048 random tokens: stock, fast, fast in 7.5 GiB
@@ -18,15 +19,16 @@ nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader
 python3 -c "import torch, transformers, peft, bitsandbytes, trl; print('torch', torch.__version__, 'transformers', transformers.__version__, 'peft', peft.__version__, 'bnb', bitsandbytes.__version__, 'trl', trl.__version__)"
 python3 -c "import liger_kernel, triton; print('liger-kernel ok, triton', triton.__version__)" || echo "no liger-kernel"
 TOK=.bench/chat_tokens.jsonl
+LOGS="${LOGS:-$OUT}"; mkdir -p "$LOGS"  # a call returns at most 8 files: LOGS=/tmp/logs for many runs
 R=(python3 bench/speed.py run --tokens "$TOK" --out "$OUT/speed.jsonl")
 
 one() {  # label, then speed.py args; the log of each run kept, a one-line summary printed
   local label="$1"; shift
   local t0=$SECONDS
-  "${R[@]}" --label "$label" "$@" "${EXTRA[@]}" > "$OUT/$label.log" 2>&1
+  "${R[@]}" --label "$label" "$@" "${EXTRA[@]}" > "$LOGS/$label.log" 2>&1
   local rc=$?
-  echo "$label rc=$rc $((SECONDS - t0))s $(grep -o '"non_pad_tokens_per_s": [0-9.]*\|"peak_device_used_gib": [0-9.]*\|"peak_reserved_gib": [0-9.]*' "$OUT/$label.log" | tr '\n' ' ')"
-  [ $rc -eq 0 ] || tail -25 "$OUT/$label.log"
+  echo "$label rc=$rc $((SECONDS - t0))s $(grep -o '"non_pad_tokens_per_s": [0-9.]*\|"peak_device_used_gib": [0-9.]*\|"peak_reserved_gib": [0-9.]*' "$LOGS/$label.log" | tr '\n' ' ')"
+  [ $rc -eq 0 ] || tail -25 "$LOGS/$label.log"
 }
 
 case "$GROUP" in
@@ -40,6 +42,29 @@ case "$GROUP" in
     one fast --model /tmp/m8b --side fast --method qlora "${S[@]}"
     one fast-unfused --model /tmp/m8b --side fast --method qlora --fused off "${S[@]}"
     one fast-again --model /tmp/m8b --side fast --method qlora "${S[@]}"
+    ;;
+  tune)  # which row layout and allocator the fast path wants: padding-free rows padded to a
+    # multiple of 1 (none), 8, 64 (the default), 256; the expandable-segments allocator; liger off.
+    # 8B QLoRA then 1.5B LoRA, stock d0 in the same call; run logs in $LOGS
+    python3 bench/make_random_model.py llama3.1-8b /tmp/m8b
+    S=(--steps 30 --warmup 5)
+    M=(--model /tmp/m8b --side fast --method qlora)
+    one warm-up "${M[@]}" --steps 8
+    one stock-d0 --model /tmp/m8b --side stock --method qlora --dropout 0 "${S[@]}"
+    one fast "${M[@]}" "${S[@]}"
+    one fast-pad1 "${M[@]}" --pad 1 "${S[@]}"
+    one fast-pad256 "${M[@]}" --pad 256 "${S[@]}"
+    one fast-pad8 "${M[@]}" --pad 8 "${S[@]}"
+    PYTORCH_CUDA_ALLOC_CONF=expandable_segments:True one fast-expandable "${M[@]}" "${S[@]}"
+    one fast-kernels-off "${M[@]}" --kernels off "${S[@]}"
+    one fast-again "${M[@]}" "${S[@]}"
+    python3 bench/make_random_model.py qwen2.5-1.5b /tmp/qwen2.5-1.5b
+    M=(--model /tmp/qwen2.5-1.5b --side fast --method lora)
+    one 1.5b-stock-d0 --model /tmp/qwen2.5-1.5b --side stock --method lora --dropout 0 "${S[@]}"
+    one 1.5b-warm-up "${M[@]}" --steps 8
+    one 1.5b-fast "${M[@]}" "${S[@]}"
+    one 1.5b-fast-pad1 "${M[@]}" --pad 1 "${S[@]}"
+    one 1.5b-fast-kernels-off "${M[@]}" --kernels off "${S[@]}"
     ;;
   pyspy8b)  # where the fast path's CPU time goes: py-spy over the timed steps, by function
     python3 bench/make_random_model.py llama3.1-8b /tmp/m8b

@@ -150,9 +150,12 @@ def build_fast(a, tokenizer, ds, callbacks):
         training["kernels"] = a.kernels
     if a.fused != "default":
         training["fused_lora"] = a.fused == "on"
+    template = {"cutoff_len": 1 << 20}
+    if a.pad:
+        template["pad_to_multiple_of"] = a.pad
     raw = {"model": {"name_or_path": a.model}, "method": a.method,
            "lora": {"r": 64, "alpha": 16, "dropout": a.dropout, "target_modules": TARGETS},
-           "template": {"cutoff_len": 1 << 20}, "training": training}
+           "template": template, "training": training}
     if a.method == "qlora":
         raw["quantization"] = {"bits": 4}
     cfg = config_lib.resolve(config_lib.from_dict(raw))
@@ -167,6 +170,8 @@ def build_fast(a, tokenizer, ds, callbacks):
     return trainer, {"optimizer": t.optimizer, "gradient_checkpointing": t.gradient_checkpointing,
                      "embeddings_on_cpu": cfg.model.embeddings_on_cpu, "offload_activations": t.offload_activations,
                      "kernels": t.kernels, "fused_lora": t.fused_lora, "padding_free": cfg.template.padding_free,
+                     "pad_to_multiple_of": cfg.template.pad_to_multiple_of,
+                     "alloc_conf": os.environ.get("PYTORCH_CUDA_ALLOC_CONF", ""),
                      "fp32_upcast": cfg.quantization.fp32_upcast}
 
 
@@ -337,6 +342,7 @@ def main(argv=None) -> int:
     r.add_argument("--gc", default="default", help="on/off/default (stock: on unless off)")
     r.add_argument("--kernels", default="default", help="fast side: off/loss/all/default")
     r.add_argument("--fused", default="default", help="fast side: fused LoRA layers on/off/default")
+    r.add_argument("--pad", type=int, default=0, help="fast side: template.pad_to_multiple_of (0: default)")
     r.add_argument("--cudnn-sdpa", default="on", choices=["on", "off"], help="stock side: torch's default (on) or off")
     r.add_argument("--profile", type=int, default=0, help="profile this many steps from step 9; print top ops")
     r.add_argument("--pyspy", type=int, default=0, help="seconds of py-spy sampling from the first timed step")

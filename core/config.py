@@ -56,6 +56,9 @@ class TemplateSection(_Section):
     # (same samples per step, same loss, no cross-sample attention); auto: on unless the model
     # runs remote code (its attention may ignore position_ids) or NEFTune is on
     padding_free: Literal["auto", True, False] = "auto"
+    # rows padded up to a multiple of this (pad after every real token, label -100): a CUDA step
+    # on a few aligned lengths beats one on varying odd ones; auto: 64 on CUDA, 1 (none) on CPU
+    pad_to_multiple_of: Literal["auto"] | int = "auto"
 
 
 class LoraSection(_Section):
@@ -272,6 +275,10 @@ def resolve(cfg: RunConfig) -> RunConfig:
         # off for remote code (its attention may ignore position_ids) and NEFTune (its noise is
         # scaled by the row's length, which a padding-free row multiplies)
         cfg.template.padding_free = not cfg.model.trust_remote_code and t.neftune_alpha is None
+    if cfg.template.pad_to_multiple_of == "auto":
+        cfg.template.pad_to_multiple_of = 64 if device == "cuda" else 1
+    elif cfg.template.pad_to_multiple_of < 1:
+        raise ConfigError(f"template.pad_to_multiple_of: {cfg.template.pad_to_multiple_of} must be 1 (no padding) or more")
     if t.kernels == "auto":
         t.kernels = "all" if device == "cuda" and liger_available() else "off"
     elif t.kernels != "off" and device != "cuda":

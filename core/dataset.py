@@ -63,12 +63,55 @@ def pack(dataset, seq_length: int):
     return pack_dataset(dataset, seq_length, strategy="bfd")
 
 
-def collator(tokenizer, padding_free: bool):
+def collator(tokenizer, padding_free: bool, pad_to_multiple_of: int = 1):
     """padding_free (packed rows, or template.padding_free): the micro-batch becomes one row,
     position_ids restart at each sample (HF builds a block-diagonal causal mask from them) and
     the label at each sample's first token is -100, so no sample attends to or predicts across
     another. Otherwise rows are padded to the longest by position: labels are padded with -100,
-    never masked by token id (pad may == eos)."""
+    never masked by token id (pad may == eos).
+
+    pad_to_multiple_of > 1: rows are padded up to a multiple of it (fewer distinct shapes and
+    aligned ones: a GPU step on rows of varying, odd lengths runs slower than on a few aligned
+    lengths, docs/BENCHMARKS.md). In a padding-free row the pad tokens continue the last sample's
+    positions: they come after every real token, so causal attention keeps them out of every real
+    token's view, they carry label -100, and the row's segment structure (and so its attention
+    path: one sample = plain causal) is unchanged. The pad count rides along as `num_pad_tokens`
+    (an int the trainer pops before the forward) so tokens/s counts real tokens only."""
     from trl.trainer.sft_trainer import DataCollatorForLanguageModeling
 
-    return DataCollatorForLanguageModeling(pad_token_id=tokenizer.pad_token_id, padding_free=padding_free)
+    if not padding_free:
+        return DataCollatorForLanguageModeling(pad_token_id=tokenizer.pad_token_id, padding_free=False,
+                                               pad_to_multiple_of=pad_to_multiple_of if pad_to_multiple_of > 1 else None)
+    base = DataCollatorForLanguageModeling(pad_token_id=tokenizer.pad_token_id, padding_free=True)
+    if pad_to_multiple_of <= 1:
+        return base
+    return _PaddedFlatCollator(base, tokenizer.pad_token_id, pad_to_multiple_of)
+
+
+class _PaddedFlatCollator:
+    """TRL's padding-free collator, then the row padded up to a multiple (see `collator`)."""
+
+    def __init__(self, base, pad_token_id: int, multiple: int):
+        self.base, self.pad_token_id, self.multiple = base, pad_token_id, multiple
+
+    def __call__(self, examples):
+        import torch
+
+        out = self.base(examples)
+        n = out["input_ids"].shape[1]
+        pad = -n % self.multiple
+        if pad:
+            last = out["position_ids"][0, -1]
+            out["input_ids"] = torch.cat([out["input_ids"], out["input_ids"].new_full((1, pad), self.pad_token_id)], 1)
+            out["labels"] = torch.cat([out["labels"], out["labels"].new_full((1, pad), -100)], 1)
+            out["position_ids"] = torch.cat([out["position_ids"], last + 1 + torch.arange(pad)[None]], 1)
+            # varlen attention kernels read the segments from these: the last one grows by `pad`
+            if "cu_seq_lens_q" in out:
+                cu = out["cu_seq_lens_q"].clone()
+                cu[-1] += pad
+                out["cu_seq_lens_q"] = out["cu_seq_lens_k"] = cu
+                out["max_length_q"] = out["max_length_k"] = int(cu.diff().max())
+            if "seq_idx" in out:
+                out["seq_idx"] = torch.cat([out["seq_idx"], out["seq_idx"][:, -1:].expand(1, pad)], 1)
+        out["num_pad_tokens"] = pad
+        return out

@@ -233,7 +233,7 @@ def memory_plan(cfg, lengths: list[int]) -> tuple[dict, list[str]]:
     if cfg.template.packing:
         max_tokens = cfg.template.cutoff_len * mb
     elif cfg.template.padding_free:
-        max_tokens = sum(longest[:mb])
+        max_tokens = sum(longest[:mb]) + _pad_multiple(cfg) - 1
     else:
         max_tokens = (longest[0] if longest else cfg.template.cutoff_len) * mb
     free, total = torch.cuda.mem_get_info()
@@ -316,11 +316,26 @@ def _trainer_class(offload_activations: bool):
                 return self.accelerator.clip_grad_norm_(self._trainable, self.args.max_grad_norm)
             return super()._clip_grad_norm(model)
 
+        _num_pad = 0  # pad tokens of the batch in hand (core.dataset.collator, padding-free rows)
+
+        def _prepare_inputs(self, inputs):
+            # the collator's pad count is for the token count, not the model (popped from the
+            # loop's own dict: the count is read before or after the step, by version)
+            if isinstance(inputs, dict) and "num_pad_tokens" in inputs:
+                self._num_pad = inputs.pop("num_pad_tokens")
+            return super()._prepare_inputs(inputs)
+
         def _track_num_input_tokens(self, inputs):
-            # padding-free rows hold no pad: every token counts, read from the shape (no GPU sync)
+            # padding-free rows: real tokens = the row's length less the collator's tail padding,
+            # read from the shape (no GPU sync)
             main = getattr(self.model, "main_input_name", "input_ids")
-            if self._trainable and self.args.include_num_input_tokens_seen == "all" and main in inputs:
-                self.state.num_input_tokens_seen += inputs[main].numel()
+            if self.args.include_num_input_tokens_seen == "all" and main in inputs:
+                n = inputs[main].numel() - inputs.get("num_pad_tokens", self._num_pad)
+                if self.args.world_size > 1:
+                    import torch
+
+                    n = self.accelerator.gather(torch.tensor(n, device=self.args.device)).sum().item()
+                self.state.num_input_tokens_seen += n
             else:
                 super()._track_num_input_tokens(inputs)
 
@@ -340,6 +355,11 @@ def _trainer_class(offload_activations: bool):
                 return super().compute_loss(model, inputs, *args, **kwargs)
 
     return OffloadingTrainer
+
+
+def _pad_multiple(cfg) -> int:
+    pad = cfg.template.pad_to_multiple_of
+    return pad if isinstance(pad, int) else 1  # "auto" unresolved (a caller of build_trainer alone): none
 
 
 class _OneToken:
@@ -404,7 +424,7 @@ def build_trainer(cfg, run_dir: Path, model, tokenizer, template, train_ds, eval
     )
     trainer = _trainer_class(t.offload_activations is True)(
         model=model, args=args, train_dataset=train_ds, eval_dataset=eval_ds,
-        data_collator=dataset_lib.collator(tokenizer, padding_free), processing_class=tokenizer,
+        data_collator=dataset_lib.collator(tokenizer, padding_free, _pad_multiple(cfg)), processing_class=tokenizer,
         callbacks=callbacks or [],
     )
     trainer.remove_callback(PrinterCallback)  # our Metrics callback logs one line per step instead
@@ -471,12 +491,12 @@ def train(cfg, run_dir: Path, resume: bool) -> int:
         cfg.training.kernels = "off"
     _write_json(run_dir, speed_path={
         "padding_free": bool(cfg.template.padding_free or cfg.template.packing), "packing": cfg.template.packing,
-        "kernels": t.kernels, "gradient_checkpointing": t.gradient_checkpointing, "optimizer": t.optimizer,
+        "pad_to_multiple_of": _pad_multiple(cfg), "kernels": t.kernels, "gradient_checkpointing": t.gradient_checkpointing, "optimizer": t.optimizer,
         "offload_activations": t.offload_activations, "embeddings_on_cpu": cfg.model.embeddings_on_cpu,
         "fused_lora": t.fused_lora, "fp32_upcast": cfg.quantization.fp32_upcast if cfg.method == "qlora" else None,
         "lora_dropout": cfg.lora.dropout if cfg.method != "full" else None})
     log(f"speed path: padding-free {bool(cfg.template.padding_free or cfg.template.packing)}, "
-        f"packing {cfg.template.packing}, kernels {t.kernels}, fused lora {t.fused_lora}, "
+        f"packing {cfg.template.packing}, rows padded to a multiple of {_pad_multiple(cfg)}, kernels {t.kernels}, fused lora {t.fused_lora}, "
         f"gradient checkpointing {t.gradient_checkpointing}, "
         f"fp32 upcast {cfg.quantization.fp32_upcast if cfg.method == 'qlora' else 'n/a'}, lora dropout {cfg.lora.dropout}, "
         f"optimizer {t.optimizer}, offload activations {t.offload_activations}, "

@@ -289,8 +289,9 @@ def test_lean_trainer_steps_like_the_stock_trainer(smoke_run, tmp_path):
                 model.eval()
 
     out = {}
-    for lean in (True, False):
+    for lean in (True, False, "padded"):
         torch.manual_seed(0)
+        cfg.template.pad_to_multiple_of = 64 if lean == "padded" else 1
         model = model_lib.load_for_training(cfg, tokenizer, new_ids)
         trainer = train_lib.build_trainer(cfg, tmp_path / f"lean-{lean}", model, tokenizer, template, train_ds, None,
                                           callbacks=[EvalMidRun()])
@@ -316,6 +317,56 @@ def test_lean_trainer_steps_like_the_stock_trainer(smoke_run, tmp_path):
     assert out[True][1] == pytest.approx(out[False][1], rel=1e-5)
     assert out[True][2] == out[False][2] > 0
     assert out[True][3] == out[False][3] > 0
+    # rows padded to a multiple of 64: the pad tail changes no loss (to dropout's draws, which follow
+    # the row's length: a pad token in the loss would move it by ~1e-2), tokens seen = real tokens only
+    assert out["padded"][0][0] == pytest.approx(out[True][0][0], rel=1e-6)  # step 1: the same masks
+    assert out["padded"][0] == pytest.approx(out[True][0], rel=1e-3)
+    assert out["padded"][1] == pytest.approx(out[True][1], rel=2e-2)
+    assert out["padded"][2] == out[True][2]
+
+
+def test_padded_padding_free_rows_keep_samples_apart(smoke_run):
+    """pad_to_multiple_of on a padding-free row: the pad tail continues the last sample's
+    positions (no new segment: one sample stays plain causal attention), carries label -100, the
+    varlen boundaries cover it, and every real token's logits and the loss are those of the
+    unpadded row."""
+    from transformers.masking_utils import find_packed_sequence_indices
+
+    torch.set_num_threads(1)
+    cfg = _cfg(smoke_run, "lora")
+    tokenizer, template, _m, new_ids = train_lib.load_tokenizer_and_template(cfg)
+    train_ds, *_ = train_lib.prepare_data(cfg, tokenizer, template)
+    rows = [{k: r[k] for k in ("input_ids", "labels")} for r in train_ds.select(range(6))]
+    while sum(len(r["input_ids"]) for r in rows) % 64 == 0:  # a row that needs padding
+        rows.pop()
+    n = sum(len(r["input_ids"]) for r in rows)
+    plain = dataset_lib.collator(tokenizer, True)(rows)
+    padded = dataset_lib.collator(tokenizer, True, 64)(rows)
+    pad = padded.pop("num_pad_tokens")
+    assert padded["input_ids"].shape == (1, n + pad) and pad == -n % 64 and pad > 0
+    assert (padded["labels"][0, n:] == -100).all() and (padded["input_ids"][0, n:] == tokenizer.pad_token_id).all()
+    last = plain["position_ids"][0, -1].item()
+    assert padded["position_ids"][0, n:].tolist() == list(range(last + 1, last + 1 + pad))
+    assert padded["cu_seq_lens_q"].tolist() == plain["cu_seq_lens_q"].tolist()[:-1] + [n + pad]
+    assert padded["seq_idx"].shape == (1, n + pad)
+    for key in ("input_ids", "labels", "position_ids"):
+        assert torch.equal(padded[key][:, :n], plain[key])
+    # one sample: no segment boundary appears, so attention stays plain causal (no L x L mask)
+    one = dataset_lib.collator(tokenizer, True, 64)(rows[:1])
+    one.pop("num_pad_tokens")
+    assert find_packed_sequence_indices(one["position_ids"]) is None
+    assert find_packed_sequence_indices(padded["position_ids"]) is not None  # several samples: block mask
+    model = model_lib.load_for_training(cfg, tokenizer, new_ids)
+    model.eval()
+    with torch.no_grad():
+        a = model(**plain, use_cache=False)
+        b = model(**padded, use_cache=False)
+    torch.testing.assert_close(b.logits[:, :n], a.logits, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(b.loss, a.loss, rtol=1e-6, atol=1e-6)
+    # not padding-free: TRL pads each row to the multiple, attention mask 0 on the pad
+    rect = dataset_lib.collator(tokenizer, False, 64)(rows)
+    assert rect["input_ids"].shape[1] % 64 == 0 and rect["attention_mask"].sum() == n
+    assert config_lib.resolve(config_lib.from_dict({"training": {"device": "cpu"}})).template.pad_to_multiple_of == 1
 
 
 def test_fused_lora_falls_back_outside_plain_training(smoke_run):
