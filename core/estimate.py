@@ -74,9 +74,9 @@ NF4_BLOCK = 64
 _CHAT = "docs/BENCHMARKS.md, issue 6: real chat lengths, 8 samples/step, r=64 on 7 projections"
 THROUGHPUT: dict[tuple[str, str, str], dict] = {
     ("0.5B", "qlora", "H200"): {"tokens_per_s": 366, "source": "docs/BENCHMARKS.md, issue 2 smoke (short samples)"},
-    ("0.5B", "lora", "H200"): {"tokens_per_s": 7281, "source": _CHAT + ", Qwen2.5-0.5B shape"},
-    ("1.5B", "lora", "H200"): {"tokens_per_s": 6778, "source": _CHAT + ", Qwen2.5-1.5B shape"},
-    ("7B", "qlora", "H200"): {"tokens_per_s": 3563, "source": _CHAT + ", Llama-3.1-8B shape (the slower of two runs)"},
+    ("0.5B", "lora", "H200"): {"tokens_per_s": 10427, "source": _CHAT + ", Qwen2.5-0.5B shape (session 3)"},
+    ("1.5B", "lora", "H200"): {"tokens_per_s": 7641, "source": _CHAT + ", Qwen2.5-1.5B shape (the slower of two runs)"},
+    ("7B", "qlora", "H200"): {"tokens_per_s": 5101, "source": _CHAT + ", Llama-3.1-8B shape (the slowest of four runs)"},
 }
 
 
@@ -386,12 +386,38 @@ def checkpointing_decision(cfg, arch: dict | None, max_tokens: int, free_gib: fl
                   f"of {free_gib:.1f} GiB free")
 
 
-def memory_plan(cfg, arch: dict | None, max_tokens: int, budget_gib: float) -> tuple[dict, list[str]]:
+HOST_HEADROOM = 0.8  # offload activations only into <= 80% of the RAM the OS says is available
+
+
+def host_available_gib() -> float:
+    """RAM the OS can give this process now (Linux MemAvailable); inf where unknown."""
+    try:
+        for line in Path("/proc/meminfo").read_text().splitlines():
+            if line.startswith("MemAvailable:"):
+                return int(line.split()[1]) * 1024 / GIB
+    except OSError:
+        pass
+    return float("inf")
+
+
+def offloaded_gib(cfg, arch: dict) -> float:
+    """CPU RAM that training.offload_activations fills: each layer's checkpointed input, pinned
+    (348k tokens of an 8B model: ~85 GiB, more than the 125 GiB host of an H200 could pin with
+    the rest; the kernel's OOM killer, not an error message, was what followed)."""
+    d = _dims(arch)
+    resid = 4 if (cfg.method == "qlora" and cfg.quantization.fp32_upcast) else (
+        4 if _resolved(cfg)["dtype"] == "float32" else 2)
+    return cfg.template.cutoff_len * cfg.training.micro_batch_size * d["L"] * resid * d["H"] / GIB
+
+
+def memory_plan(cfg, arch: dict | None, max_tokens: int, budget_gib: float,
+                host_gib: float | None = None) -> tuple[dict, list[str]]:
     """The auto memory settings of a one-GPU run, fastest first, given the dataset's largest
     micro-batch (max_tokens) and the memory this run may use (budget_gib): checkpointing off if
     that fits with headroom; fused AdamW if it fits, else paged_adamw_8bit; QLoRA embeddings in CPU
-    RAM only if still short. Only fields left at auto are decided. Returns ({dotted field: value},
-    reasons)."""
+    RAM only if still short; activations in CPU RAM only if still short and the host's available
+    RAM (host_gib, read from the OS when None) holds them. Only fields left at auto are decided.
+    Returns ({dotted field: value}, reasons)."""
     t = cfg.training
     out: dict = {}
     why: list[str] = []
@@ -430,8 +456,16 @@ def memory_plan(cfg, arch: dict | None, max_tokens: int, budget_gib: float) -> t
         need = _total_gib(c, arch)
         off = need > budget_gib and c.training.gradient_checkpointing is True
         if off:
+            host = host_available_gib() if host_gib is None else host_gib
+            ram = offloaded_gib(c, arch)
+            if ram > HOST_HEADROOM * host:
+                off = False
+                why.append(f"activations stay on the GPU: in CPU RAM they would need ~{ram:.1f} GiB, "
+                           f"{host:.1f} GiB available (shorter rows or a smaller micro-batch)")
+        if off:
             c.training.offload_activations = True
-            why.append(f"activations in CPU RAM: ~{need:.1f} GiB needed with them on the GPU, {budget_gib:.1f} available")
+            why.append(f"activations in CPU RAM (~{ram:.1f} GiB): ~{need:.1f} GiB needed with them on the GPU, "
+                       f"{budget_gib:.1f} available")
         out["training.offload_activations"] = off
     need = _total_gib(c, arch)
     why.append(f"estimated peak ~{need:.1f} GiB of {budget_gib:.1f} GiB" + ("" if need <= budget_gib else " (may not fit)"))

@@ -171,10 +171,21 @@ def test_memory_plan_picks_speed_when_it_fits_and_savings_when_not():
     big, why = E.memory_plan(c, arch, max_tokens=2048, budget_gib=79.0)
     assert big == {"training.gradient_checkpointing": False, "training.optimizer": "adamw_torch_fused",
                    "model.embeddings_on_cpu": False, "training.offload_activations": False}, why
-    small, why = E.memory_plan(c, arch, max_tokens=2048, budget_gib=7.5)  # "an 8 GB card"
+    small, why = E.memory_plan(c, arch, max_tokens=2048, budget_gib=7.5, host_gib=16)  # "an 8 GB card"
     assert small == {"training.gradient_checkpointing": True, "training.optimizer": "paged_adamw_8bit",
                      "model.embeddings_on_cpu": True, "training.offload_activations": True}, why
     assert any("embeddings in CPU RAM" in w for w in why) and "of 7.5 GiB" in why[-1]
+    # layer inputs of 2048 tokens: 32 layers x 4096 x 2 bytes each
+    assert any("activations in CPU RAM (~0.5 GiB)" in w for w in why), why
+    # 348k tokens (10x stock's longest on 80 GiB): ~85 GiB of layer inputs; a 125 GiB host could not
+    # pin them with the rest (measured: the OOM killer), so the plan keeps them on the GPU and says why
+    long, why = E.memory_plan(c, arch, max_tokens=348_160, budget_gib=80, host_gib=100)
+    assert long["training.offload_activations"] is False, why
+    assert any("activations stay on the GPU: in CPU RAM they would need ~85.0 GiB, 100.0 GiB available" in w
+               for w in why), why
+    assert E.memory_plan(c, arch, max_tokens=348_160, budget_gib=80, host_gib=200)[0][
+        "training.offload_activations"] is True
+    assert E.host_available_gib() > 0
     # what the plan ends at is what the estimate says for those settings
     s = E._with(c, training__gradient_checkpointing=True, training__optimizer="paged_adamw_8bit",
                 model__embeddings_on_cpu=True)
@@ -183,7 +194,7 @@ def test_memory_plan_picks_speed_when_it_fits_and_savings_when_not():
     # fields the user set are left alone
     fixed = cfg(method="qlora", **{"training.micro_batch_size": 1, "training.optimizer": "adamw_torch",
                                     "training.gradient_checkpointing": "true"})
-    assert set(E.memory_plan(fixed, arch, 2048, 7.5)[0]) == {"model.embeddings_on_cpu", "training.offload_activations"}
+    assert set(E.memory_plan(fixed, arch, 2048, 7.5, host_gib=16)[0]) == {"model.embeddings_on_cpu", "training.offload_activations"}
 
 
 def test_preflight_shows_the_memory_plan_for_the_card():
