@@ -107,6 +107,10 @@ class TrainingSection(_Section):
     # the kernel launches (a QLoRA step is CPU-bound). auto: on for CUDA LoRA/QLoRA without dropout
     # or DoRA on one GPU or DDP
     fused_lora: Literal["auto", True, False] = "auto"
+    # each decoder MLP over tiles of the row (core/tiled_mlp.py): its intermediates (3 x the MLP
+    # width a token, the largest activations of a long row) one tile at a time, for an extra MLP
+    # forward. auto: on for one CUDA GPU, LoRA dropout 0, when a micro-batch reaches 32k tokens
+    tiled_mlp: Literal["auto", True, False] = "auto"
     seed: int = 42
     logging_steps: int = Field(1, gt=0)
     eval_steps: int = Field(50, gt=0)
@@ -290,6 +294,14 @@ def resolve(cfg: RunConfig) -> RunConfig:
     if t.fused_lora == "auto":
         t.fused_lora = (device == "cuda" and cfg.method in ("lora", "qlora") and cfg.lora.dropout == 0
                         and not cfg.lora.use_dora and not sharded)
+    if t.tiled_mlp is True and cfg.method != "full" and cfg.lora.dropout > 0:
+        raise ConfigError("training.tiled_mlp: needs lora.dropout 0 (the backward recomputes each tile, "
+                          "which would draw new dropout masks)")
+    if t.tiled_mlp is True and t.gpus > 1:
+        raise ConfigError("training.tiled_mlp: one GPU only for now (its backward accumulates gradients "
+                          "outside the gradient hooks that multi-GPU strategies rely on)")
+    if t.tiled_mlp == "auto" and (device != "cuda" or t.gpus > 1 or (cfg.method != "full" and cfg.lora.dropout > 0)):
+        t.tiled_mlp = False  # one CUDA GPU: decided by the training child once the data is known
     if t.optimizer == "auto" and (device != "cuda" or sharded):
         # sharded runs: plain torch AdamW (state sharded with the params). One GPU: decided by the
         # training child with the memory plan (core.estimate.memory_plan): torch's fused AdamW,

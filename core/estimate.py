@@ -239,7 +239,8 @@ def _resolved(cfg) -> dict:
         kernels = "all" if not on_cpu and liger_available() else "off"
     emb_cpu = cfg.model.embeddings_on_cpu is True and cfg.method == "qlora" and not on_cpu
     return dict(device="cpu" if on_cpu else "cuda", dtype=dtype, gradient_checkpointing=bool(gc), optimizer=opt,
-                kernels=kernels, embeddings_on_cpu=emb_cpu, offload_activations=t.offload_activations is True)
+                kernels=kernels, embeddings_on_cpu=emb_cpu, offload_activations=t.offload_activations is True,
+                tiled_mlp=t.tiled_mlp is True)
 
 
 def _breakdown(cfg, arch: dict) -> dict:
@@ -284,6 +285,8 @@ def _breakdown(cfg, arch: dict) -> dict:
     resid = upcast if bits else b
     norms = arch.get("norms_per_layer", 2)
     per_layer = norms * 4 * H + 2 * b * H + b * (2 * Hq + 2 * Hkv) + 4 * b * I
+    if r["tiled_mlp"] and tokens > tiled_mlp_tile(arch):  # the MLP's intermediates: one tile at a time
+        per_layer -= 4 * b * I * (1 - tiled_mlp_tile(arch) / tokens)
     if method == "full":
         per_layer += 2 * b * H
     else:
@@ -386,6 +389,15 @@ def checkpointing_decision(cfg, arch: dict | None, max_tokens: int, free_gib: fl
                   f"of {free_gib:.1f} GiB free")
 
 
+TILED_MLP_MIN_TOKENS = 32768  # training.tiled_mlp auto: on from this many tokens in a micro-batch
+
+
+def tiled_mlp_tile(arch: dict | None) -> int:
+    """Tokens per MLP tile: the hidden size (DeepSpeed's default), at least 1024."""
+    return max(1024, int((arch or {}).get("hidden_size", 0)))
+
+
+PINNED_MAX = 128 * 2 ** 20  # saved tensors this big or bigger are offloaded to pageable RAM (core.train)
 HOST_HEADROOM = 0.8  # offload activations only into <= 80% of the RAM the OS says is available
 
 
@@ -401,13 +413,18 @@ def host_available_gib() -> float:
 
 
 def offloaded_gib(cfg, arch: dict) -> float:
-    """CPU RAM that training.offload_activations fills: each layer's checkpointed input, pinned
-    (348k tokens of an 8B model: ~85 GiB, more than the 125 GiB host of an H200 could pin with
-    the rest; the kernel's OOM killer, not an error message, was what followed)."""
+    """CPU RAM that training.offload_activations fills: each layer's checkpointed input, plus
+    the final norm's and the loss's inputs. Below PINNED_MAX a tensor goes to pinned
+    RAM, which torch rounds up to a power of two; above it, to plain RAM at its size (a 2.66 GiB
+    layer input of 348k tokens pinned 4 GiB, and 32 of them got an 8B run OOM-killed on a 125 GiB
+    host, docs/BENCHMARKS.md)."""
     d = _dims(arch)
     resid = 4 if (cfg.method == "qlora" and cfg.quantization.fp32_upcast) else (
         4 if _resolved(cfg)["dtype"] == "float32" else 2)
-    return cfg.template.cutoff_len * cfg.training.micro_batch_size * d["L"] * resid * d["H"] / GIB
+    per_layer = cfg.template.cutoff_len * cfg.training.micro_batch_size * resid * d["H"]
+    if per_layer < PINNED_MAX:
+        per_layer = 1 << max(0, per_layer - 1).bit_length()
+    return (d["L"] + 2) * per_layer / GIB
 
 
 def memory_plan(cfg, arch: dict | None, max_tokens: int, budget_gib: float,
@@ -421,6 +438,14 @@ def memory_plan(cfg, arch: dict | None, max_tokens: int, budget_gib: float,
     t = cfg.training
     out: dict = {}
     why: list[str] = []
+    if t.tiled_mlp == "auto":
+        tiled = max_tokens >= TILED_MLP_MIN_TOKENS
+        out["training.tiled_mlp"] = tiled
+        if tiled:
+            cfg = cfg.model_copy(deep=True)
+            cfg.training.tiled_mlp = True
+            why.append(f"tiled MLP: the largest micro-batch has {max_tokens} tokens (>= {TILED_MLP_MIN_TOKENS})")
+        t = cfg.training
     if t.gradient_checkpointing == "auto":
         gc, reason = checkpointing_decision(cfg, arch, max_tokens, budget_gib)
         out["training.gradient_checkpointing"] = gc

@@ -115,7 +115,7 @@ def load_for_training(cfg: RunConfig, tokenizer, new_token_ids: list[int] | None
     if cfg.method == "full":
         if gc:
             model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=gc_kwargs)
-        return model
+        return _tile_mlps(cfg, model)
 
     from peft import LoraConfig, get_peft_model, prepare_model_for_kbit_training
 
@@ -164,6 +164,15 @@ def load_for_training(cfg: RunConfig, tokenizer, new_token_ids: list[int] | None
         for m in model.modules():
             if hasattr(m, "cast_input_dtype_enabled"):
                 m.cast_input_dtype_enabled = False
+    return _tile_mlps(cfg, model)
+
+
+def _tile_mlps(cfg, model):
+    """training.tiled_mlp (core/tiled_mlp.py): MLPs over tiles of long rows."""
+    if cfg.training.tiled_mlp is True:
+        from . import estimate, tiled_mlp
+
+        tiled_mlp.install(model, estimate.tiled_mlp_tile({"hidden_size": model.config.get_text_config().hidden_size}))
     return model
 
 

@@ -344,17 +344,47 @@ def _trainer_class(offload_activations: bool):
 
     class OffloadingTrainer(LeanTrainer):
         """training.offload_activations: tensors saved for backward during the forward (with
-        reentrant checkpointing: each layer's input) live in pinned CPU RAM until backward."""
+        reentrant checkpointing: each layer's input) live in CPU RAM until backward."""
 
         def compute_loss(self, model, inputs, *args, **kwargs):
-            import torch
-
             if not model.training:
                 return super().compute_loss(model, inputs, *args, **kwargs)
-            with torch.autograd.graph.save_on_cpu(pin_memory=torch.cuda.is_available()):
+            with offload_saved_tensors():
                 return super().compute_loss(model, inputs, *args, **kwargs)
 
     return OffloadingTrainer
+
+
+def offload_saved_tensors():
+    """torch.autograd.graph.save_on_cpu, with two differences that matter for long rows.
+    torch's pinned allocator rounds every block up to a power of two, so a 2.66 GiB layer input
+    (348k tokens of an 8B model) pinned 4 GiB and 32 layers asked a 125 GiB host for 128 GiB: the
+    OOM killer ended the run (docs/BENCHMARKS.md). Tensors of estimate.PINNED_MAX bytes or more are copied
+    to plain RAM at their exact size (a synchronous copy: ~0.3 s for 2.66 GiB, against seconds of
+    compute per layer at that length); smaller ones to pinned RAM as before. Parameters saved for
+    backward (lm_head's weight under the fused loss) stay where they are: they live on the GPU
+    anyway. core.estimate.offloaded_gib counts the same way."""
+    import torch
+
+    from . import estimate
+
+    pin = torch.cuda.is_available()
+
+    def pack(t):
+        if isinstance(t, torch.nn.Parameter) or t.is_sparse:
+            return t
+        pinned = pin and t.numel() * t.element_size() < estimate.PINNED_MAX
+        cpu = torch.empty(t.size(), dtype=t.dtype, layout=t.layout, pin_memory=pinned)
+        cpu.copy_(t)
+        return t.device, cpu, pinned
+
+    def unpack(packed):
+        if not isinstance(packed, tuple):
+            return packed
+        device, cpu, pinned = packed
+        return cpu.to(device, non_blocking=pinned)
+
+    return torch.autograd.graph.saved_tensors_hooks(pack, unpack)
 
 
 def _pad_multiple(cfg) -> int:
@@ -493,10 +523,10 @@ def train(cfg, run_dir: Path, resume: bool) -> int:
         "padding_free": bool(cfg.template.padding_free or cfg.template.packing), "packing": cfg.template.packing,
         "pad_to_multiple_of": _pad_multiple(cfg), "kernels": t.kernels, "gradient_checkpointing": t.gradient_checkpointing, "optimizer": t.optimizer,
         "offload_activations": t.offload_activations, "embeddings_on_cpu": cfg.model.embeddings_on_cpu,
-        "fused_lora": t.fused_lora, "fp32_upcast": cfg.quantization.fp32_upcast if cfg.method == "qlora" else None,
+        "fused_lora": t.fused_lora, "tiled_mlp": t.tiled_mlp, "fp32_upcast": cfg.quantization.fp32_upcast if cfg.method == "qlora" else None,
         "lora_dropout": cfg.lora.dropout if cfg.method != "full" else None})
     log(f"speed path: padding-free {bool(cfg.template.padding_free or cfg.template.packing)}, "
-        f"packing {cfg.template.packing}, rows padded to a multiple of {_pad_multiple(cfg)}, kernels {t.kernels}, fused lora {t.fused_lora}, "
+        f"packing {cfg.template.packing}, rows padded to a multiple of {_pad_multiple(cfg)}, kernels {t.kernels}, fused lora {t.fused_lora}, tiled MLP {t.tiled_mlp}, "
         f"gradient checkpointing {t.gradient_checkpointing}, "
         f"fp32 upcast {cfg.quantization.fp32_upcast if cfg.method == 'qlora' else 'n/a'}, lora dropout {cfg.lora.dropout}, "
         f"optimizer {t.optimizer}, offload activations {t.offload_activations}, "

@@ -170,20 +170,23 @@ def test_memory_plan_picks_speed_when_it_fits_and_savings_when_not():
     arch = E.arch_for(LLAMA)
     big, why = E.memory_plan(c, arch, max_tokens=2048, budget_gib=79.0)
     assert big == {"training.gradient_checkpointing": False, "training.optimizer": "adamw_torch_fused",
-                   "model.embeddings_on_cpu": False, "training.offload_activations": False}, why
+                   "model.embeddings_on_cpu": False, "training.offload_activations": False,
+                   "training.tiled_mlp": False}, why
     small, why = E.memory_plan(c, arch, max_tokens=2048, budget_gib=7.5, host_gib=16)  # "an 8 GB card"
     assert small == {"training.gradient_checkpointing": True, "training.optimizer": "paged_adamw_8bit",
-                     "model.embeddings_on_cpu": True, "training.offload_activations": True}, why
+                     "model.embeddings_on_cpu": True, "training.offload_activations": True,
+                     "training.tiled_mlp": False}, why
     assert any("embeddings in CPU RAM" in w for w in why) and "of 7.5 GiB" in why[-1]
-    # layer inputs of 2048 tokens: 32 layers x 4096 x 2 bytes each
+    # inputs of 2048 tokens (32 layers + final norm + loss): 16 MiB each, pinned
     assert any("activations in CPU RAM (~0.5 GiB)" in w for w in why), why
-    # 348k tokens (10x stock's longest on 80 GiB): ~85 GiB of layer inputs; a 125 GiB host could not
-    # pin them with the rest (measured: the OOM killer), so the plan keeps them on the GPU and says why
+    # 348k tokens (10x stock's longest on 80 GiB): 2.66 GiB per input, in plain RAM at that size
+    # (pinned, torch would round each to 4 GiB: the OOM killer, measured): 90.3 GiB; a host with
+    # 100 GiB available keeps them on the GPU and says why, one with 124 GiB takes them
     long, why = E.memory_plan(c, arch, max_tokens=348_160, budget_gib=80, host_gib=100)
     assert long["training.offload_activations"] is False, why
-    assert any("activations stay on the GPU: in CPU RAM they would need ~85.0 GiB, 100.0 GiB available" in w
+    assert any("activations stay on the GPU: in CPU RAM they would need ~90.3 GiB, 100.0 GiB available" in w
                for w in why), why
-    assert E.memory_plan(c, arch, max_tokens=348_160, budget_gib=80, host_gib=200)[0][
+    assert E.memory_plan(c, arch, max_tokens=348_160, budget_gib=80, host_gib=124)[0][
         "training.offload_activations"] is True
     assert E.host_available_gib() > 0
     # what the plan ends at is what the estimate says for those settings
@@ -194,7 +197,8 @@ def test_memory_plan_picks_speed_when_it_fits_and_savings_when_not():
     # fields the user set are left alone
     fixed = cfg(method="qlora", **{"training.micro_batch_size": 1, "training.optimizer": "adamw_torch",
                                     "training.gradient_checkpointing": "true"})
-    assert set(E.memory_plan(fixed, arch, 2048, 7.5, host_gib=16)[0]) == {"model.embeddings_on_cpu", "training.offload_activations"}
+    assert set(E.memory_plan(fixed, arch, 2048, 7.5, host_gib=16)[0]) == {
+        "model.embeddings_on_cpu", "training.offload_activations", "training.tiled_mlp"}
 
 
 def test_preflight_shows_the_memory_plan_for_the_card():
@@ -207,3 +211,18 @@ def test_preflight_shows_the_memory_plan_for_the_card():
     big = E.estimate(cfg(method="qlora"), detect=False, gpu_mem_gib=80)
     assert big["plan"]["settings"]["training.gradient_checkpointing"] is False
     assert "gradient_checkpointing: False" in E.format_markdown(big)
+
+
+def test_tiled_mlp_from_32k_tokens_and_what_it_saves():
+    """The memory plan tiles the MLPs from 32k tokens a micro-batch; the estimate then counts one
+    tile (4096 tokens on an 8B) of MLP intermediates instead of the whole row."""
+    c = cfg(method="qlora", **{"training.micro_batch_size": 1})
+    arch = E.arch_for(LLAMA)
+    long, why = E.memory_plan(c, arch, max_tokens=65536, budget_gib=80, host_gib=100)
+    assert long["training.tiled_mlp"] is True and any("tiled MLP" in w for w in why), why
+    assert E.memory_plan(c, arch, max_tokens=4096, budget_gib=80, host_gib=100)[0]["training.tiled_mlp"] is False
+    at = dict(template__cutoff_len=65536, training__gradient_checkpointing=True)
+    plain = E._total_gib(E._with(c, training__tiled_mlp=False, **at), arch)
+    tiled = E._total_gib(E._with(c, training__tiled_mlp=True, **at), arch)
+    saved = 4 * 2 * 14336 * (65536 - 4096) / 2 ** 30  # gate, up, act, product in bf16, all but one tile
+    assert plain - tiled == pytest.approx(saved * (1 + E.FRAGMENTATION), rel=0.02)

@@ -143,9 +143,11 @@ def test_training_log_run_json_and_train_tab_name_the_speed_path(smoke_run, monk
     from webui import tab_train
 
     log = (smoke_run / "train.log").read_text()
-    assert "speed path: padding-free True, packing False, kernels off" in log
+    assert ("speed path: padding-free True, packing False, rows padded to a multiple of 1, kernels off, "
+            "fused lora False, tiled MLP False") in log
     sp = runs.read_json(smoke_run)["speed_path"]
     assert sp["padding_free"] is True and sp["kernels"] == "off" and sp["gradient_checkpointing"] is False
+    assert sp["pad_to_multiple_of"] == 1 and sp["tiled_mlp"] is False  # CPU: no row padding, no tiles
     assert sp["optimizer"] == "adamw_torch" and sp["fp32_upcast"] is None  # lora on CPU
     monkeypatch.setenv("LORASTUDIO_ALLOW_DIRS", str(smoke_run.parent))  # what --allow-dir does
     md = tab_train.status_markdown(tab_train.run_view(str(smoke_run)))
@@ -202,19 +204,20 @@ def test_offloaded_activations_same_grads_and_only_layer_inputs_saved(smoke_run,
     every intermediate (counted through the save_on_cpu hooks)."""
     torch.set_num_threads(1)
     packed_shapes: list = []
-    real = torch.autograd.graph.save_on_cpu
+    real = train_lib.offload_saved_tensors
 
-    class Spy(real):
-        def __init__(self, pin_memory=False, device_type="cuda"):
-            super().__init__(pin_memory=pin_memory, device_type=device_type)
-            pack = self.pack_hook if hasattr(self, "pack_hook") else None
-            if pack is not None:
-                def counted(t):
-                    packed_shapes.append(tuple(t.shape))
-                    return pack(t)
-                self.pack_hook = counted
+    def spy():
+        hooks = real()
+        pack = hooks.pack_hook
 
-    monkeypatch.setattr(torch.autograd.graph, "save_on_cpu", Spy)
+        def counted(t):
+            packed_shapes.append(tuple(t.shape))
+            return pack(t)
+
+        hooks.pack_hook = counted
+        return hooks
+
+    monkeypatch.setattr(train_lib, "offload_saved_tensors", spy)
     results = {}
     for offload in (False, True):
         cfg = _cfg(smoke_run, "lora")
@@ -238,12 +241,81 @@ def test_offloaded_activations_same_grads_and_only_layer_inputs_saved(smoke_run,
     torch.testing.assert_close(results[True][0], results[False][0])
     for name, g in results[False][1].items():
         torch.testing.assert_close(results[True][1][name], g, rtol=1e-4, atol=1e-6, msg=name)
-    assert results[False][2] == 0  # plain checkpointing: no save_on_cpu at all
+    assert results[False][2] == 0  # plain checkpointing: no offloading at all
     n_layers = 4  # the tiny model
     hidden = [s for s in packed_shapes if len(s) == 3 and s[-1] == 256]
     assert len(hidden) >= n_layers  # each layer's input went through the CPU hooks
     # observed 14: 4 layer inputs + the final norm, lm_head and loss inputs (not every intermediate)
     assert results[True][2] <= n_layers + 12
+
+
+@pytest.mark.parametrize("checkpointed", [False, True])
+def test_tiled_mlp_same_loss_and_lora_grads(smoke_run, checkpointed):
+    """training.tiled_mlp: the MLPs over 16-token tiles give the plain model's loss and every LoRA
+    gradient (MLP adapters included), alone and under reentrant checkpointing with offloaded
+    activations (the long-context setting: the layer's recompute runs the tiled forward again)."""
+    from peft import set_peft_model_state_dict
+
+    from core import tiled_mlp
+
+    torch.set_num_threads(1)
+    cfg = _cfg(smoke_run, "lora")
+    cfg.training.gradient_checkpointing = checkpointed
+    cfg.training.offload_activations = checkpointed
+    tokenizer, template, _m, new_ids = train_lib.load_tokenizer_and_template(cfg)
+    train_ds, *_ = train_lib.prepare_data(cfg, tokenizer, template)
+    batch = dataset_lib.collator(tokenizer, True)([{k: r[k] for k in ("input_ids", "labels")}
+                                                   for r in train_ds.select(range(4))])
+    assert batch["input_ids"].shape[1] > 3 * 16  # several tiles
+    adapter = load_file(str(smoke_run / "adapter" / "adapter_model.safetensors"))
+    out = {}
+    for tiled in (False, True):
+        model = model_lib.load_for_training(cfg, tokenizer, new_ids)
+        set_peft_model_state_dict(model, adapter)
+        model.train()
+        if tiled:
+            n_layers = model.config.num_hidden_layers
+            assert tiled_mlp.install(model, 16) == n_layers
+        with train_lib.offload_saved_tensors() if checkpointed else torch.enable_grad():
+            loss = model(**batch, use_cache=False).loss
+        loss.backward()
+        out[tiled] = (loss.detach(), {n: p.grad.clone() for n, p in model.named_parameters() if p.requires_grad})
+    torch.testing.assert_close(out[True][0], out[False][0], rtol=1e-6, atol=1e-6)
+    mlp_grads = [n for n in out[False][1] if "mlp" in n]
+    assert mlp_grads and all(out[True][1][n].abs().sum() > 0 for n in mlp_grads)
+    for name, g in out[False][1].items():
+        torch.testing.assert_close(out[True][1][name], g, rtol=1e-4, atol=1e-6, msg=name)
+
+
+def test_tiled_mlp_auto_and_refusals():
+    """auto: off on CPU (the memory plan decides on CUDA: tests/test_estimate.py); dropout > 0 or
+    several GPUs refuse it when asked for (recomputed tiles would draw new masks; gradient hooks)."""
+    assert config_lib.resolve(config_lib.from_dict({"training": {"device": "cpu"}})).training.tiled_mlp is False
+    with pytest.raises(config_lib.ConfigError, match="training.tiled_mlp: needs lora.dropout 0"):
+        config_lib.resolve(config_lib.from_dict({"training": {"device": "cpu", "tiled_mlp": True},
+                                                 "lora": {"dropout": 0.1}}))
+    with pytest.raises(config_lib.ConfigError, match="training.tiled_mlp: one GPU only"):
+        config_lib.resolve(config_lib.from_dict({"training": {"device": "cpu", "tiled_mlp": True, "gpus": 2}}))
+
+
+def test_offload_hooks_copy_activations_not_parameters():
+    """What the offloading hooks keep: a copy of each saved activation (restored equal), the
+    parameters themselves (already resident; copying lm_head's weight each step would waste RAM)."""
+    hooks = train_lib.offload_saved_tensors()
+    w = torch.nn.Parameter(torch.randn(4, 3))
+    x = torch.randn(5, 3)
+    assert hooks.pack_hook(w) is w and hooks.unpack_hook(w) is w
+    packed = hooks.pack_hook(x)
+    assert isinstance(packed, tuple) and packed[1] is not x and packed[2] is False  # CPU: nothing pinned
+    torch.testing.assert_close(hooks.unpack_hook(packed), x, rtol=0, atol=0)
+    with hooks:  # in use: the same gradients as without
+        y = (torch.nn.functional.linear(x.requires_grad_(), w) ** 2).sum()
+    y.backward()
+    gx, gw = x.grad.clone(), w.grad.clone()
+    x.grad = w.grad = None
+    (torch.nn.functional.linear(x, w) ** 2).sum().backward()
+    torch.testing.assert_close(gx, x.grad)
+    torch.testing.assert_close(gw, w.grad)
 
 
 def test_cpu_embedding_table_keeps_outputs_and_model_device():
