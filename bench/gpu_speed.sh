@@ -9,6 +9,7 @@
 #   bash bench/gpu_speed.sh small     # Qwen2.5-0.5B and 1.5B shapes, bf16 LoRA, chat lengths: stock and fast
 #   bash bench/gpu_speed.sh long-stock          # stock's longest sequence within 80 GiB (bisection)
 #   SEQ=N bash bench/gpu_speed.sh long-fast     # the fast path, 3 steps at N tokens within 80 GiB
+#   SEQ=N bash bench/gpu_speed.sh long-fast-part  # the same one step per call, resumed (3 calls, warm machine)
 # Needs .bench/chat_tokens.jsonl (here: python bench/speed.py prep .bench) and the .whl wheels
 # (trl, datasets, pydantic, liger-kernel, bitsandbytes cuda130); results: $OUT/speed.jsonl + logs.
 set -uo pipefail
@@ -106,6 +107,13 @@ case "$GROUP" in
     python3 bench/make_random_model.py llama3.1-8b /tmp/m8b
     one long-fast --model /tmp/m8b --side fast --method qlora --seq "${SEQ:?SEQ=10x stock max}" --mb 1 --steps 3 \
         --warmup 0 --cap 80
+    ;;
+  long-fast-part)  # one of three back-to-back calls on one warm machine (it keeps /tmp for 30 s):
+    # each resumes /tmp/long-run's last checkpoint and runs one more step at SEQ tokens
+    python3 bench/make_random_model.py llama3.1-8b /tmp/m8b
+    one long-fast-part --model /tmp/m8b --side fast --method qlora --seq "${SEQ:?SEQ=10x stock max}" --mb 1 \
+        --steps 3 --steps-per-call 1 --warmup 0 --cap 80 --workdir /tmp/long-run
+    ls /tmp/long-run
     ;;
   *) echo "unknown group $GROUP"; exit 2 ;;
 esac

@@ -140,7 +140,8 @@ def build_fast(a, tokenizer, ds, callbacks):
     from core import train as train_lib
 
     training = {"micro_batch_size": a.mb, "grad_accum": 1, "max_steps": a.steps, "learning_rate": 2e-4,
-                "lr_scheduler": "constant", "warmup_ratio": 0, "save_steps": 10 ** 6, "logging_steps": 1,
+                "lr_scheduler": "constant", "warmup_ratio": 0, "save_steps": 1 if a.steps_per_call else 10 ** 6,
+                "logging_steps": 1,
                 "device": "auto", "exclusive": False, "sample_prompts": [], "seed": 42}
     if a.optim != "auto":
         training["optimizer"] = a.optim
@@ -248,7 +249,22 @@ def run(a) -> dict:
     load_s = time.perf_counter() - t_load
     if cuda:
         torch.cuda.reset_peak_memory_stats()
-    trainer.train()
+    resume = None
+    if a.steps_per_call:  # a run longer than one device call: resume where the last call stopped
+        from transformers import TrainerCallback
+        from transformers.trainer_utils import get_last_checkpoint
+
+        resume = get_last_checkpoint(a.workdir) if Path(a.workdir).is_dir() else None
+        first = int(resume.rsplit("-", 1)[-1]) if resume else 0
+
+        class StopAfter(TrainerCallback):
+            def on_step_end(self, args, state, control, **kw):
+                if state.global_step >= first + a.steps_per_call:
+                    control.should_save = control.should_training_stop = True
+
+        trainer.add_callback(StopAfter())
+        print(f"resuming from {resume or 'the start'}; {a.steps_per_call} step(s) in this call", flush=True)
+    trainer.train(resume_from_checkpoint=resume)
     sync()
     time.sleep(0.05)
     sampler.stop = True
@@ -259,6 +275,7 @@ def run(a) -> dict:
     tps = tok / sec if sec else 0.0
     n_mm = matmul_params(a.model)
     return {
+        "resumed_from": resume, "global_step": trainer.state.global_step,
         "side": a.side, "method": a.method, "model": Path(a.model).name, "dropout": a.dropout,
         "micro_batch": a.mb, "seq": a.seq or "chat", "steps": len(steps), "timed_steps": len(timed),
         "non_pad_tokens_per_s": round(tps, 1), "mfu": round(4 * n_mm * tps / PEAK_FLOPS, 4),
@@ -351,6 +368,8 @@ def main(argv=None) -> int:
     r.add_argument("--gpu-mem", type=float, default=0, help="fast side: training.gpu_memory_gib (the memory budget)")
     r.add_argument("--bisect", action="store_true", help="stock side: longest trainable --seq under --cap GiB")
     r.add_argument("--cap", type=float, default=0, help="GiB cap for --bisect (fast side: its memory budget)")
+    r.add_argument("--steps-per-call", type=int, default=0,
+                   help="fast side: run this many of --steps, checkpoint each, resume from --workdir's last")
     r.add_argument("--label", default="")
     r.add_argument("--out", default="")
     r.add_argument("--workdir", default="/tmp/speed-work")
