@@ -29,12 +29,16 @@ def rank_pids(run_dir):
 def test_two_processes_one_writer_same_losses_env_in_every_rank(tmp_path):
     """2 gloo ranks with micro-batch 4 == 1 process with micro-batch 8 (same global batch): the
     Trainer's distributed sampler hands rank r the r-th half of the same 8 samples, so per-step
-    losses match (observed: equal to 4 decimals; the acceptance bound is 2%)."""
+    losses match (observed: equal to 4 decimals; the acceptance bound is 2%), and so do the
+    tokens seen although the ranks' rows are padded."""
     two, one = tmp_path / "two", tmp_path / "one"
     env = {"NCCL_NVLS_ENABLE": "0"}
     out = lorastudio("train", "presets/tiny_smoke.yaml", "--run-dir", str(two), "--gpus", "2", *FAST,
                      "--set", "training.max_steps=10", "--set", "training.micro_batch_size=4",
-                     "--set", "training.save_steps=5", "--set", "training.exclusive=true", env=env)
+                     "--set", "training.save_steps=5", "--set", "training.exclusive=true",
+                     # rows padded to a multiple of 64 on the ranks only: the pad changes no loss and
+                     # no token count (each rank's pad count is dropped, then the counts gathered)
+                     "--set", "template.pad_to_multiple_of=64", env=env)
     assert out.returncode == 0, (two / "train.log").read_text()[-3000:]
     out = lorastudio("train", "presets/tiny_smoke.yaml", "--run-dir", str(one), *FAST,
                      "--set", "training.max_steps=10", "--set", "training.micro_batch_size=8",
@@ -48,6 +52,7 @@ def test_two_processes_one_writer_same_losses_env_in_every_rank(tmp_path):
     assert acc["num_processes"] == 2 and acc["use_cpu"] is True and acc["distributed_type"] == "MULTI_GPU"
     # the parent's environment reached every rank
     log = (two / "train.log").read_text()
+    assert "padding-free True, packing False, rows padded to a multiple of 64" in log
     for r in (0, 1):
         assert re.search(rf"rank {r} env .*NCCL_NVLS_ENABLE=0", log), log[:3000]
     pids = rank_pids(two)
