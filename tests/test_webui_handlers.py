@@ -287,6 +287,11 @@ def test_run_view_and_status_markdown(tmp_path):
     assert v["status"] == "done" and v["step"] == 4 and len(v["loss"]) == 4
     md = status_markdown(v)
     assert "step 4/4" in md and "4 loss points" in md and "checkpoint-2" in md
+    # a CUDA run's speed path (run.json): every part that is on, by name
+    v["speed_path"] = {"padding_free": True, "pad_to_multiple_of": 64, "fused_lora": True, "tiled_mlp": True,
+                       "gradient_checkpointing": True, "kernels": "all", "optimizer": "adamw_torch_fused"}
+    assert ("speed path: padding-free, checkpointing, fused LoRA layers, tiled MLP, rows padded to ×64; "
+            "kernels all; optimizer adamw_torch_fused") in status_markdown(v)
     loss, lr = curve_frames(v)
     assert set(loss["series"]) == {"loss", "eval_loss"} and len(lr) == 4
     assert run_view("")["status"] == ""

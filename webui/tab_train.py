@@ -311,8 +311,10 @@ def status_markdown(v: dict) -> str:
                                      ("gradient_checkpointing", "checkpointing"),
                                      ("offload_activations", "activations in CPU RAM"),
                                      ("embeddings_on_cpu", "embeddings in CPU RAM"), ("fp32_upcast", "fp32 upcast"),
-                                     ("fused_lora", "fused LoRA layers"))
+                                     ("fused_lora", "fused LoRA layers"), ("tiled_mlp", "tiled MLP"))
               if sp.get(key) is True]
+        if (sp.get("pad_to_multiple_of") or 1) > 1:
+            on.append(f"rows padded to ×{sp['pad_to_multiple_of']}")
         kernels = f"kernels {sp['kernels']}" if sp.get("kernels") not in (None, "off") else "no fused kernels"
         md += f"\n\nspeed path: {', '.join(on) or 'defaults'}; {kernels}; optimizer {sp.get('optimizer')}"
     if v.get("queue_position") and v["status"] == "queued":
