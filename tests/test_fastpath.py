@@ -249,8 +249,9 @@ def test_offloaded_activations_same_grads_and_only_layer_inputs_saved(smoke_run,
     assert results[True][2] <= n_layers + 12
 
 
-@pytest.mark.parametrize("checkpointed", [False, True])
-def test_tiled_mlp_same_loss_and_lora_grads(smoke_run, checkpointed):
+@pytest.mark.parametrize("method,fused,checkpointed", [("lora", False, False), ("lora", False, True),
+                                                      ("qlora", True, True)])
+def test_tiled_mlp_same_loss_and_lora_grads(smoke_run, method, fused, checkpointed):
     """training.tiled_mlp: the MLPs over 16-token tiles give the plain model's loss and every LoRA
     gradient (MLP adapters included), alone and under reentrant checkpointing with offloaded
     activations (the long-context setting: the layer's recompute runs the tiled forward again)."""
@@ -259,7 +260,8 @@ def test_tiled_mlp_same_loss_and_lora_grads(smoke_run, checkpointed):
     from core import tiled_mlp
 
     torch.set_num_threads(1)
-    cfg = _cfg(smoke_run, "lora")
+    cfg = _cfg(smoke_run, method)
+    cfg.training.fused_lora = fused  # the CUDA default, here on CPU: the tiles' recompute runs it too
     cfg.training.gradient_checkpointing = checkpointed
     cfg.training.offload_activations = checkpointed
     tokenizer, template, _m, new_ids = train_lib.load_tokenizer_and_template(cfg)
