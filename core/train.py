@@ -230,12 +230,14 @@ def memory_plan(cfg, lengths: list[int]) -> tuple[dict, list[str]]:
     t = cfg.training
     mb = t.micro_batch_size
     longest = sorted(lengths, reverse=True)
+    pad = _pad_multiple(cfg)
+    up = lambda n: -(-n // pad) * pad  # noqa: E731 - rows are padded up to a multiple of pad
     if cfg.template.packing:
-        max_tokens = cfg.template.cutoff_len * mb
+        max_tokens = up(cfg.template.cutoff_len * mb)
     elif cfg.template.padding_free:
-        max_tokens = sum(longest[:mb]) + _pad_multiple(cfg) - 1
+        max_tokens = up(sum(longest[:mb]))
     else:
-        max_tokens = (longest[0] if longest else cfg.template.cutoff_len) * mb
+        max_tokens = up(longest[0] if longest else cfg.template.cutoff_len) * mb
     free, total = torch.cuda.mem_get_info()
     budget = free / 2 ** 30
     reasons = []

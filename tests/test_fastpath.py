@@ -479,3 +479,19 @@ def test_fused_lora_falls_back_outside_plain_training(smoke_run):
         assert calls == [1]
     finally:
         fused_lora.LoRALinear.apply = orig
+
+
+def test_memory_plan_sizes_the_largest_padded_row(monkeypatch):
+    """The training child's memory plan sizes the largest micro-batch as the collator builds it:
+    the longest samples in one row, padded up to the multiple (190 tokens -> 192 with 64)."""
+    monkeypatch.setattr(torch.cuda, "mem_get_info", lambda *a: (80 * 2 ** 30, 80 * 2 ** 30))
+    cfg = config_lib.from_dict({"training": {"device": "cpu", "micro_batch_size": 2}})
+    cfg = config_lib.resolve(cfg)
+    cfg.training.gradient_checkpointing = "auto"  # what a CUDA run leaves to the plan
+    cfg.template.pad_to_multiple_of = 64
+    _decided, why = train_lib.memory_plan(cfg, [100, 90, 80])
+    assert any("largest micro-batch (192 tokens)" in w for w in why), why
+    cfg.template.pad_to_multiple_of = 1
+    cfg.training.gradient_checkpointing = "auto"
+    _decided, why = train_lib.memory_plan(cfg, [100, 90, 80])
+    assert any("largest micro-batch (190 tokens)" in w for w in why), why
