@@ -7,6 +7,7 @@
 #   bash bench/gpu_speed.sh graphs    # eager step vs the same step as a CUDA graph (the CPU-free ceiling)
 #   bash bench/gpu_speed.sh mem8b     # Llama-3.1-8B shape, QLoRA, 1 x 2048 random tokens: stock, fast, fast in 7.5 GiB
 #   bash bench/gpu_speed.sh small     # Qwen2.5-0.5B and 1.5B shapes, bf16 LoRA, chat lengths: stock and fast
+#                                     #   (SHAPES=qwen2.5-1.5b REPEAT=3 SKIP_D01=1: alternated repeats)
 #   bash bench/gpu_speed.sh long-stock          # stock's longest sequence within 80 GiB (bisection)
 #   SEQ=N bash bench/gpu_speed.sh long-fast     # the fast path, 3 steps at N tokens within 80 GiB
 #   SEQ=N bash bench/gpu_speed.sh long-fast-part  # the same one step per call, resumed (3 calls, warm machine)
@@ -80,14 +81,18 @@ case "$GROUP" in
     # moves the embedding table to CPU RAM; peak_device_used_gib (context + managed memory) is the figure
     one mem-fast-7.5 --model /tmp/m8b --side fast --method qlora --seq 2048 --mb 1 --steps 6 --gpu-mem 7.5
     ;;
-  small)  # stock at the fast path's dropout 0 (SKIP_D01 unset: also 0.1, XTuner's recipe)
+  small)  # stock at the fast path's dropout 0 (SKIP_D01 unset: also 0.1, XTuner's recipe);
+    # SHAPES to pick (default both); REPEAT=N alternates stock d0 and fast N times (the small
+    # shapes are CPU-bound and their ratio moves with the machine: 1.5B 2.85-3.64x in session 3)
     S=(--steps 30 --warmup 5)
-    for shape in qwen2.5-0.5b qwen2.5-1.5b; do
+    for shape in ${SHAPES:-qwen2.5-0.5b qwen2.5-1.5b}; do
       python3 bench/make_random_model.py $shape /tmp/$shape
       [ -n "${SKIP_D01:-}" ] || one $shape-stock --model /tmp/$shape --side stock --method lora --dropout 0.1 "${S[@]}"
-      one $shape-stock-d0 --model /tmp/$shape --side stock --method lora --dropout 0 "${S[@]}"
       one $shape-warm-up --model /tmp/$shape --side fast --method lora --steps 8
-      one $shape-fast --model /tmp/$shape --side fast --method lora "${S[@]}"
+      for i in $(seq 1 "${REPEAT:-1}"); do
+        one $shape-stock-d0-$i --model /tmp/$shape --side stock --method lora --dropout 0 "${S[@]}"
+        one $shape-fast-$i --model /tmp/$shape --side fast --method lora "${S[@]}"
+      done
     done
     ;;
   graphs)  # the step without its CPU cost: eager vs one CUDA graph replayed (bench/graph_probe.py)
