@@ -249,12 +249,14 @@ def test_offloaded_activations_same_grads_and_only_layer_inputs_saved(smoke_run,
     assert results[True][2] <= n_layers + 12
 
 
-@pytest.mark.parametrize("method,fused,checkpointed", [("lora", False, False), ("lora", False, True),
-                                                      ("qlora", True, True)])
-def test_tiled_mlp_same_loss_and_lora_grads(smoke_run, method, fused, checkpointed):
+@pytest.mark.parametrize("method,fused,checkpointed,offload", [
+    ("lora", False, False, False), ("lora", False, True, False), ("lora", False, True, True),
+    ("qlora", True, True, True)])
+def test_tiled_mlp_same_loss_and_lora_grads(smoke_run, method, fused, checkpointed, offload):
     """training.tiled_mlp: the MLPs over 16-token tiles give the plain model's loss and every LoRA
-    gradient (MLP adapters included), alone and under reentrant checkpointing with offloaded
-    activations (the long-context setting: the layer's recompute runs the tiled forward again)."""
+    gradient (MLP adapters included): alone, under checkpointing (non-reentrant: 32k-token rows
+    that fit the GPU) and under reentrant checkpointing with offloaded activations (the long-context
+    setting); the layer's recompute runs the tiled forward again."""
     from peft import set_peft_model_state_dict
 
     from core import tiled_mlp
@@ -263,7 +265,7 @@ def test_tiled_mlp_same_loss_and_lora_grads(smoke_run, method, fused, checkpoint
     cfg = _cfg(smoke_run, method)
     cfg.training.fused_lora = fused  # the CUDA default, here on CPU: the tiles' recompute runs it too
     cfg.training.gradient_checkpointing = checkpointed
-    cfg.training.offload_activations = checkpointed
+    cfg.training.offload_activations = offload
     tokenizer, template, _m, new_ids = train_lib.load_tokenizer_and_template(cfg)
     train_ds, *_ = train_lib.prepare_data(cfg, tokenizer, template)
     batch = dataset_lib.collator(tokenizer, True)([{k: r[k] for k in ("input_ids", "labels")}
@@ -278,7 +280,7 @@ def test_tiled_mlp_same_loss_and_lora_grads(smoke_run, method, fused, checkpoint
         if tiled:
             n_layers = model.config.num_hidden_layers
             assert tiled_mlp.install(model, 16) == n_layers
-        with train_lib.offload_saved_tensors() if checkpointed else torch.enable_grad():
+        with train_lib.offload_saved_tensors() if offload else torch.enable_grad():
             loss = model(**batch, use_cache=False).loss
         loss.backward()
         out[tiled] = (loss.detach(), {n: p.grad.clone() for n, p in model.named_parameters() if p.requires_grad})
