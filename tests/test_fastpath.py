@@ -291,6 +291,42 @@ def test_tiled_mlp_same_loss_and_lora_grads(smoke_run, method, fused, checkpoint
         torch.testing.assert_close(out[True][1][name], g, rtol=1e-4, atol=1e-6, msg=name)
 
 
+def test_tiled_mlp_keeps_one_input_per_mlp_for_backward(smoke_run):
+    """What the tiles save: counted through autograd's saved-tensor hooks over a real forward,
+    each MLP keeps its input (L x hidden) for backward instead of its intermediates (gate, up,
+    their activation and product: L x intermediate each, here 512 vs 256 wide)."""
+    from core import tiled_mlp
+
+    torch.set_num_threads(1)
+    cfg = _cfg(smoke_run, "lora")
+    tokenizer, template, _m, new_ids = train_lib.load_tokenizer_and_template(cfg)
+    train_ds, *_ = train_lib.prepare_data(cfg, tokenizer, template)
+    batch = dataset_lib.collator(tokenizer, True)([{k: r[k] for k in ("input_ids", "labels")}
+                                                   for r in train_ds.select(range(4))])
+    L = batch["input_ids"].shape[1]
+    saved = {}
+    for tiled in (False, True):
+        model = model_lib.load_for_training(cfg, tokenizer, new_ids)
+        model.train()
+        if tiled:
+            tiled_mlp.install(model, 16)
+        total = [0]
+
+        def pack(t):
+            if not isinstance(t, torch.nn.Parameter):
+                total[0] += t.numel() * t.element_size()
+            return t
+
+        with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):  # what the forward keeps
+            loss = model(**batch, use_cache=False).loss
+        saved[tiled] = total[0]
+        loss.backward()  # (each tile's recompute in backward keeps only that tile's intermediates)
+    c = model.config
+    per_token_row = 4  # fp32 bytes
+    # at least gate, up and one more L x intermediate tensor fewer per layer
+    assert saved[False] - saved[True] >= c.num_hidden_layers * 3 * L * c.intermediate_size * per_token_row, saved
+
+
 def test_tiled_mlp_auto_and_refusals():
     """auto: off on CPU (the memory plan decides on CUDA: tests/test_estimate.py); dropout > 0 or
     several GPUs refuse it when asked for (recomputed tiles would draw new masks; gradient hooks)."""
