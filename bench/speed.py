@@ -251,7 +251,6 @@ def run(a) -> dict:
         torch.cuda.reset_peak_memory_stats()
     resume = None
     if a.steps_per_call:  # a run longer than one device call: resume where the last call stopped
-        from transformers import TrainerCallback
         from transformers.trainer_utils import get_last_checkpoint
 
         resume = get_last_checkpoint(a.workdir) if Path(a.workdir).is_dir() else None

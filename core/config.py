@@ -294,13 +294,14 @@ def resolve(cfg: RunConfig) -> RunConfig:
     if t.fused_lora == "auto":
         t.fused_lora = (device == "cuda" and cfg.method in ("lora", "qlora") and cfg.lora.dropout == 0
                         and not cfg.lora.use_dora and not sharded)
-    if t.tiled_mlp is True and cfg.method != "full" and cfg.lora.dropout > 0:
+    dropout = cfg.method != "full" and cfg.lora.dropout > 0
+    if t.tiled_mlp is True and dropout:
         raise ConfigError("training.tiled_mlp: needs lora.dropout 0 (the backward recomputes each tile, "
                           "which would draw new dropout masks)")
     if t.tiled_mlp is True and t.gpus > 1:
         raise ConfigError("training.tiled_mlp: one GPU only for now (its backward accumulates gradients "
                           "outside the gradient hooks that multi-GPU strategies rely on)")
-    if t.tiled_mlp == "auto" and (device != "cuda" or t.gpus > 1 or (cfg.method != "full" and cfg.lora.dropout > 0)):
+    if t.tiled_mlp == "auto" and (device != "cuda" or t.gpus > 1 or dropout):
         t.tiled_mlp = False  # one CUDA GPU: decided by the training child once the data is known
     if t.optimizer == "auto" and (device != "cuda" or sharded):
         # sharded runs: plain torch AdamW (state sharded with the params). One GPU: decided by the

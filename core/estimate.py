@@ -282,11 +282,12 @@ def _breakdown(cfg, arch: dict) -> dict:
 
     # activations, per token per layer (see the module docstring)
     tokens = cfg.template.cutoff_len * cfg.training.micro_batch_size
-    resid = upcast if bits else b
+    resid = _resid_bytes(cfg, r["dtype"])
     norms = arch.get("norms_per_layer", 2)
     per_layer = norms * 4 * H + 2 * b * H + b * (2 * Hq + 2 * Hkv) + 4 * b * I
-    if r["tiled_mlp"] and tokens > tiled_mlp_tile(arch):  # the MLP's intermediates: one tile at a time
-        per_layer -= 4 * b * I * (1 - tiled_mlp_tile(arch) / tokens)
+    tile = tiled_mlp_tile(H)
+    if r["tiled_mlp"] and tokens > tile:  # the MLP's intermediates: one tile at a time
+        per_layer -= 4 * b * I * (1 - tile / tokens)
     if method == "full":
         per_layer += 2 * b * H
     else:
@@ -392,9 +393,16 @@ def checkpointing_decision(cfg, arch: dict | None, max_tokens: int, free_gib: fl
 TILED_MLP_MIN_TOKENS = 32768  # training.tiled_mlp auto: on from this many tokens in a micro-batch
 
 
-def tiled_mlp_tile(arch: dict | None) -> int:
+def tiled_mlp_tile(hidden_size: int) -> int:
     """Tokens per MLP tile: the hidden size (DeepSpeed's default), at least 1024."""
-    return max(1024, int((arch or {}).get("hidden_size", 0)))
+    return max(1024, int(hidden_size))
+
+
+def _resid_bytes(cfg, dtype: str) -> int:
+    """Bytes of one residual-stream value (a checkpointed layer input): fp32 under QLoRA's fp32
+    upcast or in an fp32 run, else 2."""
+    bits = cfg.quantization.bits if cfg.method == "qlora" else None
+    return 4 if (bits and cfg.quantization.fp32_upcast) or dtype == "float32" else 2
 
 
 PINNED_MAX = 128 * 2 ** 20  # saved tensors this big or bigger are offloaded to pageable RAM (core.train)
@@ -419,8 +427,7 @@ def offloaded_gib(cfg, arch: dict) -> float:
     layer input of 348k tokens pinned 4 GiB, and 32 of them got an 8B run OOM-killed on a 125 GiB
     host, docs/BENCHMARKS.md)."""
     d = _dims(arch)
-    resid = 4 if (cfg.method == "qlora" and cfg.quantization.fp32_upcast) else (
-        4 if _resolved(cfg)["dtype"] == "float32" else 2)
+    resid = _resid_bytes(cfg, _resolved(cfg)["dtype"])
     per_layer = cfg.template.cutoff_len * cfg.training.micro_batch_size * resid * d["H"]
     if per_layer < PINNED_MAX:
         per_layer = 1 << max(0, per_layer - 1).bit_length()

@@ -172,7 +172,7 @@ def _tile_mlps(cfg, model):
     if cfg.training.tiled_mlp is True:
         from . import estimate, tiled_mlp
 
-        tiled_mlp.install(model, estimate.tiled_mlp_tile({"hidden_size": model.config.get_text_config().hidden_size}))
+        tiled_mlp.install(model, estimate.tiled_mlp_tile(model.config.get_text_config().hidden_size))
     return model
 
 

@@ -361,9 +361,9 @@ def offload_saved_tensors():
     """torch.autograd.graph.save_on_cpu, with two differences that matter for long rows.
     torch's pinned allocator rounds every block up to a power of two, so a 2.66 GiB layer input
     (348k tokens of an 8B model) pinned 4 GiB and 32 layers asked a 125 GiB host for 128 GiB: the
-    OOM killer ended the run (docs/BENCHMARKS.md). Tensors of estimate.PINNED_MAX bytes or more are copied
-    to plain RAM at their exact size (a synchronous copy: ~0.3 s for 2.66 GiB, against seconds of
-    compute per layer at that length); smaller ones to pinned RAM as before. Parameters saved for
+    OOM killer ended the run (docs/BENCHMARKS.md). Tensors of estimate.PINNED_MAX bytes or more are
+    copied to plain RAM at their exact size (a synchronous copy, small beside a layer's compute at
+    such lengths); smaller ones to pinned RAM as before. Parameters saved for
     backward (lm_head's weight under the fused loss) stay where they are: they live on the GPU
     anyway. core.estimate.offloaded_gib counts the same way."""
     import torch
@@ -521,14 +521,16 @@ def train(cfg, run_dir: Path, resume: bool) -> int:
         # the fused loss reads lm_head.weight directly and would miss the trained rows of added tokens
         log("kernels: fused loss off (added tokens train rows of an untied lm_head)")
         cfg.training.kernels = "off"
+    padding_free, pad = bool(cfg.template.padding_free or cfg.template.packing), _pad_multiple(cfg)
     _write_json(run_dir, speed_path={
-        "padding_free": bool(cfg.template.padding_free or cfg.template.packing), "packing": cfg.template.packing,
-        "pad_to_multiple_of": _pad_multiple(cfg), "kernels": t.kernels, "gradient_checkpointing": t.gradient_checkpointing, "optimizer": t.optimizer,
+        "padding_free": padding_free, "packing": cfg.template.packing, "pad_to_multiple_of": pad,
+        "kernels": t.kernels, "gradient_checkpointing": t.gradient_checkpointing, "optimizer": t.optimizer,
         "offload_activations": t.offload_activations, "embeddings_on_cpu": cfg.model.embeddings_on_cpu,
-        "fused_lora": t.fused_lora, "tiled_mlp": t.tiled_mlp, "fp32_upcast": cfg.quantization.fp32_upcast if cfg.method == "qlora" else None,
+        "fused_lora": t.fused_lora, "tiled_mlp": t.tiled_mlp,
+        "fp32_upcast": cfg.quantization.fp32_upcast if cfg.method == "qlora" else None,
         "lora_dropout": cfg.lora.dropout if cfg.method != "full" else None})
-    log(f"speed path: padding-free {bool(cfg.template.padding_free or cfg.template.packing)}, "
-        f"packing {cfg.template.packing}, rows padded to a multiple of {_pad_multiple(cfg)}, kernels {t.kernels}, fused lora {t.fused_lora}, tiled MLP {t.tiled_mlp}, "
+    log(f"speed path: padding-free {padding_free}, packing {cfg.template.packing}, "
+        f"rows padded to a multiple of {pad}, kernels {t.kernels}, fused lora {t.fused_lora}, tiled MLP {t.tiled_mlp}, "
         f"gradient checkpointing {t.gradient_checkpointing}, "
         f"fp32 upcast {cfg.quantization.fp32_upcast if cfg.method == 'qlora' else 'n/a'}, lora dropout {cfg.lora.dropout}, "
         f"optimizer {t.optimizer}, offload activations {t.offload_activations}, "
