@@ -151,6 +151,8 @@ def build_fast(a, tokenizer, ds, callbacks):
         training["kernels"] = a.kernels
     if a.fused != "default":
         training["fused_lora"] = a.fused == "on"
+    if a.cudnn_fast != "default":
+        training["cudnn_attention"] = a.cudnn_fast == "on"
     template = {"cutoff_len": 1 << 20}
     if a.pad:
         template["pad_to_multiple_of"] = a.pad
@@ -171,6 +173,7 @@ def build_fast(a, tokenizer, ds, callbacks):
     return trainer, {"optimizer": t.optimizer, "gradient_checkpointing": t.gradient_checkpointing,
                      "embeddings_on_cpu": cfg.model.embeddings_on_cpu, "offload_activations": t.offload_activations,
                      "kernels": t.kernels, "fused_lora": t.fused_lora, "padding_free": cfg.template.padding_free,
+                     "tiled_mlp": t.tiled_mlp, "cudnn_attention": t.cudnn_attention,
                      "pad_to_multiple_of": cfg.template.pad_to_multiple_of,
                      "alloc_conf": os.environ.get("PYTORCH_CUDA_ALLOC_CONF", ""),
                      "fp32_upcast": cfg.quantization.fp32_upcast}
@@ -367,6 +370,8 @@ def main(argv=None) -> int:
     r.add_argument("--gpu-mem", type=float, default=0, help="fast side: training.gpu_memory_gib (the memory budget)")
     r.add_argument("--bisect", action="store_true", help="stock side: longest trainable --seq under --cap GiB")
     r.add_argument("--cap", type=float, default=0, help="GiB cap for --bisect (fast side: its memory budget)")
+    r.add_argument("--cudnn-fast", default="default", choices=["default", "on", "off"],
+                   help="fast side: training.cudnn_attention (default: auto)")
     r.add_argument("--steps-per-call", type=int, default=0,
                    help="fast side: run this many of --steps, checkpoint each, resume from --workdir's last")
     r.add_argument("--label", default="")

@@ -111,6 +111,10 @@ class TrainingSection(_Section):
     # width a token, the largest activations of a long row) one tile at a time, for an extra MLP
     # forward. auto: on for one CUDA GPU, LoRA dropout 0, when a micro-batch reaches 32k tokens
     tiled_mlp: Literal["auto", True, False] = "auto"
+    # cuDNN attention (SDPA's first choice on Hopper): the fastest kernel on a long row, but it
+    # builds a plan for every new row length, CPU time each step when short rows vary.
+    # auto: on for CUDA when a micro-batch reaches 32k tokens (attention then dominates a step)
+    cudnn_attention: Literal["auto", True, False] = "auto"
     seed: int = 42
     logging_steps: int = Field(1, gt=0)
     eval_steps: int = Field(50, gt=0)
@@ -303,6 +307,10 @@ def resolve(cfg: RunConfig) -> RunConfig:
                           "outside the gradient hooks that multi-GPU strategies rely on)")
     if t.tiled_mlp == "auto" and (device != "cuda" or t.gpus > 1 or dropout):
         t.tiled_mlp = False  # one CUDA GPU: decided by the training child once the data is known
+    if t.cudnn_attention is True and device != "cuda":
+        raise ConfigError("training.cudnn_attention: CUDA only (or cudnn_attention: auto)")
+    if t.cudnn_attention == "auto" and device != "cuda":
+        t.cudnn_attention = False  # CUDA: decided by the training child once the data is known
     if t.optimizer == "auto" and (device != "cuda" or sharded):
         # sharded runs: plain torch AdamW (state sharded with the params). One GPU: decided by the
         # training child with the memory plan (core.estimate.memory_plan): torch's fused AdamW,

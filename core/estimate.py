@@ -391,6 +391,7 @@ def checkpointing_decision(cfg, arch: dict | None, max_tokens: int, free_gib: fl
 
 
 TILED_MLP_MIN_TOKENS = 32768  # training.tiled_mlp auto: on from this many tokens in a micro-batch
+CUDNN_ATTENTION_MIN_TOKENS = 32768  # training.cudnn_attention auto: on from this many tokens
 
 
 def tiled_mlp_tile(hidden_size: int) -> int:
@@ -453,6 +454,11 @@ def memory_plan(cfg, arch: dict | None, max_tokens: int, budget_gib: float,
             cfg.training.tiled_mlp = True
             why.append(f"tiled MLP: the largest micro-batch has {max_tokens} tokens (>= {TILED_MLP_MIN_TOKENS})")
         t = cfg.training
+    if t.cudnn_attention == "auto":  # speed only, no memory: one plan per length is paid back on long rows
+        out["training.cudnn_attention"] = max_tokens >= CUDNN_ATTENTION_MIN_TOKENS
+        if out["training.cudnn_attention"]:
+            why.append(f"cuDNN attention: the largest micro-batch has {max_tokens} tokens "
+                       f"(>= {CUDNN_ATTENTION_MIN_TOKENS})")
     if t.gradient_checkpointing == "auto":
         gc, reason = checkpointing_decision(cfg, arch, max_tokens, budget_gib)
         out["training.gradient_checkpointing"] = gc

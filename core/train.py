@@ -426,7 +426,9 @@ def build_trainer(cfg, run_dir: Path, model, tokenizer, template, train_ds, eval
         # cuDNN attention (SDPA's first choice on Hopper) builds an execution plan for every new
         # sequence length, and padded or padding-free batches change length every step (the CPU
         # time of a step, docs/BENCHMARKS.md). Flash / memory-efficient attention need no plan.
-        torch.backends.cuda.enable_cudnn_sdp(False)
+        # On long rows attention's GPU time dominates and cuDNN's faster kernel wins
+        # (training.cudnn_attention, decided by the memory plan; off when it did not run).
+        torch.backends.cuda.enable_cudnn_sdp(t.cudnn_attention is True)
     args = TrainingArguments(
         output_dir=str(run_dir), report_to="none", disable_tqdm=True,
         num_train_epochs=t.epochs, max_steps=t.max_steps,
@@ -526,7 +528,7 @@ def train(cfg, run_dir: Path, resume: bool) -> int:
         "padding_free": padding_free, "packing": cfg.template.packing, "pad_to_multiple_of": pad,
         "kernels": t.kernels, "gradient_checkpointing": t.gradient_checkpointing, "optimizer": t.optimizer,
         "offload_activations": t.offload_activations, "embeddings_on_cpu": cfg.model.embeddings_on_cpu,
-        "fused_lora": t.fused_lora, "tiled_mlp": t.tiled_mlp,
+        "fused_lora": t.fused_lora, "tiled_mlp": t.tiled_mlp, "cudnn_attention": t.cudnn_attention,
         "fp32_upcast": cfg.quantization.fp32_upcast if cfg.method == "qlora" else None,
         "lora_dropout": cfg.lora.dropout if cfg.method != "full" else None})
     log(f"speed path: padding-free {padding_free}, packing {cfg.template.packing}, "

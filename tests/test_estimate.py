@@ -171,11 +171,11 @@ def test_memory_plan_picks_speed_when_it_fits_and_savings_when_not():
     big, why = E.memory_plan(c, arch, max_tokens=2048, budget_gib=79.0)
     assert big == {"training.gradient_checkpointing": False, "training.optimizer": "adamw_torch_fused",
                    "model.embeddings_on_cpu": False, "training.offload_activations": False,
-                   "training.tiled_mlp": False}, why
+                   "training.tiled_mlp": False, "training.cudnn_attention": False}, why
     small, why = E.memory_plan(c, arch, max_tokens=2048, budget_gib=7.5, host_gib=16)  # "an 8 GB card"
     assert small == {"training.gradient_checkpointing": True, "training.optimizer": "paged_adamw_8bit",
                      "model.embeddings_on_cpu": True, "training.offload_activations": True,
-                     "training.tiled_mlp": False}, why
+                     "training.tiled_mlp": False, "training.cudnn_attention": False}, why
     assert any("embeddings in CPU RAM" in w for w in why) and "of 7.5 GiB" in why[-1]
     # inputs of 2048 tokens (32 layers + final norm + loss): 16 MiB each, pinned
     assert any("activations in CPU RAM (~0.5 GiB)" in w for w in why), why
@@ -198,7 +198,7 @@ def test_memory_plan_picks_speed_when_it_fits_and_savings_when_not():
     fixed = cfg(method="qlora", **{"training.micro_batch_size": 1, "training.optimizer": "adamw_torch",
                                     "training.gradient_checkpointing": "true"})
     assert set(E.memory_plan(fixed, arch, 2048, 7.5, host_gib=16)[0]) == {
-        "model.embeddings_on_cpu", "training.offload_activations", "training.tiled_mlp"}
+        "model.embeddings_on_cpu", "training.offload_activations", "training.tiled_mlp", "training.cudnn_attention"}
 
 
 def test_preflight_shows_the_memory_plan_for_the_card():
@@ -221,6 +221,12 @@ def test_tiled_mlp_from_32k_tokens_and_what_it_saves():
     long, why = E.memory_plan(c, arch, max_tokens=65536, budget_gib=80, host_gib=100)
     assert long["training.tiled_mlp"] is True and any("tiled MLP" in w for w in why), why
     assert E.memory_plan(c, arch, max_tokens=4096, budget_gib=80, host_gib=100)[0]["training.tiled_mlp"] is False
+    # cuDNN attention from the same length (one plan per row length is paid back when attention
+    # dominates the step: 2.0 vs 3.1 s per layer forward at 348k tokens, H200, docs/BENCHMARKS.md)
+    assert long["training.cudnn_attention"] is True and any("cuDNN attention" in w for w in why), why
+    assert E.memory_plan(c, arch, max_tokens=32767, budget_gib=80, host_gib=100)[0]["training.cudnn_attention"] is False
+    user = cfg(method="qlora", **{"training.micro_batch_size": 1, "training.cudnn_attention": "false"})
+    assert "training.cudnn_attention" not in E.memory_plan(user, arch, 65536, 80, host_gib=100)[0]
     at = dict(template__cutoff_len=65536, training__gradient_checkpointing=True)
     plain = E._total_gib(E._with(c, training__tiled_mlp=False, **at), arch)
     tiled = E._total_gib(E._with(c, training__tiled_mlp=True, **at), arch)

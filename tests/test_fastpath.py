@@ -148,6 +148,7 @@ def test_training_log_run_json_and_train_tab_name_the_speed_path(smoke_run, monk
     sp = runs.read_json(smoke_run)["speed_path"]
     assert sp["padding_free"] is True and sp["kernels"] == "off" and sp["gradient_checkpointing"] is False
     assert sp["pad_to_multiple_of"] == 1 and sp["tiled_mlp"] is False  # CPU: no row padding, no tiles
+    assert sp["cudnn_attention"] is False
     assert sp["optimizer"] == "adamw_torch" and sp["fp32_upcast"] is None  # lora on CPU
     monkeypatch.setenv("LORASTUDIO_ALLOW_DIRS", str(smoke_run.parent))  # what --allow-dir does
     md = tab_train.status_markdown(tab_train.run_view(str(smoke_run)))
@@ -336,6 +337,14 @@ def test_tiled_mlp_auto_and_refusals():
                                                  "lora": {"dropout": 0.1}}))
     with pytest.raises(config_lib.ConfigError, match="training.tiled_mlp: one GPU only"):
         config_lib.resolve(config_lib.from_dict({"training": {"device": "cpu", "tiled_mlp": True, "gpus": 2}}))
+
+
+def test_cudnn_attention_auto_and_refusal():
+    """auto: off on CPU (on CUDA the memory plan decides from the row length); asked for on CPU
+    it is a config error naming the field, not a silent no-op."""
+    assert config_lib.resolve(config_lib.from_dict({"training": {"device": "cpu"}})).training.cudnn_attention is False
+    with pytest.raises(config_lib.ConfigError, match="training.cudnn_attention: CUDA only"):
+        config_lib.resolve(config_lib.from_dict({"training": {"device": "cpu", "cudnn_attention": True}}))
 
 
 def test_offload_hooks_copy_activations_not_parameters():

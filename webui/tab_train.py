@@ -311,7 +311,8 @@ def status_markdown(v: dict) -> str:
                                      ("gradient_checkpointing", "checkpointing"),
                                      ("offload_activations", "activations in CPU RAM"),
                                      ("embeddings_on_cpu", "embeddings in CPU RAM"), ("fp32_upcast", "fp32 upcast"),
-                                     ("fused_lora", "fused LoRA layers"), ("tiled_mlp", "tiled MLP"))
+                                     ("fused_lora", "fused LoRA layers"), ("tiled_mlp", "tiled MLP"),
+                                     ("cudnn_attention", "cuDNN attention"))
               if sp.get(key) is True]
         if (sp.get("pad_to_multiple_of") or 1) > 1:
             on.append(f"rows padded to ×{sp['pad_to_multiple_of']}")
