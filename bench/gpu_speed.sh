@@ -11,6 +11,7 @@
 #   bash bench/gpu_speed.sh long-stock          # stock's longest sequence within 80 GiB (bisection)
 #   SEQ=N bash bench/gpu_speed.sh long-fast     # the fast path, 3 steps at N tokens within 80 GiB
 #   SEQ=N bash bench/gpu_speed.sh long-fast-part  # the same one step per call, resumed (3 calls, warm machine)
+#   bash bench/gpu_speed.sh sdpa      # flash vs cuDNN attention on one 348k-token row (bench/sdpa_probe.py)
 # Needs .bench/chat_tokens.jsonl (here: python bench/speed.py prep .bench) and the .whl wheels
 # (trl, datasets, pydantic, liger-kernel, bitsandbytes cuda130); results: $OUT/speed.jsonl + logs.
 set -uo pipefail
@@ -119,6 +120,10 @@ case "$GROUP" in
     one long-fast-part --model /tmp/m8b --side fast --method qlora --seq "${SEQ:?SEQ=10x stock max}" --mb 1 \
         --steps 3 --steps-per-call 1 --warmup 0 --cap 80 --workdir /tmp/long-run
     ls /tmp/long-run
+    ;;
+  sdpa)  # no model, no speed.jsonl: one JSON line per backend and pass
+    python3 bench/sdpa_probe.py ${SEQ:-348160} | tee "$OUT/sdpa.jsonl"
+    exit 0
     ;;
   *) echo "unknown group $GROUP"; exit 2 ;;
 esac
