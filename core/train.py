@@ -533,6 +533,7 @@ def train(cfg, run_dir: Path, resume: bool) -> int:
         "lora_dropout": cfg.lora.dropout if cfg.method != "full" else None})
     log(f"speed path: padding-free {padding_free}, packing {cfg.template.packing}, "
         f"rows padded to a multiple of {pad}, kernels {t.kernels}, fused lora {t.fused_lora}, tiled MLP {t.tiled_mlp}, "
+        f"cuDNN attention {t.cudnn_attention}, "
         f"gradient checkpointing {t.gradient_checkpointing}, "
         f"fp32 upcast {cfg.quantization.fp32_upcast if cfg.method == 'qlora' else 'n/a'}, lora dropout {cfg.lora.dropout}, "
         f"optimizer {t.optimizer}, offload activations {t.offload_activations}, "
