@@ -123,7 +123,7 @@ case "$GROUP" in
     ;;
   sdpa)  # no model, no speed.jsonl: one JSON line per backend and pass
     python3 bench/sdpa_probe.py ${SEQ:-348160} | tee "$OUT/sdpa.jsonl"
-    exit 0
+    exit  # the probe's status (pipefail)
     ;;
   *) echo "unknown group $GROUP"; exit 2 ;;
 esac

@@ -390,8 +390,9 @@ def checkpointing_decision(cfg, arch: dict | None, max_tokens: int, free_gib: fl
                   f"of {free_gib:.1f} GiB free")
 
 
-TILED_MLP_MIN_TOKENS = 32768  # training.tiled_mlp auto: on from this many tokens in a micro-batch
-CUDNN_ATTENTION_MIN_TOKENS = 32768  # training.cudnn_attention auto: on from this many tokens
+# a long row: from this many tokens in a micro-batch, training.tiled_mlp and
+# training.cudnn_attention (auto) turn on
+LONG_ROW_TOKENS = 32768
 
 
 def tiled_mlp_tile(hidden_size: int) -> int:
@@ -446,19 +447,19 @@ def memory_plan(cfg, arch: dict | None, max_tokens: int, budget_gib: float,
     t = cfg.training
     out: dict = {}
     why: list[str] = []
+    long_row = max_tokens >= LONG_ROW_TOKENS
+    long_why = f"the largest micro-batch has {max_tokens} tokens (>= {LONG_ROW_TOKENS})"
     if t.tiled_mlp == "auto":
-        tiled = max_tokens >= TILED_MLP_MIN_TOKENS
-        out["training.tiled_mlp"] = tiled
-        if tiled:
+        out["training.tiled_mlp"] = long_row
+        if long_row:
             cfg = cfg.model_copy(deep=True)
             cfg.training.tiled_mlp = True
-            why.append(f"tiled MLP: the largest micro-batch has {max_tokens} tokens (>= {TILED_MLP_MIN_TOKENS})")
+            why.append(f"tiled MLP: {long_why}")
         t = cfg.training
     if t.cudnn_attention == "auto":  # speed only, no memory: one plan per length is paid back on long rows
-        out["training.cudnn_attention"] = max_tokens >= CUDNN_ATTENTION_MIN_TOKENS
-        if out["training.cudnn_attention"]:
-            why.append(f"cuDNN attention: the largest micro-batch has {max_tokens} tokens "
-                       f"(>= {CUDNN_ATTENTION_MIN_TOKENS})")
+        out["training.cudnn_attention"] = long_row
+        if long_row:
+            why.append(f"cuDNN attention: {long_why}")
     if t.gradient_checkpointing == "auto":
         gc, reason = checkpointing_decision(cfg, arch, max_tokens, budget_gib)
         out["training.gradient_checkpointing"] = gc

@@ -222,7 +222,7 @@ def test_tiled_mlp_from_32k_tokens_and_what_it_saves():
     assert long["training.tiled_mlp"] is True and any("tiled MLP" in w for w in why), why
     assert E.memory_plan(c, arch, max_tokens=4096, budget_gib=80, host_gib=100)[0]["training.tiled_mlp"] is False
     # cuDNN attention from the same length (one plan per row length is paid back when attention
-    # dominates the step: 2.0 vs 3.1 s per layer forward at 348k tokens, H200, docs/BENCHMARKS.md)
+    # dominates the step: 1.99 vs 3.15 s per layer forward at 348k tokens, H200, docs/BENCHMARKS.md)
     assert long["training.cudnn_attention"] is True and any("cuDNN attention" in w for w in why), why
     assert E.memory_plan(c, arch, max_tokens=32767, budget_gib=80, host_gib=100)[0]["training.cudnn_attention"] is False
     user = cfg(method="qlora", **{"training.micro_batch_size": 1, "training.cudnn_attention": "false"})
