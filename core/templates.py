@@ -1,8 +1,9 @@
 """Chat templates and the one labelling function (`encode_example`).
 
-A `ChatTemplate` is Jinja source rendered in transformers' sandbox (the same
-ImmutableSandboxedEnvironment `apply_chat_template` uses), so a rendered text is byte-identical to
-what the tokenizer's own `apply_chat_template` would give for the same source. Trained text is
+A `ChatTemplate` is Jinja source rendered in transformers' sandbox settings (the
+ImmutableSandboxedEnvironment `apply_chat_template` uses, core.sandbox adds bounds on work and
+size), so a rendered text is byte-identical to what the tokenizer's own `apply_chat_template`
+would give for the same source. Trained text is
 found in one of two ways:
 
 * `{% generation %}...{% endgeneration %}` markers (transformers' AssistantTracker reports their
@@ -27,8 +28,10 @@ from dataclasses import dataclass, field, replace
 
 import jinja2
 import numpy as np
-from transformers.utils.chat_template_utils import _compile_jinja_template, render_jinja_template
+from transformers.utils.chat_template_utils import _alias_reasoning_fields, _plain_template_data
 from trl import chat_template_utils as trl_templates
+
+from . import sandbox
 
 
 class TemplateError(ValueError):
@@ -46,27 +49,37 @@ def _template_kwargs(tokenizer) -> dict:
 
 def _compile(source: str):
     try:
-        return _compile_jinja_template(source)
+        return sandbox.compile_template(source)
     except jinja2.TemplateSyntaxError as e:
         raise TemplateError(f"chat template syntax error at line {e.lineno}: {e.message}") from e
+    except sandbox.TemplateLimit as e:
+        raise TemplateError(f"chat template refused: {e}") from e
+
+
+def _plain(conversation):
+    """What apply_chat_template hands a template: plain JSON-like copies (reasoning aliased)."""
+    return _alias_reasoning_fields(_plain_template_data(conversation))
 
 
 def _render_batch(source, conversations, add_generation_prompt=False, tokenizer=None, track=False):
-    """Render conversations in transformers' sandbox; returns (texts, generation spans per text)."""
+    """Render conversations in the bounded sandbox (core.sandbox: transformers' environment, with
+    bounds on work and size); returns (texts, generation spans per text)."""
     _compile(source)  # syntax errors get a line number before anything else
-    try:
-        texts, indices = render_jinja_template(
-            conversations=conversations,
-            chat_template=source,
-            return_assistant_tokens_mask=track,
-            add_generation_prompt=add_generation_prompt,
-            **_template_kwargs(tokenizer),
-        )
-    except jinja2.exceptions.SecurityError as e:
-        raise TemplateError(f"chat template refused by the sandbox (unsafe access): {e}") from e
-    except (jinja2.TemplateError, TypeError) as e:
-        raise TemplateError(f"chat template failed: {e}") from e
-    return texts, (indices if track else [[] for _ in texts])
+    kwargs = _plain_template_data(_template_kwargs(tokenizer))
+    texts, indices = [], []
+    for conversation in conversations:
+        try:
+            text, spans = sandbox.render(source, _plain(conversation), track=track,
+                                         add_generation_prompt=add_generation_prompt, **kwargs)
+        except sandbox.TemplateLimit as e:
+            raise TemplateError(f"chat template stopped: {e}") from e
+        except jinja2.exceptions.SecurityError as e:
+            raise TemplateError(f"chat template refused by the sandbox (unsafe access): {e}") from e
+        except (jinja2.TemplateError, TypeError, ValueError, ArithmeticError, LookupError, AttributeError) as e:
+            raise TemplateError(f"chat template failed: {e}") from e
+        texts.append(text)
+        indices.append(spans)
+    return texts, indices
 
 
 def _render_source(source, messages, add_generation_prompt=False, tokenizer=None, track=False):
