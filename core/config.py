@@ -7,24 +7,44 @@ gradient checkpointing, optimizer) so the run directory's config.yaml holds ever
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+from . import safe_io
 
 
 class ConfigError(ValueError):
     """A config problem; the message names the field path(s)."""
 
 
+# Upper bounds where a typo would cost a machine (a plan of 3e13 steps, a million-rank LoRA): far
+# above any real run, so they only ever catch mistakes. The total number of steps, which needs the
+# data, is checked by the training child (MAX_TOTAL_STEPS).
+MAX_TOTAL_STEPS = 10_000_000
+MAX_TOKENS = 1_048_576  # a row: 1M tokens (the long-context runs reach 348k)
+_CONTROL = re.compile(r"[\x00-\x1f\x7f]")
+_CONTROL_NOT_LAYOUT = re.compile(r"[\x00-\x08\x0b\x0c\x0e-\x1f\x7f]")  # \t \n \r allowed
+IDENTIFIER = re.compile(r"[A-Za-z_][A-Za-z0-9_]*(\.[A-Za-z0-9_]+)*")  # q_proj, model.layers.0.mlp
+
+
+def _one_line(value: str | None, what: str = "must be one line of text (no control characters)") -> str | None:
+    if value is not None and _CONTROL.search(value):
+        raise ValueError(what)
+    return value
+
+
 class _Section(BaseModel):
-    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+    # allow_inf_nan=False: inf/nan are never a setting (inf > 0 passes a `gt=0` bound)
+    model_config = ConfigDict(extra="forbid", validate_assignment=True, allow_inf_nan=False)
 
 
 class ModelSection(_Section):
-    name_or_path: str = "builtin:tiny"  # local folder, hub id, or builtin:tiny (offline default)
-    revision: str | None = None  # hub revision (branch, tag or commit) for reproducibility
+    name_or_path: str = Field("builtin:tiny", min_length=1, max_length=4096)  # local folder, hub id, or builtin:tiny
+    revision: str | None = Field(None, pattern=r"^[A-Za-z0-9_.\-/]{1,256}$")  # hub revision (branch, tag or commit)
     trust_remote_code: bool = False  # runs code shipped with the model: only for models you trust
     dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"  # auto: bf16 on capable GPUs, fp32 on CPU
     attn_implementation: Literal["sdpa", "eager", "flex_attention"] = "sdpa"
@@ -32,25 +52,47 @@ class ModelSection(_Section):
     # an 8B model; lookups are cheap). auto: only when the run would not fit the GPU otherwise
     embeddings_on_cpu: Literal["auto", True, False] = "auto"
 
+    @field_validator("name_or_path")
+    @classmethod
+    def _line(cls, v):
+        return _one_line(v)
+
 
 class DataSource(_Section):
-    path: str  # json/jsonl/csv/parquet/txt file, or builtin:sample
+    path: str = Field(min_length=1, max_length=4096)  # json/jsonl/csv/parquet/txt file, or builtin:sample
     format: Literal["auto", "openai", "sharegpt", "alpaca", "guanaco", "xtuner", "text"] = "auto"
-    columns: dict[str, str] | None = None  # column-mapping override, e.g. {instruction: question}
-    placeholders: dict[str, str] | None = None  # fills {{name}}/{{author}} as in identity data
-    ratio: float = Field(1.0, gt=0)  # rows taken = ratio x usable rows (>1 repeats, <1 subsamples)
+    columns: dict[str, str] | None = Field(None, max_length=32)  # column-mapping override, e.g. {instruction: question}
+    placeholders: dict[str, str] | None = Field(None, max_length=64)  # fills {{name}}/{{author}} as in identity data
+    ratio: float = Field(1.0, gt=0, le=1000)  # rows taken = ratio x usable rows (>1 repeats, <1 subsamples)
+
+    @field_validator("path")
+    @classmethod
+    def _line(cls, v):
+        return _one_line(v)
+
+    @field_validator("columns", "placeholders")
+    @classmethod
+    def _names(cls, v):
+        for key, value in (v or {}).items():
+            if not IDENTIFIER.fullmatch(key) or len(key) > 64:
+                raise ValueError(f"{key!r}: keys are names (letters, digits, _)")
+            if len(value) > 10_000 or _CONTROL_NOT_LAYOUT.search(value):
+                raise ValueError(f"{key}: at most 10,000 characters of text")
+        return v
 
 
 class DataSection(_Section):
-    sources: list[DataSource] = Field(default_factory=lambda: [DataSource(path="builtin:sample")], min_length=1)
+    sources: list[DataSource] = Field(default_factory=lambda: [DataSource(path="builtin:sample")], min_length=1,
+                                      max_length=64)
     eval_split: float = Field(0.0, ge=0, lt=0.5)  # fraction held out for eval loss (0 = none)
-    seed: int = 0  # shuffling and mixing
+    seed: int = Field(0, ge=0, lt=2**32)  # shuffling and mixing
 
 
 class TemplateSection(_Section):
-    name: str = "auto"  # auto = the tokenizer's own; or chatml, qwen, llama3, mistral, ... or custom
-    custom_jinja: str | None = None  # with name: custom; rendered in a sandbox
-    cutoff_len: int = Field(1024, gt=0)  # tokens per sample; longer samples are truncated and counted
+    # auto = the tokenizer's own; or chatml, qwen, llama3, mistral, ... or custom
+    name: str = Field("auto", pattern=r"^[A-Za-z0-9_.\-]{1,64}$")
+    custom_jinja: str | None = Field(None, max_length=256 * 1024)  # with name: custom; rendered in a sandbox
+    cutoff_len: int = Field(1024, gt=0, le=MAX_TOKENS)  # tokens per sample; longer samples are truncated and counted
     packing: bool = False  # pack samples into cutoff_len rows (no cross-sample attention)
     # one row per micro-batch: samples concatenated with restarting position_ids, no pad tokens
     # (same samples per step, same loss, no cross-sample attention); auto: on unless the model
@@ -58,16 +100,29 @@ class TemplateSection(_Section):
     padding_free: Literal["auto", True, False] = "auto"
     # rows padded up to a multiple of this (pad after every real token, label -100): a CUDA step
     # on a few aligned lengths beats one on varying odd ones; auto: 64 on CUDA, 1 (none) on CPU
-    pad_to_multiple_of: Literal["auto"] | int = "auto"
+    pad_to_multiple_of: Literal["auto"] | Annotated[int, Field(ge=1, le=4096)] = "auto"
 
 
 class LoraSection(_Section):
-    r: int = Field(16, gt=0)  # rank: 8-64 typical; higher = more capacity, more memory
-    alpha: float = Field(32, gt=0)  # scale = alpha / r (or alpha / sqrt(r) with rslora)
+    r: int = Field(16, gt=0, le=4096)  # rank: 8-64 typical; higher = more capacity, more memory
+    alpha: float = Field(32, gt=0, le=100_000)  # scale = alpha / r (or alpha / sqrt(r) with rslora)
     dropout: float = Field(0.0, ge=0, lt=1)  # 0 skips a copy of every LoRA input (faster); 0.05-0.1 on tiny datasets
-    target_modules: list[str] | str = "all-linear"  # all-linear, or e.g. [q_proj, v_proj]
+    target_modules: list[str] | Literal["all-linear"] = "all-linear"  # all-linear, or e.g. [q_proj, v_proj]
     use_dora: bool = False  # weight-decomposed LoRA: a bit better, slower
     use_rslora: bool = False  # rank-stabilised scaling, helps at high r
+
+    @field_validator("target_modules", mode="before")
+    @classmethod
+    def _modules(cls, v):
+        if isinstance(v, str) and v != "all-linear":
+            raise ValueError(f"{v!r}: all-linear, or a list of module names such as [q_proj, v_proj]")
+        if isinstance(v, list):
+            if not 1 <= len(v) <= 256:
+                raise ValueError("give 1 to 256 module names, or all-linear")
+            bad = [m for m in v if not isinstance(m, str) or len(m) > 200 or not IDENTIFIER.fullmatch(m)]
+            if bad:
+                raise ValueError(f"{bad[0]!r} is not a module name (letters, digits, _ and dots, e.g. q_proj)")
+        return v
 
 
 class QuantSection(_Section):
@@ -80,18 +135,18 @@ class QuantSection(_Section):
 
 
 class TrainingSection(_Section):
-    epochs: float = Field(3.0, gt=0)
-    max_steps: int = -1  # > 0 overrides epochs
-    micro_batch_size: int = Field(4, gt=0)  # per device; lower it first when out of memory
-    grad_accum: int = Field(4, gt=0)  # effective batch = micro_batch_size x grad_accum
-    learning_rate: float = Field(2e-4, gt=0)  # LoRA: 1e-4..5e-4; full fine-tuning: 1e-5..5e-5
+    epochs: float = Field(3.0, gt=0, le=1000)
+    max_steps: int = Field(-1, ge=-1, le=MAX_TOTAL_STEPS)  # > 0 overrides epochs
+    micro_batch_size: int = Field(4, gt=0, le=4096)  # per device; lower it first when out of memory
+    grad_accum: int = Field(4, gt=0, le=4096)  # effective batch = micro_batch_size x grad_accum
+    learning_rate: float = Field(2e-4, gt=0, le=1)  # LoRA: 1e-4..5e-4; full fine-tuning: 1e-5..5e-5
     lr_scheduler: Literal["cosine", "linear", "constant", "constant_with_warmup"] = "cosine"
     warmup_ratio: float = Field(0.03, ge=0, lt=1)
-    weight_decay: float = Field(0.0, ge=0)
-    max_grad_norm: float = Field(1.0, gt=0)
+    weight_decay: float = Field(0.0, ge=0, le=10)
+    max_grad_norm: float = Field(1.0, gt=0, le=1e6)
     # auto: adamw_torch_fused on one GPU (paged_adamw_8bit when the run would not fit otherwise), else adamw_torch
-    optimizer: str = "auto"
-    neftune_alpha: float | None = Field(None, gt=0)  # noisy embeddings (5 is common); None = off
+    optimizer: str = Field("auto", pattern=r"^[a-z0-9_]{1,64}$")
+    neftune_alpha: float | None = Field(None, gt=0, le=1000)  # noisy embeddings (5 is common); None = off
     # recompute activations in backward: less memory, slower steps. auto: off on CPU (12x slower
     # there); on CUDA off when the dataset's largest micro-batch fits the card without it
     gradient_checkpointing: Literal["auto", True, False] = "auto"
@@ -115,28 +170,45 @@ class TrainingSection(_Section):
     # builds a plan for every new row length, CPU time each step when short rows vary.
     # auto: on for CUDA when a micro-batch reaches 32k tokens (attention then dominates a step)
     cudnn_attention: Literal["auto", True, False] = "auto"
-    seed: int = 42
-    logging_steps: int = Field(1, gt=0)
-    eval_steps: int = Field(50, gt=0)
-    save_steps: int = Field(100, gt=0)  # checkpoint every N optimizer steps
-    save_total_limit: int = Field(2, gt=0)  # keep the last K checkpoints
-    early_stopping_patience: int | None = Field(None, gt=0)  # stop after N evals without a better eval loss; keeps the best
-    sample_every: int = Field(0, ge=0)  # sample generations every N steps (0 = only at the end)
-    sample_prompts: list[str] = Field(default_factory=list)  # XTuner's evaluation_inputs
-    sample_max_new_tokens: int = Field(64, gt=0)
+    seed: int = Field(42, ge=0, lt=2**32)
+    logging_steps: int = Field(1, gt=0, le=MAX_TOTAL_STEPS)
+    eval_steps: int = Field(50, gt=0, le=MAX_TOTAL_STEPS)
+    save_steps: int = Field(100, gt=0, le=MAX_TOTAL_STEPS)  # checkpoint every N optimizer steps
+    save_total_limit: int = Field(2, gt=0, le=1000)  # keep the last K checkpoints
+    # stop after N evals without a better eval loss; keeps the best
+    early_stopping_patience: int | None = Field(None, gt=0, le=100_000)
+    sample_every: int = Field(0, ge=0, le=MAX_TOTAL_STEPS)  # sample generations every N steps (0 = only at the end)
+    sample_prompts: list[str] = Field(default_factory=list, max_length=64)  # XTuner's evaluation_inputs
+    sample_max_new_tokens: int = Field(64, gt=0, le=32768)
     device: Literal["auto", "cpu", "cuda"] = "auto"
-    exclusive: Literal["auto", True, False] = "auto"  # one job per device (file lock); auto: on for CUDA
+    # one training job per device (a file lock; others wait in a queue); false: run beside others
+    exclusive: Literal["auto", True, False] = "auto"
     queue: bool = True  # device busy: wait in the queue (True) or refuse at once (False)
     # GPU memory this run may use, per GPU (a shared card, an 8 GB budget); None: the card's free
     # memory at start. The auto settings above pick speed when it fits and savings when not.
-    gpu_memory_gib: float | None = Field(None, gt=0)
-    gpus: int = Field(1, gt=0)  # processes (one per GPU; on CPU: gloo processes); >1 starts `accelerate launch`
+    gpu_memory_gib: float | None = Field(None, gt=0, le=100_000)
+    # processes (one per GPU; on CPU: gloo processes, for tests); >1 starts `accelerate launch`.
+    # At most the GPUs this machine has (core.machine.check_gpus, before anything starts)
+    gpus: int = Field(1, gt=0, le=1024)
     strategy: Literal["ddp", "fsdp", "zero2", "zero3"] = "ddp"  # ddp: a full copy per GPU; fsdp/zero3 shard the model
     offload: bool = False  # fsdp/zero2/zero3: keep params/optimizer state in CPU RAM (slower, fits bigger models)
 
+    @field_validator("sample_prompts")
+    @classmethod
+    def _prompts(cls, v):
+        for p in v:
+            if len(p) > 10_000 or _CONTROL_NOT_LAYOUT.search(p):
+                raise ValueError("each prompt: at most 10,000 characters of text")
+        return v
+
 
 class OutputSection(_Section):
-    run_name: str | None = None  # default: <model>-<method>-<timestamp>
+    run_name: str | None = Field(None, max_length=200)  # default: <model>-<method>-<timestamp>
+
+    @field_validator("run_name")
+    @classmethod
+    def _line(cls, v):
+        return _one_line(v)
 
 
 class RunConfig(_Section):
@@ -181,16 +253,24 @@ class RunConfig(_Section):
 
 # ---------------------------------------------------------------- YAML in and out
 
+_BRANCH = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")  # a field name; union branches read "literal['auto']", "list[str]"
+
+
 def _format_errors(err: ValidationError, source: str = "") -> str:
-    lines = []
+    msgs: dict[str, list[str]] = {}  # path -> messages (a union field gets one per branch)
+    got: dict[str, str] = {}
     for e in err.errors():
-        path = ".".join(str(p) for p in e["loc"])
-        msg = e["msg"].removeprefix("Value error, ")
-        if e["type"] == "extra_forbidden":
-            msg = "unknown key"
-        elif "input" in e and e["type"] not in ("missing",) and not isinstance(e["input"], dict):
-            msg += f" (got {e['input']!r})"
-        lines.append(f"{path}: {msg}" if path else msg)
+        loc = [p for p in e["loc"] if isinstance(p, int) or (_BRANCH.fullmatch(p) and p not in ("str", "int", "float",
+                                                                                               "bool", "list", "dict"))]
+        path = ".".join(str(p) for p in loc)
+        msg = "unknown key" if e["type"] == "extra_forbidden" else e["msg"].removeprefix("Value error, ")
+        if msg not in msgs.setdefault(path, []):
+            msgs[path].append(msg)
+        if "input" in e and e["type"] not in ("missing", "extra_forbidden") and not isinstance(e["input"], dict):
+            text = repr(e["input"])
+            got[path] = text if len(text) <= 200 else text[:200] + "..."
+    lines = [(f"{path}: " if path else "") + " or ".join(m) + (f" (got {got[path]})" if path in got else "")
+             for path, m in msgs.items()]
     head = f"invalid config{' in ' + source if source else ''}:"
     return head + "\n  " + "\n  ".join(lines)
 
@@ -207,13 +287,9 @@ def from_dict(data: dict, source: str = "") -> RunConfig:
 def load(path: str | Path, overrides: list[str] | None = None) -> RunConfig:
     path = Path(path)
     try:
-        text = path.read_text(encoding="utf-8")
-    except FileNotFoundError:
-        raise ConfigError(f"config file not found: {path}") from None
-    try:
-        data = yaml.safe_load(text) or {}
-    except yaml.YAMLError as e:
-        raise ConfigError(f"{path}: not valid YAML: {e}") from None
+        data = safe_io.read_yaml(path) or {}
+    except safe_io.FileProblem as e:
+        raise ConfigError(f"config file not found: {path}" if "file not found" in str(e) else str(e)) from None
     for item in overrides or []:
         apply_override(data, item)
     return from_dict(data, str(path))
@@ -226,16 +302,23 @@ def apply_override(data: dict, item: str) -> None:
     key, raw = item.split("=", 1)
     node = data
     parts = key.strip().split(".")
+    if not all(IDENTIFIER.fullmatch(p) for p in parts):
+        raise ConfigError(f"--set {key!r}: expected a key path such as training.learning_rate")
     for p in parts[:-1]:
         node = node.setdefault(p, {})
         if not isinstance(node, dict):
             raise ConfigError(f"--set {key}: {p} is not a section")
-    node[parts[-1]] = yaml.safe_load(raw)
+    try:
+        node[parts[-1]] = safe_io.load_yaml(raw, f"--set {key}")
+    except safe_io.FileProblem as e:
+        raise ConfigError(str(e)) from None
 
 
 def to_yaml(cfg: RunConfig, header: str = "") -> str:
     body = yaml.safe_dump(cfg.model_dump(mode="json"), sort_keys=False, allow_unicode=True)
-    return header + body
+    # every header line a comment: a path or preset name with a newline in it stays inside one
+    lines = [ln if ln.startswith("#") else f"# {ln}" for ln in header.splitlines() if ln.strip()]
+    return "".join(f"{ln}\n" for ln in lines) + body
 
 
 def save(cfg: RunConfig, path: str | Path, header: str = "") -> None:
@@ -278,15 +361,13 @@ def resolve(cfg: RunConfig) -> RunConfig:
     if t.gradient_checkpointing == "auto" and device == "cpu":
         t.gradient_checkpointing = False  # CUDA: decided by the training child once the data is known
     if t.exclusive == "auto":
-        t.exclusive = device == "cuda"
+        t.exclusive = True  # one training job per device, CPU included (2 cores shared by ten runs help none)
     if cfg.template.padding_free == "auto":
         # off for remote code (its attention may ignore position_ids) and NEFTune (its noise is
         # scaled by the row's length, which a padding-free row multiplies)
         cfg.template.padding_free = not cfg.model.trust_remote_code and t.neftune_alpha is None
     if cfg.template.pad_to_multiple_of == "auto":
         cfg.template.pad_to_multiple_of = 64 if device == "cuda" else 1
-    elif cfg.template.pad_to_multiple_of < 1:
-        raise ConfigError(f"template.pad_to_multiple_of: {cfg.template.pad_to_multiple_of} must be 1 (no padding) or more")
     if t.kernels == "auto":
         t.kernels = "all" if device == "cuda" and liger_available() else "off"
     elif t.kernels != "off" and device != "cuda":
@@ -330,6 +411,12 @@ def resolve(cfg: RunConfig) -> RunConfig:
     if t.optimizer.startswith("paged_") and device != "cuda":
         raise ConfigError(f"training.optimizer: {t.optimizer} pages optimizer state between GPU and CPU and "
                           "needs CUDA; on CPU use adamw_torch (or optimizer: auto)")
+    if device == "cpu" and t.gpus > 1:
+        from . import machine
+
+        problem = machine.gpus_problem(t.gpus, "cpu")
+        if problem:
+            raise ConfigError(problem)
     if t.gpus > 1 or t.strategy != "ddp":
         from . import distributed
 

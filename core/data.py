@@ -29,11 +29,13 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from . import safe_io
 from .workspace import file_sha256
 
 FORMATS = ("openai", "sharegpt", "alpaca", "guanaco", "xtuner", "text")
 EXTENSIONS = (".json", ".jsonl", ".ndjson", ".csv", ".tsv", ".parquet", ".txt")
 DETECT_ROWS = 50  # format detection looks at this many leading rows
+MAX_MIXTURE_ROWS = 20_000_000  # rows after the ratios: far above real data, well below what memory holds
 ROW_KEYS = ("messages", "conversations", "conversation", "instruction", "text")
 
 # openai-style rows come from many exporters, so common aliases are accepted there.
@@ -165,8 +167,10 @@ def _read(path, columns: dict | None = None) -> tuple[list[tuple[int, Any]], lis
     name, ext = path.name, path.suffix.lower()
     if ext not in EXTENSIONS:
         raise DataError(f"{name}: unsupported file type '{ext or '(none)'}' (supported: {', '.join(EXTENSIONS)})")
-    if not path.is_file():
-        raise DataError(f"{path}: file not found")
+    try:
+        safe_io.check_regular(path, "data file")
+    except safe_io.FileProblem as e:
+        raise DataError(str(e)) from None
     if path.stat().st_size == 0:
         raise DataError(f"{name}: file is empty")
 
@@ -179,7 +183,11 @@ def _read(path, columns: dict | None = None) -> tuple[list[tuple[int, Any]], lis
             raise DataError(f"{name}: not a readable parquet file ({e})") from None
         return [(i + 1, r) for i, r in enumerate(rows)], [], "parquet", "row"
 
-    text, enc = _decode(path, path.read_bytes())
+    try:
+        raw = safe_io.read_bytes(path, None, "data file")
+    except safe_io.FileProblem as e:
+        raise DataError(str(e)) from None
+    text, enc = _decode(path, raw)
     if not text.strip():
         raise DataError(f"{name}: file is empty")
 
@@ -559,6 +567,9 @@ def load_mixture(sources: list[dict], seed: int = 0):
         if src["ratio"] < 0:
             raise DataError(f"{name}: ratio must be >= 0, got {src['ratio']}")
         n = round(src["ratio"] * len(rows))
+        if len(picked) + n > MAX_MIXTURE_ROWS:
+            raise DataError(f"{name}: ratio {src['ratio']:g} x {len(rows):,} rows makes the mixture more than "
+                            f"{MAX_MIXTURE_ROWS:,} rows; lower the ratio (or train more epochs)")
         copies, rest = divmod(n, len(rows))
         # A stream per source, so adding a source does not change the sample drawn from another.
         rng = random.Random(f"{seed}:{i}")
