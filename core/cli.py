@@ -164,7 +164,10 @@ def cmd_resume(a) -> int:
             return _err(str(e), runs.EXIT_CONFIG)
         header = "\n".join(ln for ln in path.read_text().splitlines() if ln.startswith("#"))
         config_lib.save(cfg, path, header=header + "\n" if header else "")
-    proc = runs.launch(run_dir, resume=True)
+    try:
+        proc = runs.launch(run_dir, resume=True)
+    except runs.LaunchError as e:
+        return _err(str(e))
     print(f"resuming {run_dir}", flush=True)
     if a.detach:
         return 0
@@ -229,12 +232,15 @@ def cmd_runs(a) -> int:
         print("no runs yet (lorastudio train presets/tiny_demo.yaml)")
         return 0
     print(f"{'STATUS':<9} {'STEP':>10} {'LOSS':>8}  RUN")
+    from .history import _number
+
     for info in items:
         events, _ = runs.read_events(info["run_dir"])
         steps = [e for e in events if e.get("event") == "step"]
         last = steps[-1] if steps else {}
-        step = f"{last.get('step', 0)}/{last.get('total_steps', '?')}" if last else "-"
-        loss = f"{last['loss']:.4f}" if last.get("loss") is not None else "-"
+        total = _number(last.get("total_steps"))
+        step = f"{int(_number(last.get('step')) or 0)}/{int(total) if total else '?'}" if last else "-"
+        loss = f"{_number(last.get('loss')):.4f}" if _number(last.get("loss")) is not None else "-"
         print(f"{info.get('status', '?'):<9} {step:>10} {loss:>8}  {info['run_dir']}")
         if info.get("status") == "failed" and info.get("error"):
             print(f"          error: {info['error']}")
@@ -247,9 +253,14 @@ def cmd_runs(a) -> int:
 def cmd_stop(a) -> int:
     from . import runs
 
+    from . import jobs
+
     run_dir = Path(a.run_dir).resolve()
     if not (run_dir / "run.json").exists():
         return _err(f"{run_dir} is not a run directory (no run.json)")
+    if jobs.record(run_dir) is None:
+        return _err(f"{run_dir}: no process of it was started by LoRA Studio here ($LORASTUDIO_HOME/jobs has no "
+                    "record of it): nothing to stop", 1)
     print(runs.stop(run_dir, grace=a.grace))
     return 0
 

@@ -20,6 +20,7 @@ from __future__ import annotations
 import argparse
 import gc
 import json
+import os
 import shutil
 import signal
 import sys
@@ -343,6 +344,11 @@ def merge(run_dir: str | Path, checkpoint: int | None = None, dtype: str = "auto
 
 # ---------------------------------------------------------------- the child
 
+def _event(run_dir: Path, event: str, **fields) -> None:
+    # with this process's pid: two jobs on one run (one refused) each find their own result
+    runs.append_event(run_dir, event, pid=os.getpid(), **fields)
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(prog="python -m core.convert")
     ap.add_argument("run_dir")
@@ -359,7 +365,20 @@ def main(argv: list[str] | None = None) -> int:
         log(f"FAILED: {run_dir} is not a run directory (no config.yaml)")
         return runs.EXIT_CONFIG
     kind = "merge" if a.merge else "export-adapter"
-    runs.append_event(run_dir, "convert_start", kind=kind, checkpoint=a.checkpoint, dtype=a.dtype, out=a.out)
+    from . import machine
+    from .locks import Busy, writer_lock
+
+    if machine.device_for(a.device) == "cpu":
+        machine.limit_memory("cpu_job")  # a merge too big for this machine fails here, alone
+
+    try:  # one writer per run: no merge beside training, a second merge or a delete
+        lock = writer_lock(run_dir)  # noqa: F841 - held until this process exits
+    except Busy:
+        error = f"{run_dir.name} is in use (training, or another merge or export); try again when it ends"
+        _event(run_dir, "convert_failed", kind=kind, error=error)
+        log(f"FAILED: {error}")
+        return runs.EXIT_CONFIG
+    _event(run_dir, "convert_start", kind=kind, checkpoint=a.checkpoint, dtype=a.dtype, out=a.out)
     t0 = time.time()
     try:
         if a.merge:
@@ -371,10 +390,10 @@ def main(argv: list[str] | None = None) -> int:
         if not bad_input:
             traceback.print_exc()
         error = str(e) if bad_input else f"{type(e).__name__}: {e}"
-        runs.append_event(run_dir, "convert_failed", kind=kind, error=error)
+        _event(run_dir, "convert_failed", kind=kind, error=error)
         log(f"FAILED: {error}")
         return runs.EXIT_CONFIG if bad_input else runs.EXIT_FAILED
-    runs.append_event(run_dir, "convert_end", kind=kind, out=report["out"], elapsed_s=round(time.time() - t0, 2),
+    _event(run_dir, "convert_end", kind=kind, out=report["out"], elapsed_s=round(time.time() - t0, 2),
                       verification=report.get("verification"))
     log(f"done: {report['out']}")
     return runs.EXIT_DONE

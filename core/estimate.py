@@ -100,9 +100,54 @@ def arch_for(name_or_path: str) -> dict:
         path = Path(tiny.resolve_model(name_or_path))
     cfg_file = path / "config.json"
     if cfg_file.is_file():
-        return model_configs.from_config_json(json.loads(cfg_file.read_text()))
+        from . import safe_io
+
+        try:
+            data = safe_io.read_json(cfg_file)
+            arch = model_configs.from_config_json(data)
+            _dims(arch)  # every size it needs, as an int
+            if not all(isinstance(v, int) and 0 < v < 10**7 for k, v in arch.items() if k in _SIZES):
+                raise TypeError("sizes")
+            return arch
+        except (safe_io.FileProblem, AttributeError, KeyError, TypeError, ValueError, ZeroDivisionError):
+            raise EstimateError(f"{cfg_file}: not a usable model config (sizes missing or not numbers)") from None
     raise EstimateError(f"no stored architecture for {name_or_path!r} and no config.json there; "
                         "pass a local model folder or one of the preset models")
+
+
+_SIZES = ("hidden_size", "intermediate_size", "num_hidden_layers", "vocab_size", "num_attention_heads",
+          "num_key_value_heads", "head_dim")
+
+
+def start_warnings(cfg) -> list[str]:
+    """What the page says at Start before anything runs (never blocks it): a CPU run whose memory
+    need exceeds this machine's RAM. (How long a run takes is measured by the run itself: the
+    training child warns when its ETA passes a day.)"""
+    from . import machine
+
+    if cfg.model.name_or_path.strip() == "builtin:tiny":
+        return []
+    out = []
+    cpu = machine.device_for(cfg.training.device) == "cpu"
+    try:
+        c = cfg.model_copy(deep=True)
+        if cpu:
+            c.training.device = "cpu"
+        est = estimate(c, detect=not cpu)
+    except (EstimateError, ValueError, KeyError, TypeError):
+        return []
+    ram = machine.total_ram() / GIB
+    if cpu and ram and est["total_gib"] > 0.9 * ram:
+        out.append(f"this run needs about {est['total_gib']:.0f} GiB of memory and this machine has {ram:.0f} GiB "
+                   "of RAM (a CPU run keeps everything in RAM): it will most likely fail; use a smaller model or a GPU")
+    tps = est["time"].get("tokens_per_s")
+    if tps and cfg.training.max_steps > 0:
+        seconds = cfg.training.max_steps * cfg.training.grad_accum * est["tokens_per_step"] / tps
+        if seconds > 24 * 3600:
+            out.append(f"{cfg.training.max_steps:,} steps of up to {est['tokens_per_step']:,} tokens would take about "
+                       f"{seconds / 86400:.1f} days at the {tps:,.0f} tokens/s measured for this model on "
+                       f"{est['time']['card']}")
+    return out
 
 
 def _dims(arch: dict) -> dict:
@@ -189,8 +234,6 @@ def parse_gpu_mem(text: str | float | int | None) -> float | None:
     """'24GB', '24GiB', '24', '80g', 24 -> GiB (a card's '24 GB' is what nvidia-smi calls ~24 GiB)."""
     if text is None or text == "":
         return None
-    if isinstance(text, (int, float)):
-        return float(text)
     s = str(text).strip().lower().replace(" ", "")
     for suffix in ("gib", "gb", "g"):
         if s.endswith(suffix):
@@ -200,8 +243,8 @@ def parse_gpu_mem(text: str | float | int | None) -> float | None:
         value = float(s)
     except ValueError:
         raise ValueError(f"--gpu-mem: expected a size like 24GB, got {text!r}") from None
-    if value <= 0:
-        raise ValueError(f"--gpu-mem: must be > 0 (got {text!r})")
+    if not 0 < value < 100_000:  # nan and inf fail this too
+        raise ValueError(f"--gpu-mem: a size in GiB between 0 and 100,000 (got {text!r})")
     return value
 
 

@@ -10,12 +10,12 @@
 
 from __future__ import annotations
 
+import math
+import os
 import shutil
 from pathlib import Path
 
-import yaml
-
-from . import runs, workspace
+from . import runs, safe_io, workspace
 
 
 def disk_usage(path: str | Path) -> int:
@@ -35,13 +35,20 @@ def curves(run_dir: str | Path, events: list[dict] | None = None) -> dict[str, l
         events, _ = runs.read_events(run_dir)
     out: dict[str, list[tuple[int, float]]] = {"loss": [], "eval_loss": [], "lr": []}
     for e in events:
-        if e.get("event") == "step" and e.get("loss") is not None:
-            out["loss"].append((int(e["step"]), float(e["loss"])))
-            if e.get("lr") is not None:
-                out["lr"].append((int(e["step"]), float(e["lr"])))
-        elif e.get("event") == "eval" and e.get("eval_loss") is not None:
-            out["eval_loss"].append((int(e["step"]), float(e["eval_loss"])))
+        step = _number(e.get("step"))
+        if step is None:
+            continue  # metrics.jsonl is anybody's file: a point without a numeric step is skipped
+        if e.get("event") == "step" and _number(e.get("loss")) is not None:
+            out["loss"].append((int(step), _number(e["loss"])))
+            if _number(e.get("lr")) is not None:
+                out["lr"].append((int(step), _number(e["lr"])))
+        elif e.get("event") == "eval" and _number(e.get("eval_loss")) is not None:
+            out["eval_loss"].append((int(step), _number(e["eval_loss"])))
     return out
+
+
+def _number(x) -> float | None:
+    return float(x) if isinstance(x, (int, float)) and not isinstance(x, bool) and math.isfinite(x) else None
 
 
 def checkpoints(run_dir: str | Path) -> list[int]:
@@ -61,8 +68,8 @@ def best_checkpoint(run_dir: str | Path, events: list[dict] | None = None) -> di
         events, _ = runs.read_events(run_dir)
     evals = {}
     for e in events:
-        if e.get("event") == "eval" and e.get("eval_loss") is not None:
-            evals[int(e["step"])] = float(e["eval_loss"])  # a resumed run's later value wins
+        if e.get("event") == "eval" and _number(e.get("eval_loss")) is not None and _number(e.get("step")) is not None:
+            evals[int(e["step"])] = _number(e["eval_loss"])  # a resumed run's later value wins
     scored = [(evals[s], s) for s in checkpoints(run_dir) if s in evals]
     if not scored:
         return None
@@ -78,19 +85,20 @@ def summarize(run_dir: str | Path, info: dict | None = None) -> dict:
     best = best_checkpoint(run_dir, events)
     last_step = next((e for e in reversed(events) if e.get("event") == "step"), {})
     cfg = load_config_dict(run_dir)
+    model = cfg.get("model") if isinstance(cfg.get("model"), dict) else {}
     return {
         "run": run_dir.name,
         "run_dir": str(run_dir),
         "status": info.get("status", "?"),
-        "model": (cfg.get("model") or {}).get("name_or_path", "?"),
-        "method": cfg.get("method", "?"),
-        "step": last_step.get("step", 0),
-        "total_steps": last_step.get("total_steps"),
+        "model": str(model.get("name_or_path", "?"))[:200],
+        "method": str(cfg.get("method", "?"))[:20],
+        "step": int(_number(last_step.get("step")) or 0),
+        "total_steps": _number(last_step.get("total_steps")),
         "loss": round(c["loss"][-1][1], 4) if c["loss"] else None,
         "best_eval_loss": round(min(v for _, v in c["eval_loss"]), 4) if c["eval_loss"] else None,
         "best_checkpoint": best["step"] if best else None,
         "disk_mb": round(disk_usage(run_dir) / 2**20, 2),
-        "created": info.get("created"),
+        "created": _number(info.get("created")),
     }
 
 
@@ -100,11 +108,12 @@ def list_history() -> list[dict]:
 
 
 def load_config_dict(run_dir: str | Path) -> dict:
-    path = Path(run_dir) / "config.yaml"
+    """RUN_DIR/config.yaml as a dict; {} when unreadable (core.safe_io: no FIFOs, no alias bombs)."""
     try:
-        return yaml.safe_load(path.read_text(encoding="utf-8")) or {}
-    except (OSError, yaml.YAMLError):
+        data = safe_io.read_yaml(Path(run_dir) / "config.yaml")
+    except safe_io.FileProblem:
         return {}
+    return data if isinstance(data, dict) else {}
 
 
 def _flatten(d, prefix: str = "") -> dict:
@@ -132,14 +141,31 @@ def config_diff(a: dict | str | Path, b: dict | str | Path, ignore: tuple[str, .
 
 
 def delete_run(run_dir: str | Path) -> None:
-    """Remove a run directory. Refuses active runs and folders outside the workspace's runs/ that
-    do not look like runs (no run.json)."""
+    """Remove a run directory. Refuses active runs, folders outside the workspace's runs/ and
+    folders that do not look like runs (no run.json); and a run some process is writing (training,
+    a merge) at this moment: its writer lock is taken for the removal."""
+    from . import locks
+
     run_dir = Path(run_dir).resolve()
     if not (run_dir / "run.json").exists():
         raise ValueError(f"{run_dir} is not a run directory (no run.json)")
+    if workspace.runs_dir() not in run_dir.parents:
+        raise ValueError(f"{run_dir} is outside the workspace runs folder; delete it by hand")
     info = runs.status(run_dir)
     if info.get("status") in runs.ACTIVE:
         raise ValueError(f"{run_dir.name} is still {info['status']}; stop it first")
-    if workspace.runs_dir() not in run_dir.parents:
-        raise ValueError(f"{run_dir} is outside the workspace runs folder; delete it by hand")
-    shutil.rmtree(run_dir)
+    try:
+        lock = locks.writer_lock(run_dir)
+    except locks.Busy:
+        raise ValueError(f"{run_dir.name} is in use (training, or a merge or export); try again when it ends") from None
+    try:
+        if runs.is_alive(run_dir):
+            raise ValueError(f"{run_dir.name} is running; stop it first")
+        trash = run_dir.with_name(f".deleting-{run_dir.name}")
+        os.replace(run_dir, trash)  # one rename: nobody sees half a run
+    finally:
+        lock.release()
+    shutil.rmtree(trash, ignore_errors=True)
+    from . import jobs
+
+    jobs.forget(run_dir)

@@ -7,8 +7,10 @@
     RUN_DIR/adapter/        the trained adapter (PEFT folder), or model/ for full fine-tuning
     RUN_DIR/checkpoint-N/   Trainer checkpoints (last K kept), what `resume` continues from
 
-A child runs in its own process group so Stop can signal the whole tree. Whoever reads a run
-checks the recorded pid *and* its start time, so a dead child (or a reused pid) reads as failed.
+A child runs in its own process group so Stop can signal the whole tree. A run directory may be
+anybody's files: reading one writes and signals nothing, and Stop signals only a process that
+core.jobs recorded at launch (pid, start time and command line); a dead child (or a reused pid,
+or a pid someone wrote into run.json) reads as failed.
 """
 
 from __future__ import annotations
@@ -16,6 +18,7 @@ from __future__ import annotations
 import json
 import os
 import signal
+import stat
 import subprocess
 import sys
 import time
@@ -24,7 +27,7 @@ from pathlib import Path
 
 import psutil
 
-from . import workspace
+from . import jobs, machine, safe_io, workspace
 
 EXIT_DONE, EXIT_FAILED, EXIT_CONFIG, EXIT_STOPPED = 0, 1, 2, 3
 ACTIVE = ("queued", "starting", "running", "stopping")
@@ -32,16 +35,28 @@ ACTIVE = ("queued", "starting", "running", "stopping")
 
 # ---------------------------------------------------------------- run.json and metrics.jsonl
 
+MAX_RUN_JSON = 4 * 2**20
+MAX_EVENT_LINE = 1 << 20  # a metrics.jsonl line longer than this is skipped, never parsed
+MAX_EVENTS_READ = 256 * 2**20  # metrics.jsonl read per call (the UI tails it incrementally)
+
+
 def read_json(run_dir: str | Path) -> dict:
+    """run.json as a dict; {} when it is missing, not a regular file, too big or not a JSON object
+    (a run directory may be anybody's: nothing read here is trusted, see core.jobs)."""
     try:
-        return json.loads((Path(run_dir) / "run.json").read_text())
-    except (FileNotFoundError, json.JSONDecodeError):
+        data = safe_io.read_json(Path(run_dir) / "run.json", MAX_RUN_JSON)
+    except safe_io.FileProblem:
         return {}
+    if not isinstance(data, dict):
+        return {}
+    if not isinstance(data.get("status", ""), str):
+        data["status"] = "?"
+    return data
 
 
 def _json_lock(run_dir: str | Path):
-    """run.json has several writers (the child or rank 0, Stop, a reader marking a dead run
-    failed, the queue): each read-modify-write holds this lock, or one could undo another's
+    """run.json has several writers (the child or rank 0, Stop, Stop marking a dead run failed,
+    the queue): each read-modify-write holds this lock, or one could undo another's
     update (a late `stop_requested` write putting back `running` over the child's `stopped`)."""
     from filelock import FileLock
 
@@ -75,32 +90,38 @@ def append_event(run_dir: str | Path, event: str, **fields) -> dict:
 
 
 def read_events(run_dir: str | Path, offset: int = 0) -> tuple[list[dict], int]:
-    """Events from byte `offset` on, and the new offset (for incremental tailing by the UI)."""
+    """Events from byte `offset` on, and the new offset (for incremental tailing by the UI). Lines
+    that are not JSON objects, or longer than MAX_EVENT_LINE, are skipped; at most MAX_EVENTS_READ
+    bytes are read per call (the next call goes on from the offset returned)."""
     path = Path(run_dir) / "metrics.jsonl"
-    if not path.exists():
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK)
+    except OSError:
         return [], offset
-    with open(path, "rb") as f:
+    with os.fdopen(fd, "rb") as f:
+        if not stat.S_ISREG(os.fstat(f.fileno()).st_mode):
+            return [], offset
         f.seek(offset)
-        data = f.read()
+        data = f.read(MAX_EVENTS_READ)
     end = data.rfind(b"\n") + 1  # ignore a line still being written
+    if end == 0 and len(data) >= MAX_EVENTS_READ:
+        end = len(data)  # one enormous line: skip past it
     events = []
     for line in data[:end].splitlines():
-        try:
-            events.append(json.loads(line))
-        except json.JSONDecodeError:
+        if len(line) > MAX_EVENT_LINE:
             continue
+        try:
+            e = json.loads(line)
+        except (ValueError, RecursionError):
+            continue
+        if isinstance(e, dict) and isinstance(e.get("event"), str):
+            events.append(e)
     return events, offset + end
 
 
 def log_tail(run_dir: str | Path, n: int = 20) -> list[str]:
-    path = Path(run_dir) / "train.log"
-    if not path.exists():
-        return []
-    with open(path, "rb") as f:
-        f.seek(0, 2)
-        f.seek(max(0, f.tell() - 64 * 1024))
-        lines = f.read().decode("utf-8", "replace").splitlines()
-    return lines[-n:]
+    data = safe_io.tail_bytes(Path(run_dir) / "train.log", 64 * 1024)
+    return [ln[:2000] for ln in data.decode("utf-8", "replace").splitlines()[-n:]]
 
 
 # ---------------------------------------------------------------- liveness
@@ -108,105 +129,122 @@ def log_tail(run_dir: str | Path, n: int = 20) -> list[str]:
 def process_start_time(pid: int) -> float | None:
     try:
         return psutil.Process(pid).create_time()
-    except (psutil.NoSuchProcess, psutil.AccessDenied, ValueError):
+    except (psutil.NoSuchProcess, psutil.AccessDenied, ValueError, TypeError):
         return None
 
 
-def is_alive(info: dict) -> bool:
-    pid, started = info.get("pid"), info.get("pid_start_time")
-    if not pid:
-        return False
-    now_started = process_start_time(pid)
-    if now_started is None:
-        return False
-    try:
-        if psutil.Process(pid).status() == psutil.STATUS_ZOMBIE:
-            return False
-    except psutil.NoSuchProcess:
-        return False
-    # a reused pid has a different start time
-    return started is None or abs(now_started - started) < 1.0
+def is_alive(run_dir: str | Path) -> bool:
+    """A process this app launched for RUN_DIR still runs (core.jobs: pid, start time and command
+    line as recorded at launch; run.json's pid is never trusted)."""
+    return jobs.live(run_dir) is not None
+
+
+DIED = "the training process died unexpectedly"
 
 
 def status(run_dir: str | Path) -> dict:
-    """run.json, corrected: an active run whose process is gone is marked failed (and its
-    orphaned process group, if any, is killed)."""
+    """run.json, as it stands now: an active run whose process is gone reads as failed. A read:
+    it writes nothing and signals nothing (stop() and the child do that)."""
     run_dir = Path(run_dir)
     info = read_json(run_dir)
-    if info.get("status") in ACTIVE and info.get("pid") and not is_alive(info):
-        with _json_lock(run_dir):
-            info = read_json(run_dir)  # again, under the lock: the child may have just written its end
-            if info.get("status") not in ACTIVE or is_alive(info):
-                return info
-            _kill_group(info.get("pgid"))
-            tail = log_tail(run_dir, 10)
-            info = _write_unlocked(run_dir, dict(status="failed", error="the training process died unexpectedly",
-                                                 log_tail=tail, ended=time.time()))
-        append_event(run_dir, "failed", error="the training process died unexpectedly", log_tail=tail)
+    if info.get("status") in ACTIVE and info.get("pid") and not is_alive(run_dir):
+        info = read_json(run_dir)  # again: the child may have just written its end
+        if info.get("status") in ACTIVE and not is_alive(run_dir):
+            info.update(status="failed", error=info.get("error") or DIED, log_tail=log_tail(run_dir, 10))
     return info
 
 
-def _kill_group(pgid: int | None) -> None:
-    if not pgid:
-        return
-    try:
-        os.killpg(pgid, signal.SIGKILL)
-    except (ProcessLookupError, PermissionError):
-        pass
+def in_workspace(run_dir: str | Path) -> bool:
+    """A run directory of this workspace's runs/ folder (what the web app may act on)."""
+    p = Path(run_dir).resolve()
+    return p.parent == workspace.runs_dir()
 
 
 # ---------------------------------------------------------------- creating, launching, stopping
+
+class LaunchError(ValueError):
+    """A run that cannot start now (it is already running)."""
+
 
 def new_run_dir(name: str | None, model: str, method: str) -> Path:
     stamp = datetime.now().strftime("%Y%m%d-%H%M%S")
     base = name or f"{Path(model.rstrip('/')).name.replace('builtin:', '')}-{method}-{stamp}"
     base = workspace.safe_name(base, "run")
-    path = workspace.runs_dir() / base
-    i = 1
-    while path.exists():
-        i += 1
-        path = workspace.runs_dir() / f"{base}-{i}"
-    path.mkdir(parents=True)
-    return path
+    for i in range(1, 10_000):
+        path = workspace.runs_dir() / (base if i == 1 else f"{base}-{i}")
+        try:
+            path.mkdir()  # not exist_ok: two Starts at once never share a folder
+            return path
+        except FileExistsError:
+            continue
+    raise LaunchError(f"too many runs named {base}")
 
 
 def launch(run_dir: str | Path, resume: bool = False, env: dict | None = None,
            python_args: list[str] | None = None) -> subprocess.Popen:
-    """Start the training child: own session/process group, stdout+stderr appended to train.log.
+    """Start the training child: own session/process group, stdout+stderr appended to train.log,
+    recorded in core.jobs (the only record Stop trusts). A run already running is refused.
     (`python_args` replaces `-m core.train`; fault tests use it to wrap the real trainer.)"""
-    run_dir = Path(run_dir)
-    cmd = [sys.executable, *(python_args or ["-m", "core.train"]), str(run_dir)] + (["--resume"] if resume else [])
-    launcher = None
-    gpus = _configured_gpus(run_dir)
-    if gpus > 1 and python_args is None:
-        # N ranks through `accelerate launch` (generated RUN_DIR/accelerate.yaml); the recorded pid
-        # is the launcher's, which forwards SIGTERM to every rank (core/distributed.py)
-        from . import config as config_lib
-        from . import distributed
+    from filelock import FileLock
 
-        try:
-            cmd = distributed.launch_command(config_lib.load(run_dir / "config.yaml"), run_dir, resume)
-            launcher = "accelerate"
-        except config_lib.ConfigError:
-            gpus = 1  # a bad config: the plain child reports it in run.json, as for any run
-    child_env = _child_env(env)
-    with open(run_dir / "train.log", "ab") as log:
-        proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
-                                start_new_session=True, env=child_env, cwd=str(run_dir))
-    write_json(run_dir, status="starting", pid=proc.pid, pgid=proc.pid,
-               pid_start_time=process_start_time(proc.pid), launched=time.time(), launcher=launcher, gpus=gpus)
+    run_dir = Path(run_dir).resolve()
+    with FileLock(str(run_dir / ".launch.lock"), timeout=60):  # two Resumes at once: one starts
+        running = jobs.live(run_dir)
+        if running is not None and read_json(run_dir).get("status") not in ACTIVE:
+            try:  # it has recorded its end and is exiting: give it a moment
+                running.wait(30)
+            except psutil.Error:
+                pass
+        if jobs.live(run_dir):
+            raise LaunchError(f"{run_dir.name} is already running; stop it first")
+        cmd = [sys.executable, *(python_args or ["-m", "core.train"]), str(run_dir)] + (["--resume"] if resume else [])
+        launcher, gpus = None, _configured_gpus(run_dir)
+        if gpus > 1 and python_args is None and machine.gpus_problem(gpus, _configured_device(run_dir)) is None:
+            # N ranks through `accelerate launch` (generated RUN_DIR/accelerate.yaml); the recorded pid
+            # is the launcher's, which forwards SIGTERM to every rank (core/distributed.py)
+            from . import config as config_lib
+            from . import distributed
+
+            try:
+                cmd = distributed.launch_command(config_lib.load(run_dir / "config.yaml"), run_dir, resume)
+                launcher = "accelerate"
+            except config_lib.ConfigError:
+                pass
+        # otherwise one plain child: a bad config, or more processes than the machine has GPUs (or
+        # than a CPU test allows), is refused by the child with its message in run.json
+        gpus = gpus if launcher else 1
+        token = jobs.new_token()
+        child_env = _child_env({**(env or {}), jobs.TOKEN_ENV: token})
+        with open(run_dir / "train.log", "ab") as log:
+            proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
+                                    start_new_session=True, env=child_env, cwd=str(run_dir))
+        jobs.register(run_dir, proc.pid, token, cmdline=cmd)
+        write_json(run_dir, status="starting", pid=proc.pid, pgid=proc.pid,
+                   pid_start_time=process_start_time(proc.pid), launched=time.time(), launcher=launcher, gpus=gpus)
     return proc
+
+
+def _config_dict(run_dir: Path) -> dict:
+    try:
+        data = safe_io.read_yaml(run_dir / "config.yaml")
+    except safe_io.FileProblem:
+        return {}
+    return data if isinstance(data, dict) else {}
 
 
 def _configured_gpus(run_dir: Path) -> int:
     """training.gpus from RUN_DIR/config.yaml (1 when absent or unreadable: the child reports it)."""
-    import yaml
-
     try:
-        data = yaml.safe_load((run_dir / "config.yaml").read_text()) or {}
-        return int((data.get("training") or {}).get("gpus") or 1)
-    except (OSError, yaml.YAMLError, TypeError, ValueError, AttributeError):
+        return max(1, int((_config_dict(run_dir).get("training") or {}).get("gpus") or 1))
+    except (TypeError, ValueError, AttributeError, OverflowError):
         return 1
+
+
+def _configured_device(run_dir: Path) -> str:
+    try:
+        return str((_config_dict(run_dir).get("training") or {}).get("device") or "auto")
+    except AttributeError:
+        return "auto"
 
 
 def _child_env(env: dict | None = None) -> dict:
@@ -231,43 +269,65 @@ def spawn(cmd: list[str], log_path: str | Path, cwd: str | Path | None = None,
 
 def stop(run_dir: str | Path, grace: float = 30.0) -> str:
     """SIGTERM the run's process group (the child saves at the next step and exits 3); after
-    `grace` seconds SIGKILL the whole group. Returns the final status."""
-    run_dir = Path(run_dir)
-    info = status(run_dir)
-    if info.get("status") not in ACTIVE:
-        return info.get("status", "unknown")
-    pgid = info.get("pgid") or info.get("pid")
-    write_json(run_dir, stop_requested=time.time())
-    try:
-        os.killpg(pgid, signal.SIGTERM)
-    except ProcessLookupError:
+    `grace` seconds SIGKILL it; then every process carrying the job's token (ranks, grandchildren,
+    a rank still starting). Only a job core.jobs recorded is ever signalled: a run.json naming
+    some other process is a claim, not a target. Returns the final status."""
+    run_dir = Path(run_dir).resolve()
+    rec = jobs.record(run_dir)
+    if rec is None:  # never launched by this app (or launched elsewhere): nothing to signal here
         return status(run_dir).get("status", "unknown")
+    if jobs.live(run_dir, rec) is None:
+        jobs.kill_members(rec, within=2)  # stragglers of a job whose main process is gone
+        _record_death(run_dir)
+        return status(run_dir).get("status", "unknown")
+    write_json(run_dir, stop_requested=time.time())
+    jobs.signal_group(rec, signal.SIGTERM)
     deadline = time.time() + grace
-    while time.time() < deadline:
-        if not is_alive(info):
-            break
+    while time.time() < deadline and jobs.live(run_dir, rec) is not None:
         time.sleep(0.2)
-    else:
-        _kill_group(pgid)
-        time.sleep(0.5)
+    killed = jobs.live(run_dir, rec) is not None
+    if killed:
+        jobs.signal_group(rec, signal.SIGKILL)
+    jobs.kill_members(rec)
+    if killed:
         write_json(run_dir, status="stopped", error=f"killed after a {grace:.0f}s grace period", ended=time.time())
-    # reap any remaining members of the group (grandchildren)
-    _kill_group(pgid)
     # the child records its end before it exits; ranks of a multi-GPU run exit before their
     # launcher. Give a last write a moment before a still-active run.json reads as a crash.
     end = time.time() + 5
     while read_json(run_dir).get("status") in ACTIVE and time.time() < end:
         time.sleep(0.1)
+    # signalled before it could record anything (a child still starting): it was stopped, not a crash
+    _record_death(run_dir, "stopped", "stopped before the run had started")
     return status(run_dir).get("status", "unknown")
 
 
+def _record_death(run_dir: Path, how: str = "failed", why: str = DIED) -> None:
+    """A job of ours is gone while run.json still says it runs: write that down (once)."""
+    if not (run_dir / "run.json").exists():  # deleted meanwhile (once it had ended)
+        return
+    with _json_lock(run_dir):
+        info = read_json(run_dir)
+        if info.get("status") not in ACTIVE or is_alive(run_dir):
+            return
+        tail = log_tail(run_dir, 10)
+        _write_unlocked(run_dir, dict(status=how, error=why, log_tail=tail, ended=time.time()))
+    append_event(run_dir, how, error=why, log_tail=tail)
+
+
 def list_runs() -> list[dict]:
+    """status() of every run directory in the workspace, newest first (unreadable ones skipped)."""
+    found = []
+    for d in workspace.runs_dir().iterdir():
+        try:
+            if d.is_dir() and not d.is_symlink() and safe_io.is_regular(d / "run.json"):
+                found.append((d.stat().st_mtime, d))
+        except OSError:
+            continue
     out = []
-    for d in sorted(workspace.runs_dir().iterdir(), key=lambda p: p.stat().st_mtime, reverse=True):
-        if (d / "run.json").exists():
-            info = status(d)
-            info["run_dir"] = str(d)
-            out.append(info)
+    for _mtime, d in sorted(found, key=lambda x: x[0], reverse=True):
+        info = status(d)
+        info["run_dir"] = str(d)
+        out.append(info)
     return out
 
 

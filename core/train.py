@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
 import platform
 import signal
@@ -26,18 +27,32 @@ from . import config as config_lib
 from . import distributed
 from . import runs
 
-_STOP = {"requested": False, "in_training": False}
+_STOP = {"requested": False, "in_training": False, "writing": 0, "no_raise": False}
 
 
-class StopRequested(Exception):
-    pass
+class StopRequested(BaseException):
+    """SIGTERM before training: a BaseException, like KeyboardInterrupt, so that no library's
+    `except Exception` (an import, a tokenizer load) turns a Stop into a failure."""
 
 
 def _on_sigterm(signum, frame):
     _STOP["requested"] = True
     print(f"[lorastudio] received signal {signum}: stopping at the next step", flush=True)
-    if not _STOP["in_training"]:
+    if not (_STOP["in_training"] or _STOP["writing"] or _STOP["no_raise"]):
         raise StopRequested()
+
+
+class _Writing:
+    """No StopRequested inside a run.json/metrics.jsonl write (it would leave run.json's lock
+    held); raised right after instead."""
+
+    def __enter__(self):
+        _STOP["writing"] += 1
+
+    def __exit__(self, *exc):
+        _STOP["writing"] -= 1
+        if _STOP["requested"] and exc[0] is None and not (_STOP["writing"] or _STOP["in_training"] or _STOP["no_raise"]):
+            raise StopRequested()
 
 
 def versions() -> dict:
@@ -62,13 +77,15 @@ def log(msg: str, all_ranks: bool = False) -> None:
 def _write_json(run_dir, **updates) -> None:
     """run.json: written by rank 0 only (every process when not distributed)."""
     if distributed.is_main():
-        runs.write_json(run_dir, **updates)
+        with _Writing():
+            runs.write_json(run_dir, **updates)
 
 
 def _event(run_dir, event: str, **fields) -> None:
     """metrics.jsonl: rank 0 only, so each step is recorded once."""
     if distributed.is_main():
-        runs.append_event(run_dir, event, **fields)
+        with _Writing():
+            runs.append_event(run_dir, event, **fields)
 
 
 # ---------------------------------------------------------------- Trainer callbacks
@@ -107,6 +124,12 @@ def make_callbacks(run_dir: Path, cfg, tokenizer, template, model_for_samples):
                            mem_mb=_memory_mb(), elapsed_s=round(now - self.t0, 2),
                            eta_s=round(eta, 1) if eta is not None else None, total_steps=state.max_steps)
                 _event(run_dir, "step", **rec)
+                if done == 3 and eta is not None and eta > DAY_S:  # measured, so said once it is known
+                    warning = (f"at this speed the run needs ~{eta / DAY_S:.1f} more days "
+                               f"({state.max_steps:,} steps); lower training.epochs or training.max_steps")
+                    _write_json(run_dir, warnings=[warning])
+                    _event(run_dir, "warning", message=warning)
+                    log(f"WARNING: {warning}")
                 log(f"step {state.global_step}/{state.max_steps} loss {logs['loss']:.4f} "
                     f"lr {logs.get('learning_rate', 0):.2e} {rec['tokens_per_s']} tok/s")
                 self.t_last, self.tokens_last = now, state.num_input_tokens_seen
@@ -205,6 +228,7 @@ def prepare_data(cfg, tokenizer, template):
     for s in sources:
         s["path"] = tiny.resolve_data(s["path"])
     ds, reports = data_lib.load_mixture(sources, seed=cfg.data.seed)
+    _check_steps(cfg, round(len(ds) * (1 - cfg.data.eval_split)))  # before tokenising a typo's worth of rows
     tokenized, stats = dataset_lib.tokenize(ds, tokenizer, template, cfg.template.cutoff_len)
     if stats.kept == 0:
         raise data_lib.DataError("no sample has a trained token after truncation: raise template.cutoff_len "
@@ -469,6 +493,23 @@ def build_trainer(cfg, run_dir: Path, model, tokenizer, template, train_ds, eval
     return trainer
 
 
+def _check_steps(cfg, rows: int) -> int:
+    """The optimizer steps the run plans (training.max_steps, else epochs x rows / effective batch);
+    a ConfigError past core.config.MAX_TOTAL_STEPS (a typo of 1e12 epochs, not a run)."""
+    t = cfg.training
+    batches = -(-rows // (t.micro_batch_size * distributed.world_size()))  # ceil: micro-batches per epoch
+    per_epoch = max(1, -(-batches // t.grad_accum))
+    steps = t.max_steps if t.max_steps > 0 else math.ceil(per_epoch * t.epochs)
+    if steps > config_lib.MAX_TOTAL_STEPS:
+        raise config_lib.ConfigError(
+            f"training.epochs: {t.epochs:g} epochs of {rows:,} rows make {steps:,} steps; at most "
+            f"{config_lib.MAX_TOTAL_STEPS:,} (lower training.epochs, or set training.max_steps)")
+    return steps
+
+
+DAY_S = 24 * 3600
+
+
 def train(cfg, run_dir: Path, resume: bool) -> int:
     from transformers import set_seed
 
@@ -549,7 +590,7 @@ def train(cfg, run_dir: Path, resume: bool) -> int:
         _event(run_dir, "resume", checkpoint=str(ckpt), step=int(ckpt.name.split("-")[-1]))
         log(f"resuming from {ckpt.name}")
     _write_json(run_dir, status="running")
-    _STOP["in_training"] = True
+    _STOP["in_training"] = _STOP["no_raise"] = True  # from here on Stop is honoured at step boundaries
     result = trainer.train(resume_from_checkpoint=str(ckpt) if ckpt else None)
     dist = distributed.is_distributed()
     if not dist:  # ranks keep a late SIGTERM as a flag: the final save below is collective
@@ -590,13 +631,9 @@ def train(cfg, run_dir: Path, resume: bool) -> int:
     return runs.EXIT_STOPPED if stopped else runs.EXIT_DONE
 
 
-def main(argv: list[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(prog="python -m core.train")
-    ap.add_argument("run_dir")
-    ap.add_argument("--resume", action="store_true")
-    a = ap.parse_args(argv)
-    run_dir = Path(a.run_dir).resolve()
-    # keep train.log readable: no progress bars, no library deprecation chatter
+def _quiet_libraries() -> None:
+    """Keep train.log readable: no progress bars, no library deprecation chatter."""
+    import logging
     import warnings
 
     warnings.filterwarnings("ignore", category=FutureWarning)
@@ -606,9 +643,15 @@ def main(argv: list[str] | None = None) -> int:
     from transformers.utils import logging as hf_logging
 
     hf_logging.disable_progress_bar()
-    import logging
-
     logging.getLogger("bitsandbytes").setLevel(logging.ERROR)  # optional CPU kernels it cannot find
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(prog="python -m core.train")
+    ap.add_argument("run_dir")
+    ap.add_argument("--resume", action="store_true")
+    a = ap.parse_args(argv)
+    run_dir = Path(a.run_dir).resolve()
     signal.signal(signal.SIGTERM, _on_sigterm)
     signal.signal(signal.SIGINT, _on_sigterm)
     dist = distributed.is_distributed()
@@ -624,7 +667,7 @@ def main(argv: list[str] | None = None) -> int:
             pass
     import psutil
 
-    from . import locks
+    from . import jobs, locks, machine
 
     writer = None
     if distributed.is_main():
@@ -637,39 +680,58 @@ def main(argv: list[str] | None = None) -> int:
         _write_json(run_dir, status="starting", rank0_pid=os.getpid(), world_size=distributed.world_size(),
                     started=time.time(), versions=versions(), host=platform.node(), exit_code=None, error=None)
     else:
+        me = jobs.live(run_dir)
+        if me is None or me.pid != os.getpid():
+            # started by hand (not by runs.launch): record this process, so Stop may signal it
+            os.environ.setdefault(jobs.TOKEN_ENV, jobs.new_token())
+            jobs.register(run_dir, os.getpid(), os.environ[jobs.TOKEN_ENV])
         _write_json(run_dir, status="starting", pid=os.getpid(), pgid=os.getpgrp(),
                     pid_start_time=psutil.Process().create_time(), started=time.time(), versions=versions(),
                     host=platform.node(), exit_code=None, error=None)
     code, error = runs.EXIT_FAILED, None
     held: list = []
+    bad_input: tuple = (config_lib.ConfigError, locks.Busy)
     try:
+        if not distributed.is_main():
+            distributed.wait_for_rank0(run_dir)  # rank 0 resolved the config and holds the cards
+        cfg = config_lib.load(run_dir / "config.yaml")
+        device = machine.device_for(cfg.training.device)
+        problem = machine.gpus_problem(cfg.training.gpus, cfg.training.device)
+        if problem:
+            raise config_lib.ConfigError(problem)
+        if device == "cpu":  # a runaway CPU run fails alone (CUDA maps more address space than RAM)
+            limit = machine.limit_memory("cpu_job")
+            if limit:
+                log(f"memory limit: {limit / 2**30:.1f} GiB of address space ({machine.ENV['cpu_job']} changes it)")
+        if distributed.is_main():
+            held = [writer]  # held until exit: never two writers on one run dir
+            if cfg.training.exclusive is not False:
+                # the queue comes before torch is imported: ten waiting runs cost ten small processes
+                held += _take_device(cfg, device, run_dir)
+        _quiet_libraries()
         from . import data as data_lib
         from . import model as model_lib
         from . import templates
 
-        from .locks import Busy
-
-        bad_input = (config_lib.ConfigError, data_lib.DataError, templates.TemplateError, model_lib.ModelError, Busy)
+        bad_input = (config_lib.ConfigError, data_lib.DataError, templates.TemplateError, model_lib.ModelError,
+                     locks.Busy)
         if os.environ.get("LORASTUDIO_FAULTS"):
             _install_faults(os.environ["LORASTUDIO_FAULTS"])
-        if not distributed.is_main():
-            distributed.wait_for_rank0(run_dir)  # rank 0 resolved the config and holds the cards
-        cfg = config_lib.load(run_dir / "config.yaml")
         cfg = config_lib.resolve(cfg)
         if distributed.is_main():
             # runs started from the UI (which never imports torch) get their resolved values here
             config_lib.save(cfg, run_dir / "config.yaml", header=_config_header(run_dir))
-            held = [writer]  # held until exit: never two writers on one run dir
-            if cfg.training.exclusive:
-                held += _take_device(cfg, run_dir)
             if dist:
                 distributed.release_ranks(run_dir)
         _write_json(run_dir, model_revision=_model_revision(cfg))
         code = train(cfg, run_dir, a.resume)
+        _STOP["no_raise"] = True  # the end is being written: a SIGTERM interrupts nothing
     except StopRequested:
+        _STOP["no_raise"] = True
         code = runs.EXIT_STOPPED
         _event(run_dir, "stopped", step=0)
     except Exception as e:  # noqa: BLE001 - every failure must reach run.json with a message
+        _STOP["no_raise"] = True
         traceback.print_exc()
         if isinstance(e, OSError):
             _discard_partial_checkpoints(run_dir)
@@ -678,7 +740,7 @@ def main(argv: list[str] | None = None) -> int:
             from .recovery import oom_retry_overrides
 
             _write_json(run_dir, retry=oom_retry_overrides(cfg))
-        code = runs.EXIT_CONFIG if isinstance(e, locals().get("bad_input", ())) else runs.EXIT_FAILED
+        code = runs.EXIT_CONFIG if isinstance(e, bad_input) else runs.EXIT_FAILED
         _event(run_dir, "failed", error=error)
         log(f"FAILED: {error}")
     status = {runs.EXIT_DONE: "done", runs.EXIT_STOPPED: "stopped"}.get(code, "failed")
@@ -696,12 +758,13 @@ def _config_header(run_dir: Path) -> str:
     return "\n".join(lines or [f"# lorastudio train {run_dir / 'config.yaml'}"]) + "\n"
 
 
-def _take_device(cfg, run_dir: Path) -> list:
+def _take_device(cfg, device: str, run_dir: Path) -> list:
     """Wait (visibly) for the device lock of every card the job uses (training.gpus of them, in
-    index order), or refuse at once when training.queue is false. Taken by rank 0 only."""
+    index order; cpu.lock on CPU), or refuse at once when training.queue is false. Taken by rank 0
+    only, before torch is imported."""
     t = cfg.training
     taken = []
-    for lock in distributed.device_locks(t.device, t.gpus, "training", run_dir):
+    for lock in distributed.device_locks(device, t.gpus, "training", run_dir):
         def on_wait(position, holder, lock=lock):
             who = (holder or {}).get("run_dir") or (holder or {}).get("job", "another job")
             _write_json(run_dir, status="queued", queue_position=position, queue_device=lock.key, queue_holder=who)
@@ -732,12 +795,17 @@ _DISK_FULL = (28, 122, 27)  # ENOSPC, EDQUOT, EFBIG
 
 
 def _explain(e: Exception, run_dir: Path) -> str:
-    import torch
-
-    if isinstance(e, torch.OutOfMemoryError):
+    torch = sys.modules.get("torch")
+    if torch is not None and isinstance(e, torch.OutOfMemoryError):
         return ("out of GPU memory: lower training.micro_batch_size (raise grad_accum to keep the effective "
                 "batch) or template.cutoff_len, or use method: qlora. Retry with half the micro-batch and the "
                 "same effective batch: lorastudio retry " + str(run_dir))
+    if isinstance(e, MemoryError) or "can't allocate memory" in str(e):
+        from . import machine
+
+        limit = machine.memory_limit("cpu_job")
+        return (f"out of host memory ({type(e).__name__}; this run may use {limit / 2**30:.1f} GiB, "
+                f"{machine.ENV['cpu_job']} changes that): lower training.micro_batch_size or template.cutoff_len")
     if isinstance(e, OSError) and e.errno in _DISK_FULL:
         good = runs.last_checkpoint(run_dir)
         return (f"disk full while writing under {run_dir} ({e.strerror}); free some space, then "
