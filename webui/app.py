@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
-import threading
 
 import gradio as gr
 
@@ -41,17 +40,6 @@ def build() -> gr.Blocks:
         for _name, mod in TABS:
             mod.wire(ui, demo)
     return demo
-
-
-def _warm_up() -> None:
-    """Import the tokenizer stack and load the default tokenizer in the background after launch,
-    so the first preview doesn't pay for it (the UI process still never loads a model)."""
-    try:
-        from .tab_dataset import tokenizer_and_template
-
-        tokenizer_and_template("builtin:tiny", "auto", "", False)
-    except Exception:  # noqa: BLE001 - only a head start; the handler reports real errors
-        pass
 
 
 LOCAL_HOSTS = ("127.0.0.1", "localhost", "::1")
@@ -83,9 +71,9 @@ def launch(host: str = "127.0.0.1", port: int = 7860, auth: bool | None = None, 
     token = token or os.environ.get("LORASTUDIO_TOKEN") or auth_mod.new_token()
     demo = build()
     if os.environ.get("LORASTUDIO_NO_WARMUP") != "1":
-        warm = threading.Timer(2.0, _warm_up)
-        warm.daemon = True
-        warm.start()
+        from core import worker
+
+        worker.warm_up()  # the worker process loads the default tokenizer: the first preview is fast
     kwargs: dict = {"app_kwargs": {"middleware": [auth_mod.middleware(token)]}} if auth and not credentials else {}
     if credentials:
         kwargs["auth"] = [credentials]

@@ -11,6 +11,7 @@ from http.cookies import SimpleCookie
 from urllib.parse import parse_qs, urlencode
 
 COOKIE = "lorastudio_token"
+STARTUP_PATH = "/gradio_api/startup-events"
 
 
 def new_token() -> str:
@@ -28,8 +29,8 @@ class TokenMiddleware:
         return bool(candidate) and hmac.compare_digest(candidate, self.token)
 
     async def __call__(self, scope, receive, send):
-        # Gradio's launch() calls its own startup-events route before printing the URL
-        if scope["type"] not in ("http", "websocket") or scope.get("path", "").endswith("/gradio_api/startup-events"):
+        # Gradio's launch() calls its own startup-events route (that exact path) before printing the URL
+        if scope["type"] not in ("http", "websocket") or scope.get("path") == STARTUP_PATH:
             return await self.app(scope, receive, send)
         headers = {k.decode("latin-1").lower(): v.decode("latin-1") for k, v in scope.get("headers", [])}
         cookie = SimpleCookie(headers.get("cookie", ""))

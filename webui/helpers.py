@@ -20,7 +20,7 @@ def error_text(e: BaseException) -> str:
     """One readable line for the user: the message of our own errors, the type for the rest."""
     msg = str(e).strip() or type(e).__name__
     ours = ("ConfigError", "DataError", "TemplateError", "ModelError", "ConvertError", "ChatError", "ValueError",
-            "FileNotFoundError", "AccessError")
+            "FileNotFoundError", "AccessError", "WorkerError", "FileProblem", "LaunchError")
     if type(e).__name__ not in ours:
         msg = f"{type(e).__name__}: {msg}"
     return msg.splitlines()[0] if len(msg) > 2000 else msg
@@ -28,6 +28,36 @@ def error_text(e: BaseException) -> str:
 
 def err_md(e: BaseException | str) -> str:
     return f"**Error:** {e if isinstance(e, str) else error_text(e)}"
+
+
+def whole(value, label: str, lo: int | None = None, hi: int | None = None) -> int:
+    """A form's number as an int within [lo, hi], or ValueError naming the field (nan, inf, 2.5,
+    1e300 and '' all arrive from the API)."""
+    try:
+        f = float(value)
+    except (TypeError, ValueError):
+        raise ValueError(f"{label}: expected a whole number, got {value!r}") from None
+    if f != f or f in (float("inf"), float("-inf")) or f != int(f):
+        raise ValueError(f"{label}: expected a whole number, got {value!r}")
+    n = int(f)
+    if (lo is not None and n < lo) or (hi is not None and n > hi):
+        bounds = f"at least {lo}" if hi is None else f"at most {hi:,}" if lo is None else f"{lo} to {hi:,}"
+        raise ValueError(f"{label}: {n:,} is out of range ({bounds})")
+    return n
+
+
+def number(value, label: str, lo: float | None = None, hi: float | None = None) -> float:
+    """A form's number as a finite float within [lo, hi], or ValueError naming the field."""
+    try:
+        f = float(value)
+    except (TypeError, ValueError):
+        raise ValueError(f"{label}: expected a number, got {value!r}") from None
+    if f != f or f in (float("inf"), float("-inf")):
+        raise ValueError(f"{label}: expected a finite number, got {value!r}")
+    if (lo is not None and f < lo) or (hi is not None and f > hi):
+        raise ValueError(f"{label}: {f:g} is out of range ({lo:g} to {hi:g})" if lo is not None and hi is not None
+                         else f"{label}: {f:g} is out of range")
+    return f
 
 
 def readable(value: str | None) -> str:
@@ -38,6 +68,23 @@ def readable(value: str | None) -> str:
 
     value = (value or "").strip()
     return access.check_readable(value) if value else value
+
+
+def workspace_run(value: str | None) -> str:
+    """A run directory of this workspace's runs/ folder, resolved (a bare run name is looked up
+    there): the only runs the web app reads, signals, converts, chats with or deletes. A folder
+    elsewhere with a run.json in it is somebody's files, not a run of this app."""
+    from core import access, workspace
+
+    value = (value or "").strip()
+    if not value:
+        raise ValueError("no run selected")
+    path = Path(value).expanduser() if access.looks_like_path(value) else workspace.runs_dir() / value
+    path = path.resolve()
+    if not runs.in_workspace(path) or not (path / "run.json").is_file():
+        raise access.AccessError(f"{value}: not a run of this workspace (runs live in {workspace.runs_dir()}); "
+                                 "the app acts only on its own runs")
+    return str(path)
 
 
 # ---------------------------------------------------------------- presets and runs
@@ -110,18 +157,20 @@ def highlight_pieces(text: str, spans: list) -> list[tuple[str, str | None]]:
 
 
 def preview_highlight(model: str, data: str, template: str, n: float):
-    from core import preview
+    from core import worker
 
     try:
-        src = readable(parse_sources(data)[0]["path"])
-        samples = preview.preview_samples(model=readable(model), data=src, template=template or "auto", n=int(n))
+        src = {"path": readable(parse_sources(data)[0]["path"]), "format": "auto"}
+        model = readable(model or "builtin:tiny")
+        r = worker.call("preview", tokenizer=(model, False), model=model, source=src, template=template or "auto",
+                        n=whole(n, "Samples", 1, 100), cutoff=None)
     except Exception as e:  # noqa: BLE001 - shown to the user as a message
         return [], err_md(e)
     pieces: list[tuple[str, str | None]] = []
-    for i, s in enumerate(samples):
+    for i, s in enumerate(r["samples"]):
         pieces.append((f"\n--- sample {i + 1} ({s['n_tokens']} tokens, {s['n_trained']} trained) ---\n", None))
         pieces += highlight_pieces(s["text"], s["trained_spans"])
-    return pieces, f"{len(samples)} samples rendered"
+    return pieces, f"{len(r['samples'])} samples rendered"
 
 
 # ---------------------------------------------------------------- minimal-app handlers (kept)

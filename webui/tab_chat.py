@@ -5,7 +5,6 @@ answers both, the base through the adapter switched off)."""
 
 from __future__ import annotations
 
-import json
 import threading
 from pathlib import Path
 
@@ -45,27 +44,39 @@ def base_of(target: str) -> str | None:
         from core import history
 
         return (history.load_config_dict(target).get("model") or {}).get("name_or_path")
-    meta = Path(target) / "lorastudio.json"
-    if meta.exists():
-        return json.loads(meta.read_text()).get("base_model")
-    return None
+    from core import safe_io
+
+    try:
+        meta = safe_io.read_json(Path(target) / "lorastudio.json", 1 << 20)
+    except safe_io.FileProblem:
+        return None
+    base = meta.get("base_model") if isinstance(meta, dict) else None
+    return base if isinstance(base, str) else None
 
 
 def _ckpt(checkpoint: str | None) -> int | None:
     if not checkpoint or checkpoint == "final":
         return None
-    return int(str(checkpoint).split("-")[-1])
+    tail = str(checkpoint).split("-")[-1]
+    if not tail.isdigit() or len(tail) > 12:
+        raise ValueError(f"checkpoint {checkpoint!r}: final or checkpoint-N")
+    return int(tail)
 
 
 def get_worker(target: str, checkpoint: int | None = None):
     """A live ChatWorker for (target, checkpoint), started on first use; at most MAX_WORKERS kept."""
     from core.chat import ChatError, ChatWorker
 
-    from .helpers import readable
+    from .helpers import readable, workspace_run
+    from .tab_convert import checkpoint_choices
 
     if not target:
         raise ChatError("pick a model or run to chat with")
     target = readable(target)
+    if is_run(target):  # a run's config.yaml decides what loads (trust_remote_code too): ours only
+        target = workspace_run(target)
+        if checkpoint is not None and f"checkpoint-{checkpoint}" not in checkpoint_choices(target):
+            raise ChatError(f"{Path(target).name} has no checkpoint-{checkpoint}")
     key = (target, checkpoint if is_run(target) else None)
     with _registry_lock:
         entry = _workers.get(key)
@@ -103,14 +114,16 @@ def close_workers() -> str:
 
 # ---------------------------------------------------------------- messages
 
-def _text(content) -> str:
+def _text(content, depth: int = 0) -> str:
     """Chatbot content arrives as a string or a list of parts ({"type": "text", "text": ...})."""
     if isinstance(content, str):
         return content
+    if depth > 8:  # parts of parts of parts: no chat client sends that
+        return ""
     if isinstance(content, dict):
-        return content.get("text") or content.get("content") or ""
+        return _text(content.get("text") or content.get("content") or "", depth + 1)
     if isinstance(content, (list, tuple)):
-        return "".join(_text(p) for p in content)
+        return "".join(_text(p, depth + 1) for p in content)
     return "" if content is None else str(content)
 
 
@@ -123,12 +136,22 @@ def to_messages(history: list | None) -> list[dict]:
 
 
 def gen_kwargs(temperature, top_p, max_new_tokens, greedy) -> dict:
-    return dict(temperature=float(temperature or 0), top_p=float(top_p or 1.0),
-                max_new_tokens=int(max_new_tokens or 64), greedy=bool(greedy))
+    from .helpers import number, whole
+
+    return dict(temperature=number(temperature or 0, "Temperature", 0, 5), top_p=number(top_p or 1.0, "Top-p", 0, 1),
+                max_new_tokens=whole(max_new_tokens or 64, "Max new tokens", 1, 4096), greedy=bool(greedy))
+
+
+MAX_CHAT_CHARS = 200_000  # a conversation sent to the model (a long paste, not a book)
 
 
 def stream_answer(target, checkpoint, messages, system=None, use_adapter=True, **gen):
     """Yield the growing reply text (the data the Chatbot shows)."""
+    from core.chat import ChatError
+
+    size = sum(len(m["content"]) for m in messages) + len(system or "")
+    if size > MAX_CHAT_CHARS:
+        raise ChatError(f"the conversation is {size:,} characters; at most {MAX_CHAT_CHARS:,} (Clear starts anew)")
     worker, lock = get_worker(target, _ckpt(checkpoint))
     text = ""
     with lock:

@@ -32,23 +32,35 @@ def _checkpoint_arg(checkpoint: str | None) -> int | None:
     return int(str(checkpoint).split("-")[-1])
 
 
-def convert_events(run_dir: str, since: float = 0.0) -> list[dict]:
+DTYPES = ["auto", "float32", "bfloat16", "float16"]
+
+
+def convert_events(run_dir: str, since: float = 0.0, pid: int | None = None) -> list[dict]:
+    """convert_* events since SINCE (of the convert child PID, when given: two jobs at once each
+    read their own)."""
     events, _ = runs.read_events(run_dir)
-    return [e for e in events if str(e.get("event", "")).startswith("convert_") and e.get("time", 0) >= since]
+    return [e for e in events if str(e.get("event", "")).startswith("convert_")
+            and isinstance(e.get("time"), (int, float)) and e["time"] >= since
+            and (pid is None or e.get("pid") in (None, pid))]
 
 
 def launch_convert(run_dir: str, checkpoint: str | None, merge: bool, dtype: str = "auto"):
     """Start the convert child; returns (Popen, start time)."""
-    from .helpers import readable
+    from .helpers import workspace_run
 
-    run_dir = readable(run_dir)
-    if not run_dir or not (Path(run_dir) / "config.yaml").exists():
-        raise ValueError("pick a run first (a run directory with config.yaml)")
+    run_dir = workspace_run(run_dir)
+    if not (Path(run_dir) / "config.yaml").exists():
+        raise ValueError(f"{Path(run_dir).name} has no config.yaml")
     info = runs.status(run_dir)
     if info.get("status") in runs.ACTIVE:
         raise ValueError(f"{Path(run_dir).name} is still {info['status']}: wait for it to finish or stop it")
-    if not checkpoint_choices(run_dir):
+    choices = checkpoint_choices(run_dir)
+    if not choices:
         raise ValueError(f"{Path(run_dir).name} has no adapter or checkpoint to convert")
+    if checkpoint and checkpoint not in choices:
+        raise ValueError(f"{Path(run_dir).name} has no {checkpoint} (it has {', '.join(choices)})")
+    if (dtype or "auto") not in DTYPES:
+        raise ValueError(f"merged dtype {dtype!r}: one of {', '.join(DTYPES)}")
     cmd = [sys.executable, "-m", "core.convert", str(run_dir), "--dtype", dtype or "auto"]
     ck = _checkpoint_arg(checkpoint)
     if ck is not None:
@@ -72,9 +84,12 @@ def verification_rows(report: dict | None) -> list[dict]:
 
 def convert_job(run_dir: str, checkpoint: str, kind: str, dtype: str = "auto"):
     """Generator: (status md, verification df, log tail) while the child runs, then its result."""
+    from .helpers import workspace_run
+
     merge = kind == "merge"
     empty = pd.DataFrame(columns=["comparison", "max_abs_logit_diff", "top1_agreement", "positions", "finite"])
     try:
+        run_dir = workspace_run(run_dir)
         proc, t0 = launch_convert(run_dir, checkpoint, merge, dtype)
     except Exception as e:  # noqa: BLE001
         yield err_md(e), empty, ""
@@ -84,13 +99,13 @@ def convert_job(run_dir: str, checkpoint: str, kind: str, dtype: str = "auto"):
     while proc.poll() is None:
         yield f"⏳ {what} ({checkpoint or 'final'}) · {time.time() - t0:.0f}s", empty, _tail(log)
         time.sleep(0.5)
-    yield convert_result(run_dir, t0, proc.returncode)
+    yield convert_result(run_dir, t0, proc.returncode, proc.pid)
 
 
-def convert_result(run_dir: str, since: float, code: int | None = None):
+def convert_result(run_dir: str, since: float, code: int | None = None, pid: int | None = None):
     empty = pd.DataFrame(columns=["comparison", "max_abs_logit_diff", "top1_agreement", "positions", "finite"])
     log = Path(run_dir) / "convert.log"
-    ev = convert_events(run_dir, since - 1)
+    ev = convert_events(run_dir, since - 1, pid)
     end = next((e for e in reversed(ev) if e["event"] in ("convert_end", "convert_failed")), None)
     if end is None:
         return err_md(f"the convert job exited ({code}) without a result; see the log"), empty, _tail(log)
@@ -106,12 +121,15 @@ def convert_result(run_dir: str, since: float, code: int | None = None):
 
 def convert_api(run_dir: str, checkpoint: str, kind: str, dtype: str) -> dict:
     """Blocking JSON-native twin (api_name="convert_run"): {"ok", "out", "verification", "error"}."""
+    from .helpers import error_text, workspace_run
+
     try:
+        run_dir = workspace_run(run_dir)
         proc, t0 = launch_convert(run_dir, checkpoint, kind == "merge", dtype)
     except Exception as e:  # noqa: BLE001
-        return {"ok": False, "error": str(e)}
+        return {"ok": False, "error": error_text(e)}
     proc.wait()
-    ev = convert_events(run_dir, t0 - 1)
+    ev = convert_events(run_dir, t0 - 1, proc.pid)
     end = next((e for e in reversed(ev) if e["event"] in ("convert_end", "convert_failed")), {})
     if end.get("event") != "convert_end":
         return {"ok": False, "error": end.get("error") or f"convert exited {proc.returncode}"}
@@ -119,10 +137,9 @@ def convert_api(run_dir: str, checkpoint: str, kind: str, dtype: str) -> dict:
 
 
 def _tail(path: Path, n: int = 15) -> str:
-    try:
-        return "\n".join(path.read_text(errors="replace").splitlines()[-n:])
-    except FileNotFoundError:
-        return ""
+    from core import safe_io
+
+    return "\n".join(safe_io.tail_bytes(path, 64 * 1024).decode("utf-8", "replace").splitlines()[-n:])
 
 
 def outputs_of(run_dir: str) -> list[str]:
@@ -143,7 +160,7 @@ def build(ui: dict) -> None:
         ui["cv_refresh"] = gr.Button("↻", scale=0, min_width=40, elem_id="cv-refresh")
     with gr.Row():
         ui["cv_kind"] = gr.Radio(["merge", "export adapter"], value="merge", label="Action")
-        ui["cv_dtype"] = gr.Dropdown(["auto", "float32", "bfloat16", "float16"], value="auto", label="Merged dtype")
+        ui["cv_dtype"] = gr.Dropdown(DTYPES, value="auto", label="Merged dtype")
         ui["cv_btn"] = gr.Button("Convert", variant="primary", elem_id="convert-btn")
     ui["cv_status"] = gr.Markdown(elem_id="convert-status")
     ui["cv_verify"] = gr.Dataframe(label="Verification (merged vs base + adapter logits)", interactive=False)

@@ -20,17 +20,23 @@ DTYPE_BYTES = {"F64": 8, "F32": 4, "F16": 2, "BF16": 2, "I64": 8, "I32": 4, "I16
 
 def _safetensors_params(files: list[Path]) -> int | None:
     """Parameter count from safetensors headers (8-byte length + JSON): no tensor is read."""
+    from core import safe_io
+
     total = 0
-    for f in files:
+    for f in files[:1000]:
+        safe_io.check_regular(f, "safetensors file")
         with open(f, "rb") as fh:
-            (n,) = struct.unpack("<Q", fh.read(8))
+            head = fh.read(8)
+            (n,) = struct.unpack("<Q", head) if len(head) == 8 else (0,)
+            if not 0 < n <= 100 * 2**20:  # the format caps its header at 100 MB
+                raise ValueError(f"{f.name}: not a safetensors file (header of {n:,} bytes)")
             header = json.loads(fh.read(n))
         for name, meta in header.items():
             if name == "__metadata__":
                 continue
             count = 1
             for d in meta["shape"]:
-                count *= d
+                count *= int(d)
             total += count
     return total
 
@@ -63,18 +69,24 @@ def model_info(name_or_path: str, trust_remote_code: bool = False) -> dict:
     """What the model is, from its files: architecture, parameters, dtype, vocab, chat template."""
     name_or_path = (name_or_path or "").strip() or "builtin:tiny"
     folder = _folder(name_or_path)
+    from core import safe_io
+
     cfg_path = folder / "config.json"
     if not cfg_path.exists():
         raise ValueError(f"{name_or_path}: no config.json (is it a model folder?)")
-    cfg = json.loads(cfg_path.read_text())
+    cfg = safe_io.read_json(cfg_path)
     tok_cfg_path = folder / "tokenizer_config.json"
-    tok_cfg = json.loads(tok_cfg_path.read_text()) if tok_cfg_path.exists() else {}
+    tok_cfg = safe_io.read_json(tok_cfg_path) if tok_cfg_path.exists() else {}
+    if not isinstance(cfg, dict) or not isinstance(tok_cfg, dict):
+        raise ValueError(f"{name_or_path}: config.json and tokenizer_config.json must be JSON objects")
     has_template = bool(tok_cfg.get("chat_template")) or (folder / "chat_template.jinja").exists() \
         or (folder / "chat_template.json").exists()
     files = sorted(folder.glob("*.safetensors"))
     params = _safetensors_params(files) if files else None
     if params is None and (folder / "model.safetensors.index.json").exists():
-        size = json.loads((folder / "model.safetensors.index.json").read_text()).get("metadata", {}).get("total_size")
+        index = safe_io.read_json(folder / "model.safetensors.index.json")
+        size = ((index.get("metadata") or {}) if isinstance(index, dict) else {}).get("total_size")
+        size = size if isinstance(size, (int, float)) else None
         dtype_b = {"float32": 4, "bfloat16": 2, "float16": 2}.get(cfg.get("torch_dtype") or cfg.get("dtype"), 2)
         params = int(size / dtype_b) if size else None
     needs_code = "auto_map" in cfg

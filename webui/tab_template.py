@@ -6,14 +6,7 @@ from __future__ import annotations
 
 import gradio as gr
 
-from .helpers import err_md, highlight_pieces, parse_sources
-
-SAMPLE = {"messages": [{"role": "system", "content": "You are a helpful assistant."},
-                       {"role": "user", "content": "What is the capital of France?"},
-                       {"role": "assistant", "content": "Paris."},
-                       {"role": "user", "content": "And of Italy?"},
-                       {"role": "assistant", "content": "Rome."}]}
-
+from .helpers import err_md, error_text, highlight_pieces, parse_sources, readable
 
 # core.templates.NAMED, spelled out: importing core.templates loads transformers, and building the
 # app must not (tests/test_webui_handlers.py checks the two lists agree)
@@ -28,21 +21,17 @@ def template_choices() -> list[str]:
 def render_template(model: str, template: str, custom_jinja: str = "", data: str = "", fmt: str = "auto",
                     index: int = 0, trust: bool = False) -> dict:
     """{"text", "trained_spans", "n_tokens", "n_trained", "warnings", "template", "source"} for one
-    example: row INDEX of the dataset when given, else a built-in two-turn conversation."""
-    from core import templates
+    example: row INDEX of the dataset when given, else a built-in two-turn conversation. Rendered
+    by core.worker (a custom template is untrusted code: the worker has memory and time limits)."""
+    from core import worker
 
-    from .tab_dataset import load_source, tokenizer_and_template
-
-    tokenizer, tmpl = tokenizer_and_template(model or "builtin:tiny", template or "auto",
-                                             custom_jinja if template == "custom" else "", bool(trust))
-    example = SAMPLE
+    source = None
     if (data or "").strip():
-        rows, _ = load_source(parse_sources(data)[0]["path"], fmt or "auto")
-        example = rows[min(max(0, int(index or 0)), len(rows) - 1)]
-    enc = templates.encode_example(tokenizer, tmpl, example)
-    return {"template": tmpl.name, "text": enc.text, "trained_spans": [list(s) for s in templates.trained_spans_chars(enc)],
-            "n_tokens": len(enc.input_ids), "n_trained": enc.n_trained,
-            "warnings": templates.template_warnings(tokenizer, tmpl), "source": tmpl.source}
+        source = {"path": readable(parse_sources(data)[0]["path"]), "format": fmt or "auto"}
+    model = readable(model or "builtin:tiny")
+    return worker.call("render_template", tokenizer=(model, bool(trust)), model=model, template=template or "auto",
+                       custom_jinja=custom_jinja if template == "custom" else "", source=source,
+                       index=int(index or 0), trust=bool(trust))
 
 
 def template_view(model, template, custom_jinja, data, fmt, index, trust):
@@ -61,15 +50,10 @@ def template_view(model, template, custom_jinja, data, fmt, index, trust):
 
 def own_source(model: str, trust: bool = False) -> str:
     """The tokenizer's own chat template source (to start a custom one from)."""
-    from core import templates
+    from core import worker
 
-    from .tab_dataset import tokenizer_and_template
-
-    try:
-        tokenizer, _ = tokenizer_and_template(model or "builtin:tiny", "auto", "", bool(trust))
-    except Exception:  # noqa: BLE001 - no usable auto template: fall back to chatml as a start
-        return templates.NAMED["chatml"].source
-    return templates._own_source(tokenizer) or templates.NAMED["chatml"].source
+    model = readable(model or "builtin:tiny")
+    return worker.call("own_template_source", tokenizer=(model, bool(trust)), model=model, trust=bool(trust))
 
 
 def build(ui: dict) -> None:
@@ -77,7 +61,7 @@ def build(ui: dict) -> None:
                 "tokens (assistant answers and their end-of-turn) are highlighted.")
     with gr.Row():
         ui["template"] = gr.Dropdown(template_choices(), value="auto", label="Template")
-        ui["template_row"] = gr.Number(value=0, precision=0, minimum=0, label="Dataset row to render (0-based)")
+        ui["template_row"] = gr.Number(value=0, precision=0, label="Dataset row to render (0-based)")
         ui["template_use_data"] = gr.Checkbox(value=True, label="Render a dataset row (else a built-in sample)")
     ui["custom_jinja"] = gr.Code(label="Custom Jinja (template: custom)", language="jinja2", lines=10)
     with gr.Row():
@@ -98,7 +82,11 @@ def wire(ui: dict, demo) -> None:
     ui["template"].change(view, inputs, [ui["template_out"], ui["template_md"]], api_visibility="private")
 
     def load_own(model, trust):
-        return own_source(model, trust), "custom"
+        try:
+            return own_source(model, trust), "custom"
+        except Exception as e:  # noqa: BLE001 - a toast, the editor keeps what it has
+            gr.Warning(error_text(e))
+            return gr.skip(), gr.skip()
 
     ui["template_load_own"].click(load_own, [ui["model"], ui["trust_remote_code"]],
                                   [ui["custom_jinja"], ui["template"]], api_name="template_source")

@@ -7,6 +7,7 @@ disk use, delete) and the best checkpoint by eval loss."""
 from __future__ import annotations
 
 import functools
+import math
 import time
 from pathlib import Path
 
@@ -16,7 +17,8 @@ import yaml
 
 from core import history, runs
 
-from .helpers import err_md, error_text, fmt_seconds, parse_columns, parse_sources, preset_names, readable
+from .helpers import (err_md, error_text, fmt_seconds, number, parse_columns, parse_sources, preset_names, readable,
+                      whole, workspace_run)
 
 # Form fields in the order the Start event passes them (after preset, model, trust, data, fmt, columns,
 # template, custom_jinja, cutoff). Each maps to a config path.
@@ -111,7 +113,7 @@ def build_config(preset: str | None, values: dict):
     from core import config as config_lib
 
     data = preset_dict(preset)
-    for name, path, _label, _default in FORM:
+    for name, path, label, _default in FORM:
         if name not in values or values[name] is None:
             continue
         v = values[name]
@@ -125,21 +127,21 @@ def build_config(preset: str | None, values: dict):
         elif name == "run_name":
             v = str(v).strip() or None
         elif name == "early_stopping":
-            v = int(v) or None  # 0 = off
+            v = whole(v, label) or None  # 0 = off
         elif name == "gpu_memory":
-            v = float(v) or None  # 0 = the card's free memory
-        elif name == "gpus":
-            v = int(v)
+            v = number(v, label) or None  # 0 = the card's free memory
         elif name in ("lora_r", "max_steps", "micro_batch_size", "grad_accum", "eval_steps", "save_steps",
-                      "sample_every"):
-            v = int(v)
+                      "sample_every", "gpus"):
+            v = whole(v, label)
         elif name in ("lora_alpha", "lora_dropout", "learning_rate", "epochs", "eval_split"):
-            v = float(v)
+            v = number(v, label)
+        elif name in ("method", "strategy"):
+            v = str(v)
         _set(data, path, v)
     method = values.get("method") or data.get("method", "lora")
     bits = values.get("quant_bits")
     if method == "qlora":
-        _set(data, "quantization.bits", int(bits or 4))
+        _set(data, "quantization.bits", whole(bits or 4, "Quantization bits"))
     elif "quant_bits" in values:
         _set(data, "quantization.bits", None)
     if values.get("model"):
@@ -161,7 +163,7 @@ def build_config(preset: str | None, values: dict):
         _set(data, "template.custom_jinja", (values.get("custom_jinja") or None) if values["template"] == "custom"
              else None)
     if values.get("cutoff"):
-        _set(data, "template.cutoff_len", int(values["cutoff"]))
+        _set(data, "template.cutoff_len", whole(values["cutoff"], "Cutoff length"))
     return config_lib.from_dict(data, f"preset {preset}" if preset else "the form")
 
 
@@ -169,12 +171,16 @@ def start_from_dict(preset: str | None, values: dict) -> tuple[str, str, str]:
     """Write RUN_DIR/config.yaml and launch the training child -> (run_dir, status md, CLI command)."""
     from core import config as config_lib
 
+    from core import estimate, machine
+
     try:
         cfg = build_config(preset, values)
+        problem = machine.gpus_problem(cfg.training.gpus, cfg.training.device)
+        if problem:  # checked here too: nothing is created or started for a run that can't run
+            raise config_lib.ConfigError(problem)
+        run_dir = runs.new_run_dir(cfg.output.run_name, cfg.model.name_or_path, cfg.method)
     except Exception as e:  # noqa: BLE001
         return "", err_md(e), ""
-    # imported here: presets resolve builtin data relative to the workspace, never the UI's torch
-    run_dir = runs.new_run_dir(cfg.output.run_name, cfg.model.name_or_path, cfg.method)
     cmd = f"lorastudio train {run_dir / 'config.yaml'}"
     # the child resolves device-dependent values itself; the UI process never imports torch
     config_lib.save(cfg, run_dir / "config.yaml",
@@ -182,7 +188,8 @@ def start_from_dict(preset: str | None, values: dict) -> tuple[str, str, str]:
     runs.write_json(run_dir, status="queued", created=time.time(), source_config=f"webui:{preset or 'form'}",
                     run_name=run_dir.name)
     runs.launch(run_dir)
-    return str(run_dir), f"started **{run_dir.name}**", cmd
+    warnings = "".join(f"\n\n⚠️ {w}" for w in estimate.start_warnings(cfg))
+    return str(run_dir), f"started **{run_dir.name}**{warnings}", cmd
 
 
 def estimate_view(preset: str | None, values: dict, gpu_mem: str | None = None) -> str:
@@ -209,31 +216,25 @@ def start(preset: str, model: str, trust_remote_code: bool, data: str, fmt: str,
 
 
 def stop(run_dir: str) -> str:
-    if not run_dir:
-        return err_md("no run selected")
     try:
-        run_dir = readable(run_dir)
-        if not (Path(run_dir) / "run.json").exists():
-            return err_md(f"{run_dir} is not a run directory")
-        return f"stop: **{runs.stop(run_dir, grace=30)}**"
+        return f"stop: **{runs.stop(workspace_run(run_dir), grace=30)}**"
     except Exception as e:  # noqa: BLE001
         return err_md(e)
 
 
 def resume(run_dir: str) -> str:
     try:
-        run_dir = readable(run_dir)
+        run_dir = workspace_run(run_dir)
+        info = runs.status(run_dir)
+        if info.get("status") in runs.ACTIVE:
+            return err_md(f"{Path(run_dir).name} is still {info['status']}")
+        if info.get("status") == "done":
+            return err_md(f"{Path(run_dir).name} finished; start a new run to train more")
+        runs.launch(run_dir, resume=True)
     except Exception as e:  # noqa: BLE001
         return err_md(e)
-    if not run_dir or not (Path(run_dir) / "run.json").exists():
-        return err_md("no run selected")
-    info = runs.status(run_dir)
-    if info.get("status") in runs.ACTIVE:
-        return err_md(f"{Path(run_dir).name} is still {info['status']}")
-    if info.get("status") == "done":
-        return err_md(f"{Path(run_dir).name} finished; start a new run to train more")
-    runs.launch(run_dir, resume=True)
-    return f"resuming **{Path(run_dir).name}** from {runs.last_checkpoint(run_dir).name if runs.last_checkpoint(run_dir) else 'step 0'}"
+    ckpt = runs.last_checkpoint(run_dir)
+    return f"resuming **{Path(run_dir).name}** from {ckpt.name if ckpt else 'step 0'}"
 
 
 def retry(run_dir: str) -> tuple[str, str]:
@@ -242,10 +243,10 @@ def retry(run_dir: str) -> tuple[str, str]:
     from core import recovery
 
     try:
-        run_dir = readable(run_dir)
-        info = runs.status(run_dir) if run_dir else {}
+        run_dir = workspace_run(run_dir)
+        info = runs.status(run_dir)
         if info.get("status") != "failed":
-            return "", err_md(f"only a failed run can be retried ({Path(run_dir).name or 'no run'} is "
+            return "", err_md(f"only a failed run can be retried ({Path(run_dir).name} is "
                               f"{info.get('status', 'not a run')})")
         new_dir = recovery.retry(run_dir)
     except Exception as e:  # noqa: BLE001
@@ -255,32 +256,41 @@ def retry(run_dir: str) -> tuple[str, str]:
 
 # ---------------------------------------------------------------- the live view (pure data)
 
+def _finite(x) -> float | None:
+    """A number from metrics.jsonl or run.json (anybody's file), else None."""
+    return float(x) if isinstance(x, (int, float)) and not isinstance(x, bool) and math.isfinite(x) else None
+
+
 def run_view(run_dir: str) -> dict:
     """Everything the live view shows for RUN_DIR, read from the run directory alone."""
-    if run_dir:
-        run_dir = readable(run_dir)
-    if not run_dir or not (Path(run_dir) / "run.json").exists():
-        return {"run_dir": run_dir or "", "status": "", "loss": [], "eval_loss": [], "lr": [], "samples": [],
+    if not (run_dir or "").strip():
+        return {"run_dir": "", "status": "", "loss": [], "eval_loss": [], "lr": [], "samples": [],
                 "log": [], "best": None}
+    run_dir = workspace_run(run_dir)
     info = runs.status(run_dir)
     events, _ = runs.read_events(run_dir)
     c = history.curves(run_dir, events)
     last = next((e for e in reversed(events) if e.get("event") == "step"), {})
     start = next((e for e in reversed(events) if e.get("event") == "start"), {})
     data = next((e for e in reversed(events) if e.get("event") == "data"), {})
-    samples = [{"step": e.get("step"), "prompt": e.get("prompt"), "reply": e.get("reply")}
-               for e in events if e.get("event") == "sample"]
-    total = last.get("total_steps") or start.get("total_steps")
+    samples = [{"step": _finite(e.get("step")), "prompt": str(e.get("prompt"))[:2000], "reply": str(e.get("reply"))[:4000]}
+               for e in events if e.get("event") == "sample"][-200:]
+    total = _finite(last.get("total_steps")) or _finite(start.get("total_steps"))
+    warnings = info.get("warnings") if isinstance(info.get("warnings"), list) else []
     return {
         "run_dir": str(run_dir), "run": Path(run_dir).name, "status": info.get("status", "?"),
-        "error": info.get("error"), "step": last.get("step", 0), "total_steps": total,
-        "loss_last": last.get("loss"), "eta_s": last.get("eta_s"), "elapsed_s": last.get("elapsed_s"),
-        "tokens_per_s": last.get("tokens_per_s"), "mem_mb": last.get("mem_mb"), "epoch": last.get("epoch"),
+        "error": str(info["error"])[:4000] if info.get("error") else None,
+        "step": int(_finite(last.get("step")) or 0), "total_steps": int(total) if total else None,
+        "loss_last": _finite(last.get("loss")), "eta_s": _finite(last.get("eta_s")),
+        "elapsed_s": _finite(last.get("elapsed_s")), "tokens_per_s": _finite(last.get("tokens_per_s")),
+        "mem_mb": _finite(last.get("mem_mb")), "epoch": _finite(last.get("epoch")),
         "loss": c["loss"], "eval_loss": c["eval_loss"], "lr": c["lr"], "samples": samples,
-        "best": history.best_checkpoint(run_dir, events), "data": data,
+        "best": history.best_checkpoint(run_dir, events), "data": data if isinstance(data, dict) else {},
         "log": runs.log_tail(run_dir, 20), "cli": f"lorastudio train {Path(run_dir) / 'config.yaml'}",
-        "retry": info.get("retry"), "queue_position": info.get("queue_position"),
-        "speed_path": info.get("speed_path"),
+        "retry": info.get("retry") if isinstance(info.get("retry"), dict) else None,
+        "queue_position": _finite(info.get("queue_position")),
+        "speed_path": info.get("speed_path") if isinstance(info.get("speed_path"), dict) else None,
+        "warnings": [str(w)[:1000] for w in warnings[:10]],
     }
 
 
@@ -319,7 +329,9 @@ def status_markdown(v: dict) -> str:
         kernels = f"kernels {sp['kernels']}" if sp.get("kernels") not in (None, "off") else "no fused kernels"
         md += f"\n\nspeed path: {', '.join(on) or 'defaults'}; {kernels}; optimizer {sp.get('optimizer')}"
     if v.get("queue_position") and v["status"] == "queued":
-        md += f"\n\nqueued: position {v['queue_position']} (another run holds the device)"
+        md += f"\n\nqueued: position {int(v['queue_position'])} (another run holds the device)"
+    for w in v.get("warnings") or []:
+        md += f"\n\n⚠️ {w}"
     if v.get("error"):
         md += f"\n\n**Error:** {v['error']}"
     if v.get("retry") and v["status"] == "failed":
@@ -359,8 +371,8 @@ def history_frame() -> pd.DataFrame:
 
 def overlay_frame(run_dirs_: list[str]) -> pd.DataFrame:
     rows = []
-    for d in run_dirs_ or []:
-        d = readable(d)
+    for d in (run_dirs_ or [])[:50]:
+        d = workspace_run(d)
         for s, y in history.curves(d)["loss"]:
             rows.append({"step": s, "loss": y, "run": Path(d).name})
     return pd.DataFrame(rows, columns=["step", "loss", "run"])
@@ -369,7 +381,7 @@ def overlay_frame(run_dirs_: list[str]) -> pd.DataFrame:
 def diff_frame(a: str, b: str) -> pd.DataFrame:
     if not a or not b:
         return pd.DataFrame(columns=["key", "a", "b"])
-    a, b = readable(a), readable(b)
+    a, b = workspace_run(a), workspace_run(b)
     rows = history.config_diff(a, b)
     return pd.DataFrame([{"key": r["key"], "a": str(r["a"]), "b": str(r["b"])} for r in rows],
                         columns=["key", "a", "b"])
@@ -377,7 +389,7 @@ def diff_frame(a: str, b: str) -> pd.DataFrame:
 
 def delete(run_dir: str) -> str:
     try:
-        history.delete_run(readable(run_dir))
+        history.delete_run(workspace_run(run_dir))
     except Exception as e:  # noqa: BLE001
         return err_md(e)
     return f"deleted {Path(run_dir).name}"
@@ -409,34 +421,34 @@ def build(ui: dict) -> None:
             f["quant_bits"] = gr.Dropdown([4, 8], value=4, label="Quantization bits (QLoRA)")
             f["run_name"] = gr.Textbox(label="Run name (optional)")
         with gr.Row():
-            f["lora_r"] = _num("LoRA r", 16, precision=0, minimum=1)
-            f["lora_alpha"] = _num("LoRA alpha", 32, minimum=0)
-            f["lora_dropout"] = _num("LoRA dropout", 0.05, minimum=0, maximum=0.99)
+            f["lora_r"] = _num("LoRA r", 16, precision=0)
+            f["lora_alpha"] = _num("LoRA alpha", 32)
+            f["lora_dropout"] = _num("LoRA dropout", 0.05)
             f["lora_targets"] = gr.Textbox(value="all-linear", label="Target modules")
             f["use_dora"] = gr.Checkbox(label="DoRA")
             f["use_rslora"] = gr.Checkbox(label="rsLoRA")
         with gr.Row():
-            f["learning_rate"] = _num("Learning rate", 2e-4, minimum=0)
-            f["epochs"] = _num("Epochs", 3.0, minimum=0)
+            f["learning_rate"] = _num("Learning rate", 2e-4)
+            f["epochs"] = _num("Epochs", 3.0)
             f["max_steps"] = _num("Max steps (-1 = by epochs)", -1, precision=0, elem_id="max-steps")
-            f["micro_batch_size"] = _num("Micro-batch size", 4, precision=0, minimum=1)
-            f["grad_accum"] = _num("Gradient accumulation", 4, precision=0, minimum=1)
+            f["micro_batch_size"] = _num("Micro-batch size", 4, precision=0)
+            f["grad_accum"] = _num("Gradient accumulation", 4, precision=0)
         with gr.Row():
             f["packing"] = gr.Checkbox(label="Packing")
-            f["eval_split"] = _num("Eval split (fraction)", 0.0, minimum=0, maximum=0.49)
-            f["eval_steps"] = _num("Eval every (steps)", 50, precision=0, minimum=1)
-            f["save_steps"] = _num("Save every (steps)", 100, precision=0, minimum=1)
-            f["sample_every"] = _num("Sample every (steps, 0 = at the end)", 0, precision=0, minimum=0)
+            f["eval_split"] = _num("Eval split (fraction)", 0.0)
+            f["eval_steps"] = _num("Eval every (steps)", 50, precision=0)
+            f["save_steps"] = _num("Save every (steps)", 100, precision=0)
+            f["sample_every"] = _num("Sample every (steps, 0 = at the end)", 0, precision=0)
             f["early_stopping"] = _num("Early stopping patience (evals; 0 = off; needs an eval split)", 0,
-                                       precision=0, minimum=0)
+                                       precision=0)
         with gr.Row():
-            f["gpus"] = _num("GPUs (1 = this process; more starts `accelerate launch`)", 1, precision=0, minimum=1)
+            f["gpus"] = _num("GPUs (1 = this process; more starts `accelerate launch`)", 1, precision=0)
             f["strategy"] = gr.Dropdown(["ddp", "fsdp", "zero2", "zero3"], value="ddp",
                                         label="Strategy (ddp: a copy per GPU; fsdp/zero3 shard the model; "
                                               "zero2/zero3 need DeepSpeed installed)")
             f["offload"] = gr.Checkbox(label="Offload params/optimizer to CPU RAM (fsdp/zero only)")
             f["gpu_memory"] = _num("GPU memory budget (GiB; 0 = the card's free memory; auto settings "
-                                   "trade speed for memory to fit it)", 0, minimum=0)
+                                   "trade speed for memory to fit it)", 0)
         f["sample_prompts"] = gr.Textbox(label="Sample prompts (one per line)", lines=2)
         ui["form"] = f
     with gr.Row():
