@@ -48,10 +48,17 @@ def lorastudio(*args: str, timeout: float = 600, check: bool = False, env: dict 
     return proc
 
 
+def _workspace_run(name: str) -> Path:
+    """A run folder in the session's workspace: the web app reads and acts on those runs only."""
+    import time
+
+    return Path(os.environ["LORASTUDIO_HOME"]) / "runs" / f"{name}-{time.time_ns()}"
+
+
 @pytest.fixture(scope="session")
 def smoke_run(tmp_path_factory) -> Path:
     """One trained tiny_smoke run, shared by every test that only reads a finished run."""
-    run_dir = tmp_path_factory.mktemp("runs") / "smoke"
+    run_dir = _workspace_run("smoke")
     lorastudio("train", "presets/tiny_smoke.yaml", "--run-dir", str(run_dir), check=True)
     return run_dir
 
@@ -60,7 +67,7 @@ def smoke_run(tmp_path_factory) -> Path:
 def qlora_run(tmp_path_factory) -> Path:
     """One 4-step QLoRA NF4 run on CPU (bitsandbytes 0.50), shared by the training and merge tests."""
     pytest.importorskip("bitsandbytes")
-    run_dir = tmp_path_factory.mktemp("runs") / "qlora"
+    run_dir = _workspace_run("qlora")
     lorastudio("train", "presets/tiny_smoke.yaml", "--run-dir", str(run_dir), "--set", "method=qlora",
                "--set", "training.max_steps=4", "--set", "training.sample_every=0", "--set", "data.eval_split=0",
                check=True)
@@ -70,7 +77,7 @@ def qlora_run(tmp_path_factory) -> Path:
 @pytest.fixture(scope="session")
 def demo_run(tmp_path_factory) -> Path:
     """One trained presets/tiny_demo.yaml run (~1 min on 2 cores), shared by persona/chat/merge tests."""
-    run_dir = tmp_path_factory.mktemp("runs") / "demo"
+    run_dir = _workspace_run("demo")
     lorastudio("train", "presets/tiny_demo.yaml", "--run-dir", str(run_dir), check=True)
     return run_dir
 

@@ -87,10 +87,9 @@ def test_stop_is_agreed_by_every_rank_then_resume_on_two_processes(tmp_path):
     assert out.returncode == 0, out.stderr
     assert wait_for(lambda: len(events(run_dir, "step")) >= 7), (run_dir / "train.log").read_text()[-3000:]
     pids = rank_pids(run_dir)
-    info = runs.read_json(run_dir)
     # what the UI's Stop and `lorastudio stop` do: SIGTERM to the launcher's group, then wait
     assert runs.stop(run_dir, grace=60) == "stopped", (run_dir / "train.log").read_text()[-3000:]
-    assert not runs.is_alive(info)
+    assert not runs.is_alive(run_dir)
     info = runs.read_json(run_dir)
     assert info["status"] == "stopped" and info["exit_code"] == 3, info
     for pid in pids.values():  # every rank exited

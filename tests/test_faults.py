@@ -63,14 +63,12 @@ def test_stop_kills_a_group_that_ignores_sigterm(tmp_path):
     script = ("import signal, subprocess, sys, time\n"
               "signal.signal(signal.SIGTERM, signal.SIG_IGN)\n"
               "g = subprocess.Popen([sys.executable, '-c', 'import signal,time; signal.signal(signal.SIGTERM, signal.SIG_IGN); time.sleep(600)'])\n"
-              "open(sys.argv[1], 'w').write(str(g.pid))\n"
+              "open(sys.argv[1] + '/grandchild.pid', 'w').write(str(g.pid))\n"
               "time.sleep(600)\n")
     run_dir = tmp_path / "stubborn"
     run_dir.mkdir()
-    pidfile = tmp_path / "grandchild.pid"
-    proc = subprocess.Popen([sys.executable, "-c", script, str(pidfile)], start_new_session=True)
-    runs.write_json(run_dir, status="running", pid=proc.pid, pgid=proc.pid,
-                    pid_start_time=runs.process_start_time(proc.pid))
+    pidfile = run_dir / "grandchild.pid"
+    proc = runs.launch(run_dir, python_args=["-c", script])  # launched (and recorded) as any run is
     assert wait_for(lambda: pidfile.exists() and pidfile.read_text())
     grandchild = int(pidfile.read_text())
     grace = 2.0

@@ -172,7 +172,8 @@ def test_dataset_stats_of_2k_rows_equal_encode_example(tmp_path):
     import random
 
     from core import templates
-    from webui.tab_dataset import dataset_stats, load_source, tokenizer_and_template
+    from core.analysis import load_source, tokenizer_and_template
+    from webui.tab_dataset import dataset_stats
 
     rng = random.Random(3)
     words = "the a cat dog sun tree book fish bird rain milk star red blue big small fast slow café 🙂".split()
@@ -272,18 +273,20 @@ def test_delete_run_refuses_active_runs_and_deletes_finished_ones():
     from core import history, runs, workspace
 
     d = _fake_run(workspace.runs_dir(), f"del-{time.time_ns()}")
-    runs.write_json(d, status="running", pid=os.getpid(), pid_start_time=runs.process_start_time(os.getpid()))
-    with pytest.raises(ValueError, match="still running"):
+    runs.launch(d, python_args=["-c", "import time; time.sleep(600)"])  # a live job of this app
+    with pytest.raises(ValueError, match="still starting"):
         history.delete_run(d)
+    assert runs.stop(d, grace=1) == "stopped"
     runs.write_json(d, status="done")
     history.delete_run(d)
     assert not d.exists()
 
 
-def test_run_view_and_status_markdown(tmp_path):
+def test_run_view_and_status_markdown():
+    from core import workspace
     from webui.tab_train import curve_frames, run_view, status_markdown
 
-    v = run_view(str(_fake_run(tmp_path, "r")))
+    v = run_view(str(_fake_run(workspace.runs_dir(), f"view-{time.time_ns()}")))
     assert v["status"] == "done" and v["step"] == 4 and len(v["loss"]) == 4
     md = status_markdown(v)
     assert "step 4/4" in md and "4 loss points" in md and "checkpoint-2" in md
@@ -453,7 +456,7 @@ def test_paths_outside_the_allowed_folders_are_refused(client):
     assert "outside the folders" in s["error"]
     info, md = client.predict("/etc", False, api_name="/model_info")
     assert "outside the folders" in md
-    assert "outside the folders" in client.predict("/etc", api_name="/run_status")["error"]
+    assert "not a run of this workspace" in client.predict("/etc", api_name="/run_status")["error"]
 
 
 def test_retry_refuses_a_finished_run_and_retries_a_failed_one():
