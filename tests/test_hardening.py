@@ -91,6 +91,21 @@ def server(tmp_path_factory):
     os.killpg(proc.pid, signal.SIGKILL)
 
 
+# every test here that uses `server` is also checked by this: up, and nothing outside changed
+@pytest.fixture(autouse=True)
+def _up_and_nothing_changed_outside(request):
+    """After every test of the server: it answers within a second, and every file outside its
+    workspace (the launch folder, the --allow-dir folder) is as it was before the test."""
+    if "server" not in request.fixturenames:
+        yield
+        return
+    s = request.getfixturevalue("server")
+    before = snapshot(s.launch, s.outside)
+    yield
+    responsive(s)
+    assert snapshot(s.launch, s.outside) == before
+
+
 def snapshot(*roots: Path) -> dict:
     """Every file under ROOTS: size, mtime and content hash (what 'nothing changed' compares)."""
     out = {}
@@ -255,6 +270,7 @@ def test_a_crafted_run_json_signals_nothing_and_changes_nothing(server):
         import shutil
 
         shutil.rmtree(s.home / "runs" / "forged", ignore_errors=True)
+        shutil.rmtree(s.launch / "evil-run", ignore_errors=True)  # the attacker's files, gone again
 
 
 # ---------------------------------------------------------------- 3. gpus had no bound
