@@ -19,17 +19,16 @@ import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "tests"))
 os.environ.setdefault("LORASTUDIO_HOME", tempfile.mkdtemp(prefix="lorastudio-load-"))
 os.environ.setdefault("LORASTUDIO_ALLOW_DIRS", "/tmp")
 os.environ.setdefault("OMP_NUM_THREADS", "1")
 
-from core import runs  # noqa: E402
+from lorastudio.core import runs  # noqa: E402
 
 
 def train(run_dir: Path, steps: int) -> subprocess.Popen:
-    return subprocess.Popen([sys.executable, "-m", "core.cli", "train", "presets/tiny_smoke.yaml", "--run-dir",
+    return subprocess.Popen([sys.executable, "-m", "lorastudio.cli", "train", "presets/tiny_smoke.yaml", "--run-dir",
                              str(run_dir), "--detach", "--set", f"training.max_steps={steps}",
                              "--set", "training.sample_every=0", "--set", "data.eval_split=0",
                              "--set", "training.save_steps=100000"], cwd=ROOT)

@@ -67,7 +67,7 @@ def main() -> int:
            "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", "1"), "TOKENIZERS_PARALLELISM": "false"}
     os.environ.update(env)
     # build the embedded model once, outside the timings (first use on a fresh machine)
-    subprocess.run([sys.executable, "-c", "from core import tiny; tiny.ensure_built()"], cwd=ROOT, env=env, check=True)
+    subprocess.run([sys.executable, "-c", "from lorastudio.core import tiny; tiny.ensure_built()"], cwd=ROOT, env=env, check=True)
     data = make_dataset(home / "bench10k.jsonl", a.rows)
     browser = not a.no_browser and Path(CHROMIUM).exists()
     results: list[tuple[str, float, str]] = []
@@ -75,7 +75,7 @@ def main() -> int:
     port = free_port()
     url = f"http://127.0.0.1:{port}/"
     t0 = time.time()
-    proc = subprocess.Popen([sys.executable, "-m", "core.cli", "webui", "--port", str(port)], cwd=ROOT, env=env,
+    proc = subprocess.Popen([sys.executable, "-m", "lorastudio.cli", "webui", "--port", str(port)], cwd=ROOT, env=env,
                             stdout=open(home / "app.log", "w"), stderr=subprocess.STDOUT, start_new_session=True)
     try:
         while True:

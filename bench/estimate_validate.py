@@ -22,11 +22,10 @@ import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
 
-from core import config as C  # noqa: E402
-from core import estimate as E  # noqa: E402
-from core import model_configs as MC  # noqa: E402
+from lorastudio.core import config as C  # noqa: E402
+from lorastudio.core import estimate as E  # noqa: E402
+from lorastudio.core import model_configs as MC  # noqa: E402
 
 SHAPE_HUB = {"llama3.1-8b": "meta-llama/Llama-3.1-8B-Instruct", "qwen2.5-7b": "Qwen/Qwen2.5-7B-Instruct",
              "qwen2.5-1.5b": "Qwen/Qwen2.5-1.5B-Instruct", "qwen2.5-0.5b": "Qwen/Qwen2.5-0.5B-Instruct"}
@@ -68,8 +67,8 @@ def child(name: str, model_dir: str, steps: int) -> None:
     import torch
     from datasets import Dataset
 
-    from core import model as model_lib
-    from core import train as train_lib
+    from lorastudio.core import model as model_lib
+    from lorastudio.core import train as train_lib
 
     cfg = C.resolve(run_config(name, model_dir, steps))
     tok = model_lib.load_tokenizer(cfg.model.name_or_path)
@@ -122,7 +121,7 @@ def main() -> int:
         cfg = run_config(names[0], "/tmp/model", a.steps)
         print("\nexample config (model path filled at run time):\n" + C.to_yaml(cfg))
         return 0
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")]),
+    env = {**os.environ,
            "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}
     results = []
     for n in names:

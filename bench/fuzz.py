@@ -22,7 +22,6 @@ import traceback
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
 os.environ.setdefault("LORASTUDIO_HOME", tempfile.mkdtemp(prefix="lorastudio-fuzz-"))
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
@@ -149,7 +148,7 @@ def _run(name: str, strategy, check, examples: int, slow: float) -> dict:
 
 
 def check_data(example):
-    from core.data import DataError, load_file
+    from lorastudio.core.data import DataError, load_file
 
     ext, content = example
     with tempfile.TemporaryDirectory() as d:
@@ -166,10 +165,10 @@ _TOK = {}
 
 
 def check_template(source):
-    from core import templates
+    from lorastudio.core import templates
 
     if "tok" not in _TOK:
-        from core import model as model_lib
+        from lorastudio.core import model as model_lib
 
         _TOK["tok"] = model_lib.load_tokenizer("builtin:tiny")
     conversation = [{"role": "user", "content": "hi <b>there</b>"}, {"role": "assistant", "content": "hello"}]
@@ -180,7 +179,7 @@ def check_template(source):
 
 
 def check_yaml(text):
-    from core import config, safe_io
+    from lorastudio.core import config, safe_io
 
     try:
         data = safe_io.load_yaml(text, "fuzz.yaml") or {}
@@ -190,7 +189,7 @@ def check_yaml(text):
 
 
 def check_run_dir(example):
-    from core import history, runs
+    from lorastudio.core import history, runs
 
     run_json, metrics = example
     with tempfile.TemporaryDirectory() as d:

@@ -1,10 +1,8 @@
 """Writes the catalogue presets (python bench/gen_presets.py); each VRAM line is filled by core.estimate,
 and tests/test_presets.py fails when a line drifts from the estimator."""
-import sys
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from core import config as C, estimate as E
+from lorastudio.core import config as C, estimate as E
 
 P = Path(__file__).resolve().parents[1] / "presets"
 

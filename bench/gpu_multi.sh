@@ -26,18 +26,20 @@ B_SETS=(--set method=qlora --set template.cutoff_len=512 --set training.micro_ba
 if [ "${1:-}" = "--dry-run" ]; then
   # what the runs below generate, validated against accelerate's own loader/flags; no GPU needed
   rc=0
-  $PY -m core.distributed presets/tiny_smoke.yaml --dry-run --out "$OUT/dry-ddp" --set training.gpus=2 \
+  $PY -m lorastudio.core.distributed presets/tiny_smoke.yaml --dry-run --out "$OUT/dry-ddp" --set training.gpus=2 \
       --set model.name_or_path=builtin:tiny "${A_SETS[@]}" --set training.micro_batch_size=8 || rc=1
-  $PY -m core.distributed presets/tiny_smoke.yaml --dry-run --out "$OUT/dry-fsdp" --set training.gpus=2 \
+  $PY -m lorastudio.core.distributed presets/tiny_smoke.yaml --dry-run --out "$OUT/dry-fsdp" --set training.gpus=2 \
       --set training.strategy=fsdp --set model.name_or_path=builtin:tiny "${B_SETS[@]}" || rc=1
-  $PY -m core.distributed presets/tiny_smoke.yaml --dry-run --out "$OUT/dry-zero3" --set training.gpus=2 \
+  $PY -m lorastudio.core.distributed presets/tiny_smoke.yaml --dry-run --out "$OUT/dry-zero3" --set training.gpus=2 \
       --set training.strategy=zero3 --set training.offload=true --set model.name_or_path=builtin:tiny || rc=1
   echo "dry run: $([ $rc = 0 ] && echo OK || echo FAILED)"; exit $rc
 fi
 
 if [ -d .whl ]; then
   $PY -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl || exit 1
-  export PYTHONPATH="/tmp/site:$PWD/.whl/site:$PWD"
+  mkdir -p /tmp/lsroot/lorastudio  # the checkout's rooms as the import package lorastudio
+  for room in core webui presets cli; do ln -sfn "$PWD/$room" "/tmp/lsroot/lorastudio/$room"; done
+  export PYTHONPATH="/tmp/site:$PWD/.whl/site:/tmp/lsroot"
 fi
 export LORASTUDIO_HOME=/tmp/lshome
 T0=$(date +%s)
@@ -59,10 +61,10 @@ PY
 # ---------------------------------------------------------------- (a) 1.5B LoRA: 1 GPU vs 2-GPU DDP
 if [ "${ONLY:-}" != "b" ]; then
 $PY bench/make_random_model.py qwen2.5-1.5b /tmp/m15 || exit 1
-CUDA_VISIBLE_DEVICES=0 timeout 200 $PY -m core.cli train presets/tiny_smoke.yaml --run-dir /tmp/a1 \
+CUDA_VISIBLE_DEVICES=0 timeout 200 $PY -m lorastudio.cli train presets/tiny_smoke.yaml --run-dir /tmp/a1 \
   --set model.name_or_path=/tmp/m15 "${A_SETS[@]}" --set training.micro_batch_size=16 > "$OUT/a1.log" 2>&1
 echo "(a) 1-GPU exit $?  ($(( $(date +%s) - T0 )) s so far)"
-timeout 200 $PY -m core.cli train presets/tiny_smoke.yaml --run-dir /tmp/a2 --gpus 2 --strategy ddp \
+timeout 200 $PY -m lorastudio.cli train presets/tiny_smoke.yaml --run-dir /tmp/a2 --gpus 2 --strategy ddp \
   --set model.name_or_path=/tmp/m15 "${A_SETS[@]}" --set training.micro_batch_size=8 > "$OUT/a2.log" 2>&1
 echo "(a) 2-GPU DDP exit $?  ($(( $(date +%s) - T0 )) s so far)"
 grep -h "env NCCL" /tmp/a2/train.log
@@ -93,7 +95,7 @@ fi
 # ---------------------------------------------------------------- (b) 7B QLoRA under FSDP: train, stop, resume
 $PY bench/make_random_model.py qwen2.5-7b /tmp/m7 || exit 1
 echo "(b) model built ($(( $(date +%s) - T0 )) s so far)"
-$PY -m core.cli train presets/tiny_smoke.yaml --run-dir /tmp/b --gpus 2 --strategy fsdp --detach \
+$PY -m lorastudio.cli train presets/tiny_smoke.yaml --run-dir /tmp/b --gpus 2 --strategy fsdp --detach \
   --set model.name_or_path=/tmp/m7 "${B_SETS[@]}" --set training.max_steps=10 > "$OUT/b-launch.log" 2>&1
 echo "(b) launched: exit $?"
 # stop once checkpoint-3 exists and step 4 is logged (the stop lands on a later step boundary)
@@ -103,11 +105,11 @@ for i in $(seq 1 150); do
   case "$st" in failed|done|stopped) break;; esac
   sleep 2
 done
-timeout 120 $PY -m core.cli stop /tmp/b --grace 90; echo "(b) stop exit $?  ($(( $(date +%s) - T0 )) s so far)"
+timeout 120 $PY -m lorastudio.cli stop /tmp/b --grace 90; echo "(b) stop exit $?  ($(( $(date +%s) - T0 )) s so far)"
 summary /tmp/b
 grep -h -A30 "Traceback" /tmp/b/train.log | grep -v "^\s*\^" | tail -40
 ls -d /tmp/b/checkpoint-* 2>/dev/null
-timeout 240 $PY -m core.cli resume /tmp/b > "$OUT/b-resume.log" 2>&1
+timeout 240 $PY -m lorastudio.cli resume /tmp/b > "$OUT/b-resume.log" 2>&1
 echo "(b) resume exit $?  ($(( $(date +%s) - T0 )) s so far)"
 summary /tmp/b
 grep -h '"event": "resume"\|"event": "stopped"\|"event": "end"' /tmp/b/metrics.jsonl

@@ -17,7 +17,7 @@ COMMON=(--set model.name_or_path=/tmp/qwen05b-random --set training.max_steps=40
         --set training.micro_batch_size=8 --set training.learning_rate=1e-3 --set data.eval_split=0
         --set lora.r=16 --set template.cutoff_len=256 --set training.save_steps=1000)
 for method in qlora lora; do
-  python3 -m core.cli train presets/tiny_smoke.yaml --run-dir /tmp/run-$method --set method=$method "${COMMON[@]}" \
+  python3 -m lorastudio.cli train presets/tiny_smoke.yaml --run-dir /tmp/run-$method --set method=$method "${COMMON[@]}" \
     > "$OUT/train-$method.log" 2>&1
   echo "$method exit $?"
   cp /tmp/run-$method/run.json "$OUT/run-$method.json"; cp /tmp/run-$method/metrics.jsonl "$OUT/metrics-$method.jsonl"

@@ -17,12 +17,10 @@ from __future__ import annotations
 
 import argparse
 import json
-import sys
 import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
 from speed import TARGETS, rows_for  # noqa: E402 - bench/ is this script's own directory
 
 
@@ -35,7 +33,7 @@ def batches(path: str, vocab: int, mb: int, bucket: int, n: int, tokenizer):
 
     import torch
 
-    from core import dataset as dataset_lib
+    from lorastudio.core import dataset as dataset_lib
 
     collate = dataset_lib.collator(tokenizer, padding_free=True)
     rows = rows_for(argparse.Namespace(seq=0, tokens=path), vocab)
@@ -75,8 +73,8 @@ def main() -> None:
     import torch
     from transformers import AutoConfig, AutoTokenizer
 
-    from core import config as config_lib
-    from core import model as model_lib
+    from lorastudio.core import config as config_lib
+    from lorastudio.core import model as model_lib
 
     ap = argparse.ArgumentParser()
     ap.add_argument("model")

@@ -26,7 +26,7 @@ SHAPES = {  # name: (config class, kwargs) — the real published shapes
 def main(shape: str, out: str) -> None:
     import transformers
 
-    from core import tiny
+    from lorastudio.core import tiny
 
     if (Path(out) / "config.json").exists():  # built earlier in this call (or on a still-warm machine)
         print(f"{out}: already built")

@@ -7,21 +7,19 @@ from __future__ import annotations
 
 import argparse
 import json
-import sys
 import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
 
 
 def main() -> None:
     import torch
     from transformers import AutoTokenizer
 
-    from core import config as config_lib
-    from core import dataset as dataset_lib
-    from core import model as model_lib
+    from lorastudio.core import config as config_lib
+    from lorastudio.core import dataset as dataset_lib
+    from lorastudio.core import model as model_lib
 
     ap = argparse.ArgumentParser()
     ap.add_argument("model")

@@ -33,7 +33,6 @@ import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
 
 TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 PEAK_FLOPS = 989e12  # H100/H200 SXM dense bf16
@@ -42,8 +41,8 @@ PEAK_FLOPS = 989e12  # H100/H200 SXM dense bf16
 def prep(out_dir: str, dataset: str = "alpaca_en_demo.json", tokenizer: str = "qwen2.5") -> None:
     """Tokenise a real dataset with a real tokenizer and its template through the product's own
     labelling (core.train.prepare_data), no truncation below 4096: input_ids + labels per row."""
-    from core import config as config_lib
-    from core import train as train_lib
+    from lorastudio.core import config as config_lib
+    from lorastudio.core import train as train_lib
 
     shared = ROOT.parent / "shared" / "assets"
     cfg = config_lib.from_dict({"model": {"name_or_path": str(shared / "tokenizers" / tokenizer)},
@@ -95,7 +94,7 @@ def rows_for(a, vocab: int) -> list[dict]:
 
 
 def matmul_params(model_dir: str) -> int:
-    from core import estimate, model_configs
+    from lorastudio.core import estimate, model_configs
 
     pc = estimate.param_counts(model_configs.from_config_json(json.loads((Path(model_dir) / "config.json").read_text())))
     return pc["linear"] + pc["embedding"]  # decoder linears + the lm_head (tied or not, it is a matmul)
@@ -135,9 +134,9 @@ def build_stock(a, tokenizer, ds, callbacks):
 
 
 def build_fast(a, tokenizer, ds, callbacks):
-    from core import config as config_lib
-    from core import model as model_lib
-    from core import train as train_lib
+    from lorastudio.core import config as config_lib
+    from lorastudio.core import model as model_lib
+    from lorastudio.core import train as train_lib
 
     training = {"micro_batch_size": a.mb, "grad_accum": 1, "max_steps": a.steps, "learning_rate": 2e-4,
                 "lr_scheduler": "constant", "warmup_ratio": 0, "save_steps": 1 if a.steps_per_call else 10 ** 6,

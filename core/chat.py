@@ -211,7 +211,7 @@ def describe(model, tokenizer, template, target, checkpoint=None) -> dict:
 # ---------------------------------------------------------------- the worker, seen from the parent
 
 class ChatWorker:
-    """A chat model in a child process (`python -m core.chat_worker`): own process group, output to
+    """A chat model in a child process (`python -m lorastudio.core.chat_worker`): own process group, output to
     a log file, requests and replies over multiprocessing.connection (127.0.0.1, random authkey).
 
     The worker loads the model, listens, and writes its port to a ready file; every wait on it is
@@ -226,7 +226,7 @@ class ChatWorker:
         folder.mkdir(parents=True)
         self.log_path, ready = folder / "worker.log", folder / "ready.json"
         authkey = secrets.token_bytes(32)
-        cmd = [sys.executable, "-m", "core.chat_worker", str(target), "--ready", str(ready), "--device", device,
+        cmd = [sys.executable, "-m", "lorastudio.core.chat_worker", str(target), "--ready", str(ready), "--device", device,
                "--parent-pid", str(os.getpid())] + (["--checkpoint", str(checkpoint)] if checkpoint is not None else [])
         # the key goes through the environment, not argv (which any local user can read)
         self.proc = runs.spawn(cmd, self.log_path, env={"LORASTUDIO_CHAT_AUTHKEY": authkey.hex()})

@@ -1,4 +1,4 @@
-"""The chat worker child: `python -m core.chat_worker TARGET --ready FILE [--checkpoint N]`.
+"""The chat worker child: `python -m lorastudio.core.chat_worker TARGET --ready FILE [--checkpoint N]`.
 
 Started by `core.chat.ChatWorker` (own process group, output to a log file). Loads the model,
 listens on 127.0.0.1 (random port; authkey from $LORASTUDIO_CHAT_AUTHKEY), writes
@@ -88,7 +88,7 @@ def serve(conn, model, tokenizer, template, target, checkpoint) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(prog="python -m core.chat_worker")
+    ap = argparse.ArgumentParser(prog="python -m lorastudio.core.chat_worker")
     ap.add_argument("target")
     ap.add_argument("--ready", required=True)
     ap.add_argument("--checkpoint", type=int)

@@ -1,4 +1,4 @@
-"""Export and merge a run's adapter: `python -m core.convert RUN_DIR [--checkpoint N] [--merge]
+"""Export and merge a run's adapter: `python -m lorastudio.core.convert RUN_DIR [--checkpoint N] [--merge]
 [--dtype auto|float32|bfloat16|float16] [--out DIR]`.
 
     export_adapter -> RUN_DIR/export-adapter[-ckptN]/  standard PEFT folder + tokenizer (the run's
@@ -350,7 +350,7 @@ def _event(run_dir: Path, event: str, **fields) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(prog="python -m core.convert")
+    ap = argparse.ArgumentParser(prog="python -m lorastudio.core.convert")
     ap.add_argument("run_dir")
     ap.add_argument("--checkpoint", type=int)
     ap.add_argument("--merge", action="store_true")

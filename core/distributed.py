@@ -1,7 +1,7 @@
 """Multi-process training (training.gpus > 1) through `accelerate launch`.
 
     runs.launch -> python -m accelerate.commands.launch --config_file RUN_DIR/accelerate.yaml
-                   --num_processes N --main_process_port 0 -m core.train RUN_DIR [--resume]
+                   --num_processes N --main_process_port 0 -m lorastudio.core.train RUN_DIR [--resume]
 
 The accelerate config (and, for ZeRO, RUN_DIR/deepspeed.json) is generated here from the run's
 config.yaml, so a run directory holds every file that launched it. accelerate hands the ranks to
@@ -269,7 +269,7 @@ def launch_command(cfg, run_dir: Path, resume: bool = False) -> list[str]:
     cfg_file = write_configs(cfg, run_dir)
     return [sys.executable, "-m", "accelerate.commands.launch", "--config_file", str(cfg_file),
             "--num_processes", str(cfg.training.gpus), "--main_process_port", "0",
-            "-m", "core.train", str(run_dir)] + (["--resume"] if resume else [])
+            "-m", "lorastudio.core.train", str(run_dir)] + (["--resume"] if resume else [])
 
 
 # ---------------------------------------------------------------- schema-level validation
@@ -369,7 +369,7 @@ def full_params(wrapped):
     yield
 
 
-# ---------------------------------------------------------------- `python -m core.distributed CONFIG --dry-run`
+# ---------------------------------------------------------------- `python -m lorastudio.core.distributed CONFIG --dry-run`
 
 def main(argv: list[str] | None = None) -> int:
     """Dry run: resolve a config (without a GPU, as if on `--device cuda` with N GPUs), write the
@@ -378,7 +378,7 @@ def main(argv: list[str] | None = None) -> int:
 
     from . import config as config_lib
 
-    ap = argparse.ArgumentParser(prog="python -m core.distributed")
+    ap = argparse.ArgumentParser(prog="python -m lorastudio.core.distributed")
     ap.add_argument("config")
     ap.add_argument("--set", action="append", default=[])
     ap.add_argument("--out", required=True)

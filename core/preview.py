@@ -21,9 +21,9 @@ def preview_with_reports(config: str | None = None, model: str | None = None, da
     from . import templates, tiny
 
     if config:
-        from .cli import _resolve_config_path
+        from lorastudio import presets
 
-        cfg = config_lib.load(_resolve_config_path(config))
+        cfg = config_lib.load(presets.resolve(config))
         model = model or cfg.model.name_or_path
         template = template or cfg.template.name
         custom_jinja = custom_jinja or cfg.template.custom_jinja

@@ -184,7 +184,7 @@ def launch(run_dir: str | Path, resume: bool = False, env: dict | None = None,
            python_args: list[str] | None = None) -> subprocess.Popen:
     """Start the training child: own session/process group, stdout+stderr appended to train.log,
     recorded in core.jobs (the only record Stop trusts). A run already running is refused.
-    (`python_args` replaces `-m core.train`; fault tests use it to wrap the real trainer.)"""
+    (`python_args` replaces `-m lorastudio.core.train`; fault tests use it to wrap the real trainer.)"""
     from filelock import FileLock
 
     run_dir = Path(run_dir).resolve()
@@ -197,7 +197,7 @@ def launch(run_dir: str | Path, resume: bool = False, env: dict | None = None,
                 pass
         if jobs.live(run_dir):
             raise LaunchError(f"{run_dir.name} is already running; stop it first")
-        cmd = [sys.executable, *(python_args or ["-m", "core.train"]), str(run_dir)] + (["--resume"] if resume else [])
+        cmd = [sys.executable, *(python_args or ["-m", "lorastudio.core.train"]), str(run_dir)] + (["--resume"] if resume else [])
         launcher, gpus = None, _configured_gpus(run_dir)
         if gpus > 1 and python_args is None and machine.gpus_problem(gpus, _configured_device(run_dir)) is None:
             # N ranks through `accelerate launch` (generated RUN_DIR/accelerate.yaml); the recorded pid
@@ -248,11 +248,7 @@ def _configured_device(run_dir: Path) -> str:
 
 
 def _child_env(env: dict | None = None) -> dict:
-    child_env = {**os.environ, **(env or {}), "PYTHONUNBUFFERED": "1"}
-    # make sure the child imports this very package even when run from elsewhere
-    pkg_root = str(Path(__file__).resolve().parents[1])
-    child_env["PYTHONPATH"] = os.pathsep.join(p for p in [pkg_root, child_env.get("PYTHONPATH", "")] if p)
-    return child_env
+    return {**os.environ, **(env or {}), "PYTHONUNBUFFERED": "1"}
 
 
 def spawn(cmd: list[str], log_path: str | Path, cwd: str | Path | None = None,

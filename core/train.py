@@ -1,4 +1,4 @@
-"""The training child: `python -m core.train RUN_DIR [--resume]`.
+"""The training child: `python -m lorastudio.core.train RUN_DIR [--resume]`.
 
 Reads RUN_DIR/config.yaml, writes run.json, metrics.jsonl and the adapter. The spine:
 
@@ -647,7 +647,7 @@ def _quiet_libraries() -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(prog="python -m core.train")
+    ap = argparse.ArgumentParser(prog="python -m lorastudio.core.train")
     ap.add_argument("run_dir")
     ap.add_argument("--resume", action="store_true")
     a = ap.parse_args(argv)

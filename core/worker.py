@@ -9,7 +9,7 @@ limit; past either, the worker is killed (its whole process group) and the next 
 new one. The server answers with a sentence naming the limit, within the time limit, and every
 other request meanwhile goes to the other worker of the pool.
 
-Child: `python -m core.worker --ready FILE --parent-pid PID` (authkey in $LORASTUDIO_WORKER_AUTHKEY),
+Child: `python -m lorastudio.core.worker --ready FILE --parent-pid PID` (authkey in $LORASTUDIO_WORKER_AUTHKEY),
 serving ("call", name, kwargs) -> ("ok", result) | ("error", message) over
 multiprocessing.connection on 127.0.0.1; it exits when its parent or its client goes away.
 """
@@ -61,7 +61,7 @@ class Worker:
         self.log_path, ready = folder / f"{stem}.log", folder / f"{stem}.ready.json"
         authkey = secrets.token_bytes(32)
         self.limit = machine.memory_limit("worker")
-        cmd = [sys.executable, "-m", "core.worker", "--ready", str(ready), "--parent-pid", str(os.getpid())]
+        cmd = [sys.executable, "-m", "lorastudio.core.worker", "--ready", str(ready), "--parent-pid", str(os.getpid())]
         # the key goes through the environment, not argv (which any local user can read); no GPU
         self.proc = runs.spawn(cmd, self.log_path, env={"LORASTUDIO_WORKER_AUTHKEY": authkey.hex(),
                                                         "CUDA_VISIBLE_DEVICES": ""})
@@ -235,7 +235,7 @@ def main(argv: list[str] | None = None) -> int:
 
     from . import machine
 
-    ap = argparse.ArgumentParser(prog="python -m core.worker")
+    ap = argparse.ArgumentParser(prog="python -m lorastudio.core.worker")
     ap.add_argument("--ready", required=True)
     ap.add_argument("--parent-pid", type=int)
     a = ap.parse_args(argv)

@@ -41,7 +41,7 @@ ROOT = Path(__file__).resolve().parents[1]
 
 def lorastudio(*args: str, timeout: float = 600, check: bool = False, env: dict | None = None):
     """Run the real CLI in a subprocess (the way users and the UI do)."""
-    proc = subprocess.run([sys.executable, "-m", "core.cli", *args], cwd=ROOT, capture_output=True, text=True,
+    proc = subprocess.run([sys.executable, "-m", "lorastudio.cli", *args], cwd=ROOT, capture_output=True, text=True,
                           timeout=timeout, env={**os.environ, **(env or {})})
     if check and proc.returncode != 0:
         raise AssertionError(f"lorastudio {' '.join(args)} -> {proc.returncode}\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}")
@@ -93,7 +93,7 @@ def _no_leaked_children():
 
     for p in psutil.process_iter(["pid", "cmdline"]):
         cmd = " ".join(p.info["cmdline"] or [])
-        if not any(m in cmd for m in ("core.train", "core.convert", "core.chat_worker")):
+        if not any(m in cmd for m in ("lorastudio.core.train", "lorastudio.core.convert", "lorastudio.core.chat_worker")):
             continue
         try:  # only this session's children: they inherited our workspace
             if p.environ().get("LORASTUDIO_HOME") != os.environ["LORASTUDIO_HOME"]:
@@ -108,7 +108,7 @@ def _no_leaked_children():
 
 def events(run_dir, kind=None) -> list[dict]:
     """A run's metrics.jsonl events, optionally of one kind."""
-    from core import runs
+    from lorastudio.core import runs
 
     evs, _ = runs.read_events(run_dir)
     return [e for e in evs if kind is None or e["event"] == kind]

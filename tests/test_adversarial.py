@@ -17,7 +17,7 @@ import psutil
 import pytest
 
 from conftest import events, lorastudio, wait_for
-from core import config, data, history, runs, safe_io, templates, workspace
+from lorastudio.core import config, data, history, runs, safe_io, templates, workspace
 
 MSGS = [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "hello"}]
 os.environ.setdefault("LORASTUDIO_ALLOW_DIRS", "/tmp")  # the web handlers read tmp_path files
@@ -139,7 +139,7 @@ HUGE = [1e300, -1e300, 1e18, -1, 0, 2.5, math.nan, math.inf, -math.inf, "12abc",
 
 
 def _numeric_fields():
-    from webui.tab_train import FORM
+    from lorastudio.webui.tab_train import FORM
 
     return [(name, label) for name, _path, label, default in FORM
             if isinstance(default, (int, float)) and not isinstance(default, bool)]
@@ -149,7 +149,7 @@ def _numeric_fields():
 def test_every_numeric_form_field_takes_any_number_without_a_crash(name, label):
     """Each value either makes a valid config or is refused with the field named (its label or
     its config path); never another exception type, never a config past the bounds."""
-    from webui.tab_train import FORM, build_config
+    from lorastudio.webui.tab_train import FORM, build_config
 
     path = next(p for n, p, _l, _d in FORM if n == name)
     for value in HUGE:
@@ -191,8 +191,8 @@ def test_every_numeric_config_field_is_bounded():
 
 
 def test_numbers_in_the_other_handlers():
-    from webui import tab_chat, tab_dataset, tab_template
-    from webui.helpers import number, whole
+    from lorastudio.webui import tab_chat, tab_dataset, tab_template
+    from lorastudio.webui.helpers import number, whole
 
     for bad in (math.nan, math.inf, 1e300, -5, "x"):
         with pytest.raises(ValueError, match="Cutoff length"):
@@ -236,8 +236,8 @@ def test_special_files_as_data_get_a_sentence(tmp_path):
 
 
 def test_special_files_in_a_model_folder_never_block(tmp_path):
-    from core import estimate
-    from webui.tab_model import model_info
+    from lorastudio.core import estimate
+    from lorastudio.webui.tab_model import model_info
 
     m = tmp_path / "model"
     m.mkdir()
@@ -262,8 +262,8 @@ def test_special_files_in_a_model_folder_never_block(tmp_path):
 
 
 def test_a_symlink_into_the_runs_folder_is_not_a_run(tmp_path):
-    from core.access import AccessError
-    from webui.helpers import workspace_run
+    from lorastudio.core.access import AccessError
+    from lorastudio.webui.helpers import workspace_run
 
     outside = _crafted_run(tmp_path, "outside", {"status": "done"}, b"")
     link = workspace.runs_dir() / f"link-{time.time_ns()}"
@@ -308,7 +308,7 @@ METRICS = (b"\x00\xff garbage\n" + b'{"event": "step", "step": "abc", "loss": "n
 
 @pytest.mark.parametrize("kind", sorted(RUN_JSONS))
 def test_a_crafted_run_reads_without_a_crash_and_is_never_written(kind):
-    from webui.tab_train import run_api, status_markdown
+    from lorastudio.webui.tab_train import run_api, status_markdown
 
     d = _crafted_run(workspace.runs_dir(), f"crafted-{kind}-{time.time_ns()}", RUN_JSONS[kind], METRICS)
     before = {p.name: p.read_bytes() for p in d.iterdir()}
@@ -374,7 +374,7 @@ def test_two_resumes_at_once_start_one_child(tmp_path):
 
 
 def test_stop_ends_every_rank_even_while_they_start(tmp_path):
-    from core import jobs
+    from lorastudio.core import jobs
 
     run_dir = _start_run(tmp_path, "ranks", "--gpus", "2", "--set", "training.max_steps=100000")
     rec = jobs.record(run_dir)
@@ -387,7 +387,7 @@ def test_stop_ends_every_rank_even_while_they_start(tmp_path):
 
 
 def test_concurrent_starts_stops_deletes_and_merges(tmp_path):
-    from webui import tab_convert, tab_train
+    from lorastudio.webui import tab_convert, tab_train
 
     # starts: four at once with one name get four folders
     form = tab_train.preset_form("tiny_smoke")
@@ -433,7 +433,7 @@ def test_concurrent_starts_stops_deletes_and_merges(tmp_path):
 # ---------------------------------------------------------------- warnings: days, host RAM
 
 def test_start_warns_when_a_run_would_take_days_or_not_fit_the_ram():
-    from core import estimate
+    from lorastudio.core import estimate
 
     days = config.from_dict({"model": {"name_or_path": "Qwen/Qwen2.5-7B-Instruct"}, "method": "qlora",
                              "training": {"max_steps": 1_000_000, "device": "cuda"}})
@@ -445,7 +445,7 @@ def test_start_warns_when_a_run_would_take_days_or_not_fit_the_ram():
 
 
 def test_a_run_warns_once_its_measured_eta_passes_a_day(tmp_path):
-    from webui.tab_train import status_markdown
+    from lorastudio.webui.tab_train import status_markdown
 
     run_dir = workspace.runs_dir() / f"eta-{time.time_ns()}"
     out = lorastudio("train", "presets/tiny_smoke.yaml", "--run-dir", str(run_dir), "--detach",
@@ -455,7 +455,7 @@ def test_a_run_warns_once_its_measured_eta_passes_a_day(tmp_path):
     try:
         assert wait_for(lambda: events(run_dir, "warning"), timeout=120)
         assert "more days" in events(run_dir, "warning")[0]["message"]
-        from webui.tab_train import run_view
+        from lorastudio.webui.tab_train import run_view
 
         assert "more days" in status_markdown(run_view(str(run_dir)))
     finally:

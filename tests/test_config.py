@@ -1,5 +1,6 @@
 """RunConfig: YAML round trip, field-path errors, device-dependent resolution, presets."""
 
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -7,7 +8,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from core import config as C
+from lorastudio.core import config as C
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -97,7 +98,7 @@ def test_paged_optimizer_on_cpu_is_a_clear_error():
 
 
 def test_presets_open_with_their_command_and_validate():
-    import presets
+    from lorastudio import presets
 
     files = presets.preset_files()
     assert {"tiny_demo", "tiny_smoke"} <= set(files)
@@ -107,8 +108,9 @@ def test_presets_open_with_their_command_and_validate():
         C.load(path)  # every preset is a valid config
 
 
-def test_presets_ship_in_a_non_editable_install(tmp_path):
-    """Build a wheel and check the YAML presets are inside it."""
+def test_the_wheel_is_one_package_lorastudio(tmp_path):
+    """Build the wheel, install it (not editable) into a folder, and use it from elsewhere: its
+    top level is lorastudio alone, the presets ship inside it, `import core` does not exist."""
     out = subprocess.run([sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-build-isolation", "-q",
                           "-w", str(tmp_path), str(ROOT)], capture_output=True, text=True)
     if out.returncode != 0 and "No module named" in out.stderr:
@@ -118,5 +120,22 @@ def test_presets_ship_in_a_non_editable_install(tmp_path):
 
     wheel = next(tmp_path.glob("lorastudio-*.whl"))
     names = zipfile.ZipFile(wheel).namelist()
-    assert "presets/tiny_demo.yaml" in names and "presets/tiny_smoke.yaml" in names
-    assert "core/train.py" in names and "webui/app.py" in names
+    assert {n.split("/")[0] for n in names} == {"lorastudio", wheel.name.split("-py3")[0] + ".dist-info"}
+    top = next(n for n in names if n.endswith("top_level.txt"))
+    assert zipfile.ZipFile(wheel).read(top).decode().split() == ["lorastudio"]
+    for name in ("presets/tiny_demo.yaml", "presets/tiny_smoke.yaml", "core/train.py", "webui/app.py", "cli/main.py"):
+        assert f"lorastudio/{name}" in names
+    site = tmp_path / "site"
+    out = subprocess.run([sys.executable, "-m", "pip", "install", "-q", "--no-deps", "--no-compile", "--target",
+                          str(site), str(wheel)], capture_output=True, text=True)
+    assert out.returncode == 0, out.stderr[-2000:]
+    code = ("import lorastudio.core, lorastudio.presets as p; print(lorastudio.core.__file__); "
+            "print(p.resolve('tiny_demo')); import core")
+    out = subprocess.run([sys.executable, "-c", code], cwd=tmp_path, capture_output=True, text=True,
+                         env={**os.environ, "PYTHONPATH": str(site)})
+    lines = out.stdout.split()
+    assert lines[0].startswith(str(site)) and lines[1].startswith(str(site)), out.stdout
+    assert "ModuleNotFoundError: No module named 'core'" in out.stderr
+    # from the checkout, the folder `core` is not a second copy of lorastudio.core
+    out = subprocess.run([sys.executable, "-c", "import core"], cwd=ROOT, capture_output=True, text=True)
+    assert out.returncode != 0 and "ImportError: import lorastudio.core, not core" in out.stderr

@@ -8,8 +8,8 @@ import psutil
 import pytest
 
 from conftest import lorastudio, shared_assets
-from core import chat, convert, runs, tiny
-from core.generate import eos_ids
+from lorastudio.core import chat, convert, runs, tiny
+from lorastudio.core.generate import eos_ids
 
 
 def ask(q):
@@ -121,7 +121,7 @@ def test_generation_stops_at_end_of_turn_not_eos(demo_chat):
     import torch
     from transformers import AutoTokenizer
 
-    from core import templates
+    from lorastudio.core import templates
 
     # a real template whose end of turn is not the tokenizer's EOS: both are stops
     phi3 = AutoTokenizer.from_pretrained(shared_assets() / "tokenizers" / "phi3-mini-instruct")

@@ -7,7 +7,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from core.data import (FORMATS, DataError, RowError, dataset_hash, detect_format, load_file, load_mixture,
+from lorastudio.core.data import (FORMATS, DataError, RowError, dataset_hash, detect_format, load_file, load_mixture,
                        normalise_row, read_rows)
 
 IDENTITY = {"name": "Lumen", "author": "LoRA Studio"}

@@ -14,8 +14,8 @@ import pytest
 import yaml
 
 from conftest import ROOT, events, lorastudio, wait_for
-from core import config as config_lib
-from core import distributed, locks, runs
+from lorastudio.core import config as config_lib
+from lorastudio.core import distributed, locks, runs
 
 FAST = ["--set", "data.eval_split=0", "--set", "training.sample_every=0"]
 
@@ -145,7 +145,7 @@ def test_generated_configs_validate(tmp_path, strategy, offload):
     cfg = _cfg(strategy, offload)
     cmd = distributed.launch_command(cfg, tmp_path, resume=True)
     assert cmd[:3] == [sys.executable, "-m", "accelerate.commands.launch"]
-    assert cmd[cmd.index("--num_processes") + 1] == "2" and cmd[-4:] == ["-m", "core.train", str(tmp_path), "--resume"]
+    assert cmd[cmd.index("--num_processes") + 1] == "2" and cmd[-4:] == ["-m", "lorastudio.core.train", str(tmp_path), "--resume"]
     assert distributed.validate_accelerate_config(tmp_path / "accelerate.yaml") == []
     acc = yaml.safe_load((tmp_path / "accelerate.yaml").read_text())
     assert acc["num_processes"] == 2 and acc["mixed_precision"] == "bf16" and acc["use_cpu"] is False
@@ -213,7 +213,7 @@ def test_qlora_quant_storage_is_the_compute_dtype():
     """FSDP flattens 4-bit weights only when they are stored in the compute dtype."""
     import inspect
 
-    from core import model as model_lib
+    from lorastudio.core import model as model_lib
 
     src = inspect.getsource(model_lib.load_for_training)
     assert "bnb_4bit_quant_storage=dtype" in src and "bnb_4bit_compute_dtype=dtype" in src
@@ -242,7 +242,7 @@ def test_cards_a_job_holds(monkeypatch):
 def test_dry_run_generates_and_validates(tmp_path):
     """What bench/gpu_multi.sh --dry-run runs on a machine without GPUs."""
     for strategy in ("ddp", "fsdp", "zero3"):
-        out = subprocess.run([sys.executable, "-m", "core.distributed", "presets/tiny_smoke.yaml", "--dry-run",
+        out = subprocess.run([sys.executable, "-m", "lorastudio.core.distributed", "presets/tiny_smoke.yaml", "--dry-run",
                               "--out", str(tmp_path / strategy), "--set", "training.gpus=2",
                               "--set", f"training.strategy={strategy}"], cwd=ROOT, capture_output=True, text=True,
                              timeout=120)

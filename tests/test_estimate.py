@@ -7,8 +7,8 @@ import sys
 import pytest
 
 from conftest import ROOT
-from core import config as C
-from core import estimate as E
+from lorastudio.core import config as C
+from lorastudio.core import estimate as E
 
 LLAMA = "meta-llama/Llama-3.1-8B-Instruct"
 
@@ -26,7 +26,7 @@ def total(c, **kw):
 
 
 def test_known_parameter_counts():
-    from core import model_configs as MC
+    from lorastudio.core import model_configs as MC
 
     assert E.param_counts(MC.lookup(LLAMA))["total"] == 8_030_261_248  # the published figures
     assert E.param_counts(MC.lookup("Qwen/Qwen2.5-0.5B-Instruct"))["total"] == 494_032_768
@@ -116,7 +116,7 @@ def test_local_folder_config_json(tmp_path):
 
 
 def test_cli_estimate_and_list_presets(capsys):
-    from core import cli
+    from lorastudio import cli
 
     assert cli.main(["estimate", "llama3_1_8b_qlora", "--gpu-mem", "8GB"]) == 1
     out = capsys.readouterr().out
@@ -132,7 +132,7 @@ def test_cli_estimate_and_list_presets(capsys):
 
 
 def test_train_gpu_mem_flag_parses():
-    from core import cli
+    from lorastudio import cli
 
     a = cli.build_parser().parse_args(["train", "x.yaml", "--gpu-mem", "24GB"])
     assert a.gpu_mem == "24GB"
@@ -203,7 +203,7 @@ def test_memory_plan_picks_speed_when_it_fits_and_savings_when_not():
 
 def test_preflight_shows_the_memory_plan_for_the_card():
     """`lorastudio estimate --gpu-mem` and the Train tab name what the memory plan would pick."""
-    out = subprocess.run([sys.executable, "-m", "core.cli", "estimate", "presets/llama3_1_8b_qlora.yaml",
+    out = subprocess.run([sys.executable, "-m", "lorastudio.cli", "estimate", "presets/llama3_1_8b_qlora.yaml",
                           "--gpu-mem", "8GB"], cwd=ROOT, capture_output=True, text=True, timeout=120)
     assert out.returncode in (0, 1), out.stderr  # 1 = does not fit (without liger-kernel's fused loss it does not)
     assert "memory plan on this card" in out.stdout and "optimizer=paged_adamw_8bit" in out.stdout

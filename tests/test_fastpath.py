@@ -7,10 +7,10 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from core import config as config_lib
-from core import dataset as dataset_lib
-from core import model as model_lib
-from core import train as train_lib
+from lorastudio.core import config as config_lib
+from lorastudio.core import dataset as dataset_lib
+from lorastudio.core import model as model_lib
+from lorastudio.core import train as train_lib
 
 
 def _cfg(smoke_run, method):
@@ -52,7 +52,7 @@ def test_fast_path_equals_stock_logits_loss_and_lora_grads(smoke_run, method, fu
     from peft import set_peft_model_state_dict
     from transformers import DataCollatorForSeq2Seq
 
-    from core import fused_lora
+    from lorastudio.core import fused_lora
 
     calls = []
     apply = fused_lora.LoRALinear.apply
@@ -139,8 +139,8 @@ def test_fused_lora_auto_rules(monkeypatch):
 
 
 def test_training_log_run_json_and_train_tab_name_the_speed_path(smoke_run, monkeypatch):
-    from core import runs
-    from webui import tab_train
+    from lorastudio.core import runs
+    from lorastudio.webui import tab_train
 
     log = (smoke_run / "train.log").read_text()
     assert ("speed path: padding-free True, packing False, rows padded to a multiple of 1, kernels off, "
@@ -260,7 +260,7 @@ def test_tiled_mlp_same_loss_and_lora_grads(smoke_run, method, fused, checkpoint
     setting); the layer's recompute runs the tiled forward again."""
     from peft import set_peft_model_state_dict
 
-    from core import tiled_mlp
+    from lorastudio.core import tiled_mlp
 
     torch.set_num_threads(1)
     cfg = _cfg(smoke_run, method)
@@ -296,7 +296,7 @@ def test_tiled_mlp_keeps_one_input_per_mlp_for_backward(smoke_run):
     """What the tiles save: counted through autograd's saved-tensor hooks over a real forward,
     each MLP keeps its input (L x hidden) for backward instead of its intermediates (gate, up,
     their activation and product: L x intermediate each, here 512 vs 256 wide)."""
-    from core import tiled_mlp
+    from lorastudio.core import tiled_mlp
 
     torch.set_num_threads(1)
     cfg = _cfg(smoke_run, "lora")
@@ -492,7 +492,7 @@ def test_padded_padding_free_rows_keep_samples_apart(smoke_run):
 
 def test_fused_lora_falls_back_outside_plain_training(smoke_run):
     """Chat's disable_adapter(), eval mode and LoRA dropout take PEFT's own forward."""
-    from core import fused_lora
+    from lorastudio.core import fused_lora
 
     torch.set_num_threads(1)
     cfg = _cfg(smoke_run, "lora")

@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 
 from conftest import ROOT, events, lorastudio, wait_for
-from core import locks, runs
+from lorastudio.core import locks, runs
 
 
 def start(run_dir, *sets):
@@ -51,7 +51,7 @@ def test_never_two_writers_on_one_run_dir(tmp_path):
     out = lorastudio("resume", str(run_dir))
     assert out.returncode == 2 and "still running" in out.stderr
     # even a second child started directly is refused by the writer lock
-    child = subprocess.run([sys.executable, "-m", "core.train", str(run_dir)], cwd=ROOT, capture_output=True,
+    child = subprocess.run([sys.executable, "-m", "lorastudio.core.train", str(run_dir)], cwd=ROOT, capture_output=True,
                            text=True, timeout=120)
     assert child.returncode == 2 and "already being written" in child.stdout
     assert runs.read_json(run_dir)["status"] == "running"  # the refused child left run.json alone
@@ -85,14 +85,14 @@ def test_child_output_flood_without_a_reader(tmp_path):
     a pipe, and training keeps stepping."""
     run_dir = tmp_path / "flood"
     run_dir.mkdir()
-    from core import config as config_lib
+    from lorastudio.core import config as config_lib
 
     cfg = config_lib.load(ROOT / "presets" / "tiny_smoke.yaml",
                           ["training.max_steps=20", "training.sample_every=0", "data.eval_split=0"])
     config_lib.save(config_lib.resolve(cfg), run_dir / "config.yaml")
     # the real launcher, with a prelude that floods both streams before the trainer runs
     flood = ("import sys; sys.stdout.write('o' * (1 << 20) + '\\n'); sys.stderr.write('e' * (1 << 20) + '\\n'); "
-             "sys.stdout.flush(); from core.train import main; sys.exit(main(sys.argv[1:]))")
+             "sys.stdout.flush(); from lorastudio.core.train import main; sys.exit(main(sys.argv[1:]))")
     proc = runs.launch(run_dir, python_args=["-c", flood])
     assert proc.wait(timeout=300) == 0
     assert (run_dir / "train.log").stat().st_size > 2 * (1 << 20)
@@ -150,8 +150,8 @@ def test_disk_full_during_checkpoint_keeps_the_previous_one(tmp_path):
 
 
 def test_oom_fails_with_advice_and_retry_keeps_effective_batch(tmp_path):
-    from core import config as config_lib
-    from core import recovery
+    from lorastudio.core import config as config_lib
+    from lorastudio.core import recovery
 
     run_dir = tmp_path / "oom"
     out = lorastudio("train", "presets/tiny_smoke.yaml", "--run-dir", str(run_dir), "--set", "training.max_steps=6",
@@ -202,7 +202,7 @@ def test_cli_retry_after_oom(tmp_path):
     out = lorastudio("retry", str(run_dir))
     assert out.returncode == 0, out.stderr
     new_dir = Path(out.stdout.split("run dir: ")[1].split()[0])
-    from core import config as config_lib
+    from lorastudio.core import config as config_lib
 
     cfg = config_lib.load(new_dir / "config.yaml")
     assert (cfg.training.micro_batch_size, cfg.training.grad_accum) == (1, 2)

@@ -65,11 +65,10 @@ def server(tmp_path_factory):
     for d in (home, launch, outside):
         d.mkdir()
     env = {**os.environ, "LORASTUDIO_HOME": str(home), "LORASTUDIO_TOKEN": TOKEN,
-           "LORASTUDIO_WORKER_TIMEOUT_S": str(WORKER_TIMEOUT_S), "LORASTUDIO_WORKER_MEM_MB": str(WORKER_MEM_MB),
-           "PYTHONPATH": str(ROOT)}
+           "LORASTUDIO_WORKER_TIMEOUT_S": str(WORKER_TIMEOUT_S), "LORASTUDIO_WORKER_MEM_MB": str(WORKER_MEM_MB)}
     env.pop("LORASTUDIO_ALLOW_DIRS", None)
     port = free_port()
-    proc = subprocess.Popen([sys.executable, "-m", "core.cli", "webui", "--port", str(port), "--allow-dir", str(outside)],
+    proc = subprocess.Popen([sys.executable, "-m", "lorastudio.cli", "webui", "--port", str(port), "--allow-dir", str(outside)],
                             cwd=launch, env=env, stdout=open(root / "server.log", "w"), stderr=subprocess.STDOUT,
                             start_new_session=True)
     url = f"http://127.0.0.1:{port}/"
@@ -133,7 +132,7 @@ def server_rss_mb(s: Server) -> float:
 
 
 def cli(s: Server, *args, timeout=120):
-    return subprocess.run([sys.executable, "-m", "core.cli", *args], cwd=s.launch, env=s.env, capture_output=True,
+    return subprocess.run([sys.executable, "-m", "lorastudio.cli", *args], cwd=s.launch, env=s.env, capture_output=True,
                           text=True, timeout=timeout)
 
 
@@ -358,14 +357,14 @@ def test_ten_starts_run_one_at_a_time_and_stop_ends_them_all(server):
     queued = [v for v in states() if v["status"] == "queued"]
     assert sorted(int(v["queue_position"]) for v in queued) == list(range(1, 10))
     assert "queued: position" in queued[0]["status_md"]
-    children = [p for p in app_processes(s.home) if "core.train" in " ".join(p.cmdline())]
+    children = [p for p in app_processes(s.home) if "lorastudio.core.train" in " ".join(p.cmdline())]
     assert len(children) == 10
     waiting = sorted(p.memory_info().rss for p in children)[:9]
     assert max(waiting) < 200 * 2**20  # a queued run waits before importing torch
     responsive(s)
     for d in dirs:
         assert "stop: **stopped**" in s.client.predict(d, api_name="/stop")
-    assert wait_for(lambda: not [p for p in app_processes(s.home) if "core.train" in " ".join(p.cmdline())],
+    assert wait_for(lambda: not [p for p in app_processes(s.home) if "lorastudio.core.train" in " ".join(p.cmdline())],
                     timeout=30)
     responsive(s)
 
@@ -373,7 +372,7 @@ def test_ten_starts_run_one_at_a_time_and_stop_ends_them_all(server):
 def test_exclusive_false_opts_out_of_the_queue(tmp_path):
     """training.exclusive: false runs beside another run on the same device."""
     from conftest import events, lorastudio
-    from core import runs
+    from lorastudio.core import runs
 
     a, b = tmp_path / "a", tmp_path / "b"
     sets = ["--set", "training.max_steps=100000", "--set", "training.sample_every=0", "--set", "data.eval_split=0"]

@@ -9,9 +9,9 @@ import pytest
 import torch
 
 from conftest import lorastudio, shared_assets
-from core import config as config_lib
-from core import templates
-from core import train as train_lib
+from lorastudio.core import config as config_lib
+from lorastudio.core import templates
+from lorastudio.core import train as train_lib
 
 
 def conversations():
@@ -154,7 +154,7 @@ def test_preview_text_marks_trained_spans_and_bad_input_is_one_line(tmp_path):
 
 def test_gradient_checkpointing_really_active_in_training(tmp_path):
     """HF applies checkpointing only in train mode; the Trainer must see it enabled."""
-    from core import model as model_lib
+    from lorastudio.core import model as model_lib
 
     cfg = config_lib.resolve(config_lib.from_dict({"training": {"gradient_checkpointing": True}}))
     tokenizer, _t, _m, _n = train_lib.load_tokenizer_and_template(cfg)

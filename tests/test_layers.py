@@ -15,14 +15,16 @@ def _modules_after(code: str) -> set[str]:
 
 
 def test_importing_webui_loads_no_torch():
-    mods = _modules_after("import webui, webui.app, webui.helpers")
+    mods = _modules_after("import lorastudio.webui, lorastudio.webui.app, lorastudio.webui.helpers")
     assert "gradio" in mods
     assert "torch" not in mods and "transformers" not in mods
 
 
 def test_core_never_imports_gradio():
-    mods = _modules_after("import core.cli, core.config, core.data, core.dataset, core.generate, core.model, "
-                          "core.preview, core.runs, core.templates, core.tiny, core.train, core.workspace")
+    mods = _modules_after("import lorastudio.core.config, lorastudio.core.data, lorastudio.core.dataset, "
+                          "lorastudio.core.generate, lorastudio.core.model, lorastudio.core.preview, "
+                          "lorastudio.core.runs, lorastudio.core.templates, lorastudio.core.tiny, "
+                          "lorastudio.core.train, lorastudio.core.workspace")
     assert "gradio" not in mods
     for path in (ROOT / "core").glob("*.py"):
         assert "import gradio" not in path.read_text(), path
@@ -41,7 +43,7 @@ def test_tiny_default_is_deterministic_and_offline(tmp_path):
     digests = []
     for name in ("a", "b"):
         home = tmp_path / name
-        code = "from core import tiny; print(tiny.ensure_built())"
+        code = "from lorastudio.core import tiny; print(tiny.ensure_built())"
         out = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=300,
                              env={**os.environ, "LORASTUDIO_HOME": str(home), "HF_HUB_OFFLINE": "1"})
         assert out.returncode == 0, out.stderr
@@ -53,7 +55,7 @@ def test_tiny_default_is_deterministic_and_offline(tmp_path):
 
 
 def test_sample_dataset_shape():
-    from core import tiny
+    from lorastudio.core import tiny
 
     rows = tiny.sample_conversations()
     assert len(rows) >= 300

@@ -7,9 +7,9 @@ import re
 
 import pytest
 
-from core import config as C
-from core import estimate as E
-from core import model_configs as MC
+from lorastudio.core import config as C
+from lorastudio.core import estimate as E
+from lorastudio.core import model_configs as MC
 
 REAL = {"internlm2_5_7b_qlora_guanaco", "qwen2_5_0_5b_lora", "qwen2_5_0_5b_qlora", "qwen2_5_1_5b_lora",
         "qwen2_5_1_5b_qlora", "qwen2_5_7b_lora", "qwen2_5_7b_qlora", "llama3_1_8b_qlora", "mistral_7b_v0_3_qlora",
@@ -18,7 +18,7 @@ REAL = {"internlm2_5_7b_qlora_guanaco", "qwen2_5_0_5b_lora", "qwen2_5_0_5b_qlora
 
 
 def _presets():
-    import presets
+    from lorastudio import presets
 
     return presets.preset_files()
 
@@ -63,7 +63,7 @@ def test_preset_specifics():
     assert p["qwen2_5_0_5b_pretrain_text"].data.sources[0].format == "text"
     for name in ("llama3_1_8b_qlora", "gemma2_2b_lora"):
         assert "GATED" in _real()[name].read_text()
-    from core import templates
+    from lorastudio.core import templates
 
     for name, cfg in p.items():
         assert cfg.template.name == "auto" or cfg.template.name in templates.NAMED, name
@@ -103,8 +103,8 @@ def test_remote_code_needs_the_opt_in(tmp_path):
     """A local stand-in folder with auto_map in config.json is refused without trust_remote_code."""
     import shutil
 
-    from core import model as model_lib
-    from core import tiny
+    from lorastudio.core import model as model_lib
+    from lorastudio.core import tiny
 
     src = tiny.model_path()
     folder = tmp_path / "internlm-like"

@@ -7,7 +7,7 @@ from pathlib import Path
 import pytest
 
 from conftest import shared_assets
-from core import access, runs, workspace
+from lorastudio.core import access, runs, workspace
 
 
 def test_reads_only_inside_allowed_dirs(tmp_path):
@@ -66,7 +66,7 @@ def test_outputs_are_safetensors_only(smoke_run):
 
 
 def test_remote_code_needs_explicit_opt_in(tmp_path):
-    from core import model as model_lib
+    from lorastudio.core import model as model_lib
 
     d = tmp_path / "remote"
     d.mkdir()
@@ -76,7 +76,7 @@ def test_remote_code_needs_explicit_opt_in(tmp_path):
 
 
 def test_custom_template_is_sandboxed():
-    from core import templates
+    from lorastudio.core import templates
     from transformers import AutoTokenizer
 
     tok = AutoTokenizer.from_pretrained(shared_assets() / "tokenizers" / "qwen2.5")

@@ -5,7 +5,7 @@ from functools import lru_cache
 import pytest
 from conftest import shared_assets
 
-from core.templates import (
+from lorastudio.core.templates import (
     NAMED,
     QWEN_DEFAULT_SYSTEM,
     SMOLLM_DEFAULT_SYSTEM,
@@ -350,7 +350,7 @@ def _text_rows():
 
 
 def _assert_batch_equals_single(tok, template, rows, max_lengths=(None, 16, 48, 100_000)):
-    from core.templates import _encode_batch, encode_examples
+    from lorastudio.core.templates import _encode_batch, encode_examples
 
     for max_length in max_lengths:
         single = [encode_example(tok, template, x, max_length) for x in rows]
@@ -360,7 +360,7 @@ def _assert_batch_equals_single(tok, template, rows, max_lengths=(None, 16, 48, 
 
 
 def test_encode_examples_matches_encode_example_tiny():
-    from core import model as model_lib
+    from lorastudio.core import model as model_lib
 
     tok = model_lib.load_tokenizer("builtin:tiny")
     rows = _batch_rows()
@@ -393,7 +393,7 @@ def test_encode_examples_unmarked_template_uses_the_prefix_diff():
 
 
 def test_encode_examples_raises_the_first_failing_examples_error():
-    from core.templates import encode_examples
+    from lorastudio.core.templates import encode_examples
 
     tok = load("qwen2.5")
     chatml = resolve_template(tok, "chatml")
@@ -417,7 +417,7 @@ def test_masks_from_offsets_handles_rows_with_unordered_offsets():
     """The searchsorted fast path needs non-decreasing offsets per row; other rows use the formula."""
     import random
 
-    from core.templates import _masks_from_offsets
+    from lorastudio.core.templates import _masks_from_offsets
 
     rng = random.Random(1)
     offsets, spans = [], []
@@ -440,7 +440,7 @@ def test_masks_from_offsets_handles_rows_with_unordered_offsets():
 def test_dataset_tokenize_batches_as_encode_example_does():
     from datasets import Dataset
 
-    from core import dataset as dataset_lib
+    from lorastudio.core import dataset as dataset_lib
 
     tok = load("qwen2.5")
     template = resolve_template(tok, "auto")

@@ -11,8 +11,8 @@ import pytest
 import yaml
 
 from conftest import ROOT, events, lorastudio, shared_assets, wait_for
-from core import config as config_lib
-from core import runs
+from lorastudio.core import config as config_lib
+from lorastudio.core import runs
 
 
 def step_losses(run_dir):
@@ -53,7 +53,7 @@ def test_adapter_loads_with_plain_peft(smoke_run):
     from peft import PeftModel
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from core import tiny
+    from lorastudio.core import tiny
 
     base = AutoModelForCausalLM.from_pretrained(tiny.model_path())
     model = PeftModel.from_pretrained(base, smoke_run / "adapter")
@@ -88,7 +88,7 @@ def test_sigterm_stops_with_adapter_then_resume_continues(tmp_path):
     run_dir = tmp_path / "stoppable"
     # slow enough that SIGTERM lands mid-training
     proc = subprocess.Popen(
-        [sys.executable, "-m", "core.cli", "train", "presets/tiny_smoke.yaml", "--run-dir", str(run_dir), "--detach",
+        [sys.executable, "-m", "lorastudio.cli", "train", "presets/tiny_smoke.yaml", "--run-dir", str(run_dir), "--detach",
          "--set", "training.max_steps=400", "--set", "training.save_steps=5", "--set", "training.sample_every=0",
          "--set", "data.eval_split=0"], cwd=ROOT)
     assert proc.wait(60) == 0
@@ -302,7 +302,7 @@ def test_early_stopping_keeps_the_best_checkpoint(tmp_path):
 
 
 def test_early_stopping_config_errors():
-    from core import config as C
+    from lorastudio.core import config as C
 
     with pytest.raises(C.ConfigError, match="early_stopping_patience: needs an eval split"):
         C.from_dict({"training": {"early_stopping_patience": 2}, "data": {"eval_split": 0}})

@@ -41,7 +41,7 @@ def test_server_killed_mid_run_reattaches_with_full_curve(tmp_path):
         time.sleep(0.5)
     os.killpg(proc.pid, signal.SIGKILL)  # the server dies hard; the run is in its own process group
     proc.wait(10)
-    from core import runs
+    from lorastudio.core import runs
 
     seen_dead = max(e["step"] for e in runs.read_events(run_dir)[0] if e["event"] == "step")
     time.sleep(2)
@@ -120,7 +120,7 @@ def test_server_is_still_up_after_the_bad_input(app):
     (["--auth", "nopassword"], "--auth expects USER:PASSWORD"),
 ])
 def test_exposing_the_app_needs_credentials(args, words):
-    out = subprocess.run([sys.executable, "-m", "core.cli", "webui", "--port", "1", *args], cwd=ROOT,
+    out = subprocess.run([sys.executable, "-m", "lorastudio.cli", "webui", "--port", "1", *args], cwd=ROOT,
                          capture_output=True, text=True, timeout=120)
     assert out.returncode == 2 and words in out.stderr
 
@@ -130,7 +130,7 @@ def test_login_with_credentials(tmp_path):
     from test_webui_handlers import free_port
 
     port = free_port()
-    proc = subprocess.Popen([sys.executable, "-m", "core.cli", "webui", "--port", str(port), "--auth", "ann:s3cret"],
+    proc = subprocess.Popen([sys.executable, "-m", "lorastudio.cli", "webui", "--port", str(port), "--auth", "ann:s3cret"],
                             cwd=ROOT, stdout=open(tmp_path / "log", "w"), stderr=subprocess.STDOUT,
                             start_new_session=True)
     try:
@@ -159,7 +159,7 @@ def test_uploads_are_size_limited(tmp_path):
     from test_webui_handlers import free_port
 
     port = free_port()
-    proc = subprocess.Popen([sys.executable, "-m", "core.cli", "webui", "--port", str(port), "--max-upload-mb", "1"],
+    proc = subprocess.Popen([sys.executable, "-m", "lorastudio.cli", "webui", "--port", str(port), "--max-upload-mb", "1"],
                             cwd=ROOT, stdout=open(tmp_path / "log", "w"), stderr=subprocess.STDOUT,
                             start_new_session=True, env={**os.environ, "LORASTUDIO_TOKEN": TOKEN})
     try:

@@ -39,7 +39,7 @@ def start_app(log_path: Path, timeout: float = 90):
 
     port = free_port()
     log = open(log_path, "w")
-    proc = subprocess.Popen([sys.executable, "-m", "core.cli", "webui", "--port", str(port)], cwd=ROOT,
+    proc = subprocess.Popen([sys.executable, "-m", "lorastudio.cli", "webui", "--port", str(port)], cwd=ROOT,
                             stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
                             env={**os.environ, "LORASTUDIO_TOKEN": TOKEN})
     url = f"http://127.0.0.1:{port}/"
@@ -108,7 +108,7 @@ def trained_run(client):
 # ---------------------------------------------------------------- unit tests: pure helpers
 
 def test_parse_sources_and_columns():
-    from webui.helpers import parse_columns, parse_sources
+    from lorastudio.webui.helpers import parse_columns, parse_sources
 
     assert parse_sources("a.jsonl\n\n b.csv | 0.5 \n") == [{"path": "a.jsonl"}, {"path": "b.csv", "ratio": 0.5}]
     with pytest.raises(ValueError, match="ratio"):
@@ -122,7 +122,7 @@ def test_parse_sources_and_columns():
 
 
 def test_histogram_splits_bins_at_the_cutoff():
-    from webui.tab_dataset import histogram
+    from lorastudio.webui.tab_dataset import histogram
 
     df, width = histogram([3, 5, 12, 18, 40, 41], cutoff=20, bins=10)
     assert width == 5
@@ -137,7 +137,7 @@ def _write_jsonl(path: Path, rows: list) -> Path:
 
 
 def test_dataset_stats_counts_skipped_and_truncated(tmp_path):
-    from webui.tab_dataset import dataset_stats, rows_page, summary_markdown
+    from lorastudio.webui.tab_dataset import dataset_stats, rows_page, summary_markdown
 
     good = {"messages": [{"role": "user", "content": "hi " * 3}, {"role": "assistant", "content": "hello " * 30}]}
     short = {"messages": [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "yo"}]}
@@ -156,7 +156,7 @@ def test_dataset_stats_counts_skipped_and_truncated(tmp_path):
 
 
 def test_dataset_stats_format_override_and_mix(tmp_path):
-    from webui.tab_dataset import dataset_stats
+    from lorastudio.webui.tab_dataset import dataset_stats
 
     qa = _write_jsonl(tmp_path / "a.jsonl", [{"question": "q1", "answer": "a1"}, {"question": "q2", "answer": "a2"}])
     s = dataset_stats("builtin:tiny", str(qa), "alpaca", "instruction=question, output=answer", "chatml", "", 128)
@@ -171,9 +171,9 @@ def test_dataset_stats_of_2k_rows_equal_encode_example(tmp_path):
     equal a direct computation with encode_example, at several cutoffs."""
     import random
 
-    from core import templates
-    from core.analysis import load_source, tokenizer_and_template
-    from webui.tab_dataset import dataset_stats
+    from lorastudio.core import templates
+    from lorastudio.core.analysis import load_source, tokenizer_and_template
+    from lorastudio.webui.tab_dataset import dataset_stats
 
     rng = random.Random(3)
     words = "the a cat dog sun tree book fish bird rain milk star red blue big small fast slow café 🙂".split()
@@ -210,7 +210,7 @@ def test_dataset_stats_of_2k_rows_equal_encode_example(tmp_path):
 
 
 def test_build_config_from_preset_and_form():
-    from webui.tab_train import build_config, preset_form
+    from lorastudio.webui.tab_train import build_config, preset_form
 
     form = preset_form("tiny_smoke")
     assert form["model"] == "builtin:tiny" and form["max_steps"] == 30 and form["cutoff"] == 128
@@ -221,21 +221,21 @@ def test_build_config_from_preset_and_form():
     assert cfg.training.sample_prompts == ["a", "b"] and cfg.data.sources[0].ratio == 0.5
     cfg = build_config("tiny_smoke", {**form, "method": "lora"})
     assert cfg.quantization.bits is None
-    from core.config import ConfigError
+    from lorastudio.core.config import ConfigError
 
     with pytest.raises(ConfigError, match="training.learning_rate"):
         build_config("tiny_smoke", {**form, "learning_rate": -1})
 
 
 def test_start_with_a_bad_form_is_a_message():
-    from webui.tab_train import preset_form, start_from_dict
+    from lorastudio.webui.tab_train import preset_form, start_from_dict
 
     run_dir, md, cmd = start_from_dict("tiny_smoke", {**preset_form("tiny_smoke"), "lora_dropout": 3})
     assert run_dir == "" and md.startswith("**Error:**") and "lora.dropout" in md and "Traceback" not in md
 
 
 def _fake_run(root: Path, name: str, status: str = "done", lr: float = 1e-3) -> Path:
-    from core import runs
+    from lorastudio.core import runs
 
     d = root / name
     d.mkdir(parents=True)
@@ -254,7 +254,7 @@ def _fake_run(root: Path, name: str, status: str = "done", lr: float = 1e-3) -> 
 
 
 def test_history_helpers(tmp_path):
-    from core import history
+    from lorastudio.core import history
 
     a, b = _fake_run(tmp_path, "a"), _fake_run(tmp_path, "b", lr=2e-3)
     c = history.curves(a)
@@ -270,7 +270,7 @@ def test_history_helpers(tmp_path):
 
 
 def test_delete_run_refuses_active_runs_and_deletes_finished_ones():
-    from core import history, runs, workspace
+    from lorastudio.core import history, runs, workspace
 
     d = _fake_run(workspace.runs_dir(), f"del-{time.time_ns()}")
     runs.launch(d, python_args=["-c", "import time; time.sleep(600)"])  # a live job of this app
@@ -283,8 +283,8 @@ def test_delete_run_refuses_active_runs_and_deletes_finished_ones():
 
 
 def test_run_view_and_status_markdown():
-    from core import workspace
-    from webui.tab_train import curve_frames, run_view, status_markdown
+    from lorastudio.core import workspace
+    from lorastudio.webui.tab_train import curve_frames, run_view, status_markdown
 
     v = run_view(str(_fake_run(workspace.runs_dir(), f"view-{time.time_ns()}")))
     assert v["status"] == "done" and v["step"] == 4 and len(v["loss"]) == 4
@@ -301,7 +301,7 @@ def test_run_view_and_status_markdown():
 
 
 def test_model_info_reads_files_only(tmp_path):
-    from webui.tab_model import model_info, model_info_view
+    from lorastudio.webui.tab_model import model_info, model_info_view
 
     info = model_info("builtin:tiny")
     assert info["architecture"] == "LlamaForCausalLM" and info["parameters"] > 1_000_000
@@ -316,14 +316,14 @@ def test_model_info_reads_files_only(tmp_path):
 
 
 def test_template_names_match_the_core():
-    from core import templates
-    from webui.tab_template import NAMED
+    from lorastudio.core import templates
+    from lorastudio.webui.tab_template import NAMED
 
     assert sorted(NAMED) == sorted(templates.NAMED)
 
 
 def test_chat_message_normalisation():
-    from webui.tab_chat import to_messages
+    from lorastudio.webui.tab_chat import to_messages
 
     hist = [{"role": "user", "content": [{"type": "text", "text": "hi"}]}, {"role": "assistant", "content": "yo"},
             {"role": "system", "content": "x"}]
@@ -331,7 +331,7 @@ def test_chat_message_normalisation():
 
 
 def test_checkpoint_choices(tmp_path):
-    from webui.tab_convert import checkpoint_choices
+    from lorastudio.webui.tab_convert import checkpoint_choices
 
     d = _fake_run(tmp_path, "c")
     assert checkpoint_choices(str(d)) == ["checkpoint-4", "checkpoint-2"]
@@ -370,7 +370,7 @@ def test_dataset_rows_api(client):
 def test_upload_api_copies_into_the_workspace(client, tmp_path):
     from gradio_client import handle_file
 
-    from core import workspace
+    from lorastudio.core import workspace
 
     f = _write_jsonl(tmp_path / "up.jsonl", [{"messages": [{"role": "user", "content": "a"},
                                                           {"role": "assistant", "content": "b"}]}])
@@ -460,8 +460,8 @@ def test_paths_outside_the_allowed_folders_are_refused(client):
 
 
 def test_retry_refuses_a_finished_run_and_retries_a_failed_one():
-    from core import runs, workspace
-    from webui.tab_train import retry, run_view, status_markdown
+    from lorastudio.core import runs, workspace
+    from lorastudio.webui.tab_train import retry, run_view, status_markdown
 
     d = _fake_run(workspace.runs_dir(), f"oom-{time.time_ns()}")
     # a real, short config: the retry below really launches it
@@ -482,8 +482,8 @@ def test_retry_refuses_a_finished_run_and_retries_a_failed_one():
 
 
 def test_early_stopping_from_the_form():
-    from core import config as config_lib
-    from webui.tab_train import build_config, preset_form
+    from lorastudio.core import config as config_lib
+    from lorastudio.webui.tab_train import build_config, preset_form
 
     assert preset_form("tiny_smoke")["early_stopping"] == 0
     cfg = build_config("tiny_smoke", {"early_stopping": 3, "eval_steps": 10, "save_steps": 10, "eval_split": 0.1})
@@ -494,8 +494,8 @@ def test_early_stopping_from_the_form():
 
 
 def test_multi_gpu_fields_from_the_form():
-    from core import config as config_lib
-    from webui.tab_train import build_config, preset_form
+    from lorastudio.core import config as config_lib
+    from lorastudio.webui.tab_train import build_config, preset_form
 
     f = preset_form("tiny_smoke")
     assert (f["gpus"], f["strategy"], f["offload"]) == (1, "ddp", False)

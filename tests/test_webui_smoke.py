@@ -22,7 +22,7 @@ def app_url(tmp_path_factory):
     port = _free_port()
     log = open(tmp_path_factory.mktemp("app") / "app.log", "w")
     # --no-auth mode (LORASTUDIO_NO_AUTH=1); tmp files readable (LORASTUDIO_ALLOW_DIRS)
-    proc = subprocess.Popen([sys.executable, "-m", "core.cli", "webui", "--port", str(port)], cwd=ROOT,
+    proc = subprocess.Popen([sys.executable, "-m", "lorastudio.cli", "webui", "--port", str(port)], cwd=ROOT,
                             stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
                             env={**os.environ, "LORASTUDIO_NO_AUTH": "1", "LORASTUDIO_ALLOW_DIRS": "/tmp"})
     url = f"http://127.0.0.1:{port}/"

@@ -7,7 +7,7 @@ has build(ui) that adds its components to the shared `ui` dict, and wire(ui, dem
 events once every tab exists (tabs read each other's inputs: the Dataset tab uses the model from the
 Model tab and the template from the Template tab).
 
-Flow a newcomer can follow: Start -> core.runs.launch (child `python -m core.train`) ->
+Flow a newcomer can follow: Start -> core.runs.launch (child `python -m lorastudio.core.train`) ->
 RUN_DIR/metrics.jsonl -> the gr.Timer tick in tab_train reads it -> gr.LinePlot.
 """
 
@@ -71,7 +71,7 @@ def launch(host: str = "127.0.0.1", port: int = 7860, auth: bool | None = None, 
     token = token or os.environ.get("LORASTUDIO_TOKEN") or auth_mod.new_token()
     demo = build()
     if os.environ.get("LORASTUDIO_NO_WARMUP") != "1":
-        from core import worker
+        from lorastudio.core import worker
 
         worker.warm_up()  # the worker process loads the default tokenizer: the first preview is fast
     kwargs: dict = {"app_kwargs": {"middleware": [auth_mod.middleware(token)]}} if auth and not credentials else {}
@@ -89,7 +89,7 @@ def launch(host: str = "127.0.0.1", port: int = 7860, auth: bool | None = None, 
         print(f"LoRA Studio: open http://{shown}:{port}/?token={token}", flush=True)
     else:
         print(f"LoRA Studio: open http://{shown}:{port}/ (no access token: --no-auth)", flush=True)
-    from core import access
+    from lorastudio.core import access
 
     print(f"reads local files only under: {', '.join(map(str, access.allowed_dirs()))} (add more with --allow-dir)",
           flush=True)

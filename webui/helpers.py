@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pandas as pd
 
-from core import runs
+from lorastudio.core import runs
 
 
 # ---------------------------------------------------------------- messages
@@ -64,7 +64,7 @@ def readable(value: str | None) -> str:
     """A local path the browser may make this process read (core.access allow-list: the
     workspace, the launch folder, --allow-dir folders), resolved; builtin names and hub ids pass.
     Raises core.access.AccessError otherwise."""
-    from core import access
+    from lorastudio.core import access
 
     value = (value or "").strip()
     return access.check_readable(value) if value else value
@@ -74,7 +74,7 @@ def workspace_run(value: str | None) -> str:
     """A run directory of this workspace's runs/ folder, resolved (a bare run name is looked up
     there): the only runs the web app reads, signals, converts, chats with or deletes. A folder
     elsewhere with a run.json in it is somebody's files, not a run of this app."""
-    from core import access, workspace
+    from lorastudio.core import access, workspace
 
     value = (value or "").strip()
     if not value:
@@ -90,7 +90,7 @@ def workspace_run(value: str | None) -> str:
 # ---------------------------------------------------------------- presets and runs
 
 def preset_names() -> list[str]:
-    import presets
+    from lorastudio import presets
 
     return sorted(presets.preset_files())
 
@@ -157,7 +157,7 @@ def highlight_pieces(text: str, spans: list) -> list[tuple[str, str | None]]:
 
 
 def preview_highlight(model: str, data: str, template: str, n: float):
-    from core import worker
+    from lorastudio.core import worker
 
     try:
         src = {"path": readable(parse_sources(data)[0]["path"]), "format": "auto"}

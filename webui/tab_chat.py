@@ -10,7 +10,7 @@ from pathlib import Path
 
 import gradio as gr
 
-from core import runs
+from lorastudio.core import runs
 
 from .helpers import error_text
 
@@ -41,10 +41,10 @@ def is_run(target: str) -> bool:
 def base_of(target: str) -> str | None:
     """The base model of a run or a merged/exported folder (its lorastudio.json)."""
     if is_run(target):
-        from core import history
+        from lorastudio.core import history
 
         return (history.load_config_dict(target).get("model") or {}).get("name_or_path")
-    from core import safe_io
+    from lorastudio.core import safe_io
 
     try:
         meta = safe_io.read_json(Path(target) / "lorastudio.json", 1 << 20)
@@ -65,7 +65,7 @@ def _ckpt(checkpoint: str | None) -> int | None:
 
 def get_worker(target: str, checkpoint: int | None = None):
     """A live ChatWorker for (target, checkpoint), started on first use; at most MAX_WORKERS kept."""
-    from core.chat import ChatError, ChatWorker
+    from lorastudio.core.chat import ChatError, ChatWorker
 
     from .helpers import readable, workspace_run
     from .tab_convert import checkpoint_choices
@@ -147,7 +147,7 @@ MAX_CHAT_CHARS = 200_000  # a conversation sent to the model (a long paste, not 
 
 def stream_answer(target, checkpoint, messages, system=None, use_adapter=True, **gen):
     """Yield the growing reply text (the data the Chatbot shows)."""
-    from core.chat import ChatError
+    from lorastudio.core.chat import ChatError
 
     size = sum(len(m["content"]) for m in messages) + len(system or "")
     if size > MAX_CHAT_CHARS:

@@ -1,5 +1,5 @@
 """Convert tab: pick a run and a checkpoint; export the adapter or merge it into the base. The work
-runs in the core's child job (`python -m core.convert`, output to RUN_DIR/convert.log), reporting
+runs in the core's child job (`python -m lorastudio.core.convert`, output to RUN_DIR/convert.log), reporting
 convert_start / convert_end / convert_failed in RUN_DIR/metrics.jsonl, which this tab reads."""
 
 from __future__ import annotations
@@ -11,7 +11,7 @@ from pathlib import Path
 import gradio as gr
 import pandas as pd
 
-from core import runs
+from lorastudio.core import runs
 
 from .helpers import err_md
 
@@ -61,7 +61,7 @@ def launch_convert(run_dir: str, checkpoint: str | None, merge: bool, dtype: str
         raise ValueError(f"{Path(run_dir).name} has no {checkpoint} (it has {', '.join(choices)})")
     if (dtype or "auto") not in DTYPES:
         raise ValueError(f"merged dtype {dtype!r}: one of {', '.join(DTYPES)}")
-    cmd = [sys.executable, "-m", "core.convert", str(run_dir), "--dtype", dtype or "auto"]
+    cmd = [sys.executable, "-m", "lorastudio.core.convert", str(run_dir), "--dtype", dtype or "auto"]
     ck = _checkpoint_arg(checkpoint)
     if ck is not None:
         cmd += ["--checkpoint", str(ck)]
@@ -137,7 +137,7 @@ def convert_api(run_dir: str, checkpoint: str, kind: str, dtype: str) -> dict:
 
 
 def _tail(path: Path, n: int = 15) -> str:
-    from core import safe_io
+    from lorastudio.core import safe_io
 
     return "\n".join(safe_io.tail_bytes(path, 64 * 1024).decode("utf-8", "replace").splitlines()[-n:])
 

@@ -34,7 +34,7 @@ def dataset_stats(model: str, data: str, fmt: str = "auto", columns: str = "", t
                   custom_jinja: str = "", cutoff: int = 1024, trust: bool = False) -> dict:
     """Everything the Dataset tab shows, as plain data (core.analysis.dataset_stats, computed by
     core.worker: data files and templates are untrusted)."""
-    from core import worker
+    from lorastudio.core import worker
 
     model = readable(model or "builtin:tiny")
     return worker.call("dataset_stats", tokenizer=(model, bool(trust)), model=model, sources=_sources(data, fmt),
@@ -62,7 +62,7 @@ def histogram(lengths: list[int], cutoff: int, bins: int = 30) -> tuple[pd.DataF
 
 def rows_page(data: str, fmt: str = "auto", columns: str = "", page: int = 1, page_size: int = PAGE_SIZE):
     """(DataFrame of one page of normalised rows, total rows, pages)."""
-    from core import worker
+    from lorastudio.core import worker
 
     r = worker.call("rows_page", sources=_sources(data, fmt), columns=parse_columns(columns),
                     page=whole(page or 1, "Page", 1, 10**12), page_size=page_size)
@@ -136,7 +136,7 @@ def page_view(data, fmt, columns, page):
 
 def upload(path: str | None, current: str = ""):
     """Copy an uploaded file into the workspace; the dataset box gets its workspace path."""
-    from core import workspace
+    from lorastudio.core import workspace
 
     if not path:
         return current, ""
@@ -149,7 +149,7 @@ def upload(path: str | None, current: str = ""):
 
 def preview_view(model, data, template, custom_jinja, fmt, n, cutoff, trust):
     """Highlighted samples with the current format/template/cutoff (the core's encode_example)."""
-    from core import worker
+    from lorastudio.core import worker
 
     try:
         n = whole(n, "Samples", 1, 100)

@@ -20,7 +20,7 @@ DTYPE_BYTES = {"F64": 8, "F32": 4, "F16": 2, "BF16": 2, "I64": 8, "I32": 4, "I16
 
 def _safetensors_params(files: list[Path]) -> int | None:
     """Parameter count from safetensors headers (8-byte length + JSON): no tensor is read."""
-    from core import safe_io
+    from lorastudio.core import safe_io
 
     total = 0
     for f in files[:1000]:
@@ -43,7 +43,7 @@ def _safetensors_params(files: list[Path]) -> int | None:
 
 def _folder(name_or_path: str) -> Path:
     """A local folder for NAME: builtin:tiny, a folder, or a hub id already in the local HF cache."""
-    from core import tiny
+    from lorastudio.core import tiny
 
     if name_or_path.strip() == tiny.TINY_MODEL:
         return Path(tiny.resolve_model(name_or_path))
@@ -69,7 +69,7 @@ def model_info(name_or_path: str, trust_remote_code: bool = False) -> dict:
     """What the model is, from its files: architecture, parameters, dtype, vocab, chat template."""
     name_or_path = (name_or_path or "").strip() or "builtin:tiny"
     folder = _folder(name_or_path)
-    from core import safe_io
+    from lorastudio.core import safe_io
 
     cfg_path = folder / "config.json"
     if not cfg_path.exists():
@@ -142,7 +142,7 @@ def model_info_view(name_or_path: str, trust_remote_code: bool):
 
 def model_estimate_view(name_or_path: str) -> str:
     """Markdown: estimated peak VRAM of QLoRA/LoRA/full for this model (pure arithmetic, no torch)."""
-    from core import estimate
+    from lorastudio.core import estimate
 
     return estimate.model_markdown(name_or_path)
 

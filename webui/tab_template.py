@@ -23,7 +23,7 @@ def render_template(model: str, template: str, custom_jinja: str = "", data: str
     """{"text", "trained_spans", "n_tokens", "n_trained", "warnings", "template", "source"} for one
     example: row INDEX of the dataset when given, else a built-in two-turn conversation. Rendered
     by core.worker (a custom template is untrusted code: the worker has memory and time limits)."""
-    from core import worker
+    from lorastudio.core import worker
 
     source = None
     if (data or "").strip():
@@ -50,7 +50,7 @@ def template_view(model, template, custom_jinja, data, fmt, index, trust):
 
 def own_source(model: str, trust: bool = False) -> str:
     """The tokenizer's own chat template source (to start a custom one from)."""
-    from core import worker
+    from lorastudio.core import worker
 
     model = readable(model or "builtin:tiny")
     return worker.call("own_template_source", tokenizer=(model, bool(trust)), model=model, trust=bool(trust))

@@ -15,7 +15,7 @@ import gradio as gr
 import pandas as pd
 import yaml
 
-from core import history, runs
+from lorastudio.core import history, runs
 
 from .helpers import (err_md, error_text, fmt_seconds, number, parse_columns, parse_sources, preset_names, readable,
                       whole, workspace_run)
@@ -69,7 +69,7 @@ def _set(d: dict, path: str, value) -> None:
 
 
 def preset_dict(preset: str | None) -> dict:
-    import presets
+    from lorastudio import presets
 
     if not preset:
         return {}
@@ -81,7 +81,7 @@ def preset_dict(preset: str | None) -> dict:
 
 def preset_form(preset: str) -> dict:
     """Form values (FORM names + context names) for a preset: its values over the RunConfig defaults."""
-    from core import config as config_lib
+    from lorastudio.core import config as config_lib
 
     cfg = config_lib.from_dict(preset_dict(preset), preset).model_dump(mode="json")
     out = {}
@@ -110,7 +110,7 @@ def preset_form(preset: str) -> dict:
 def build_config(preset: str | None, values: dict):
     """RunConfig from a preset (or the defaults) with the form VALUES over it (missing keys keep
     the preset's value). Raises ConfigError/ValueError with a readable message."""
-    from core import config as config_lib
+    from lorastudio.core import config as config_lib
 
     data = preset_dict(preset)
     for name, path, label, _default in FORM:
@@ -169,9 +169,9 @@ def build_config(preset: str | None, values: dict):
 
 def start_from_dict(preset: str | None, values: dict) -> tuple[str, str, str]:
     """Write RUN_DIR/config.yaml and launch the training child -> (run_dir, status md, CLI command)."""
-    from core import config as config_lib
+    from lorastudio.core import config as config_lib
 
-    from core import estimate, machine
+    from lorastudio.core import estimate, machine
 
     try:
         cfg = build_config(preset, values)
@@ -194,7 +194,7 @@ def start_from_dict(preset: str | None, values: dict) -> tuple[str, str, str]:
 
 def estimate_view(preset: str | None, values: dict, gpu_mem: str | None = None) -> str:
     """Markdown: the pre-flight VRAM estimate of what Start would run (pure arithmetic, no torch)."""
-    from core import estimate
+    from lorastudio.core import estimate
 
     try:
         cfg = build_config(preset or None, values)
@@ -240,7 +240,7 @@ def resume(run_dir: str) -> str:
 def retry(run_dir: str) -> tuple[str, str]:
     """The one-click retry of a failed run (core.recovery: after out-of-memory, half the micro-batch
     and double the accumulation) -> (new run dir, status md)."""
-    from core import recovery
+    from lorastudio.core import recovery
 
     try:
         run_dir = workspace_run(run_dir)

@@ -15,6 +15,8 @@ import sys
 import time
 from pathlib import Path
 
+from lorastudio import presets
+
 EXIT_USAGE = 2
 
 
@@ -23,20 +25,9 @@ def _err(msg: str, code: int = EXIT_USAGE) -> int:
     return code
 
 
-def _resolve_config_path(arg: str) -> Path:
-    p = Path(arg)
-    if p.exists():
-        return p
-    import presets
-
-    found = presets.find(arg) or (presets.find(p.name) if p.parent.name == "presets" else None)
-    return found or p
-
-
 # ---------------------------------------------------------------- presets
 
 def cmd_list_presets(a) -> int:
-    import presets
     import yaml
 
     rows = []
@@ -61,7 +52,6 @@ def _preset_vram(text: str) -> str:
 
 
 def cmd_copy_preset(a) -> int:
-    import presets
 
     src = presets.find(a.name)
     if src is None:
@@ -79,17 +69,17 @@ def cmd_copy_preset(a) -> int:
 # ---------------------------------------------------------------- training
 
 def cmd_train(a) -> int:
-    from . import config as config_lib
-    from . import runs
+    from lorastudio.core import config as config_lib
+    from lorastudio.core import runs
 
-    cfg_path = _resolve_config_path(a.config)
+    cfg_path = presets.resolve(a.config)
     try:
         cfg = config_lib.load(cfg_path, a.set + _scale_sets(a))
         cfg = config_lib.resolve(cfg)
     except config_lib.ConfigError as e:
         return _err(str(e), runs.EXIT_CONFIG)
     if a.gpu_mem is not None:  # pre-flight: the estimate before Start (it never blocks the run)
-        from . import estimate as estimate_lib
+        from lorastudio.core import estimate as estimate_lib
 
         try:
             est = estimate_lib.estimate(cfg, gpu_mem_gib=estimate_lib.parse_gpu_mem(a.gpu_mem) if a.gpu_mem else None)
@@ -116,10 +106,10 @@ def cmd_train(a) -> int:
 
 def cmd_estimate(a) -> int:
     """Peak VRAM by component, fits / does not fit, suggestions and time, before any download."""
-    from . import config as config_lib
-    from . import estimate as estimate_lib
+    from lorastudio.core import config as config_lib
+    from lorastudio.core import estimate as estimate_lib
 
-    cfg_path = _resolve_config_path(a.config)
+    cfg_path = presets.resolve(a.config)
     try:
         cfg = config_lib.load(cfg_path, a.set)
         gpu = estimate_lib.parse_gpu_mem(a.gpu_mem)
@@ -146,7 +136,7 @@ def _scale_sets(a) -> list[str]:
 
 
 def cmd_resume(a) -> int:
-    from . import runs
+    from lorastudio.core import runs
 
     run_dir = Path(a.run_dir).resolve()
     info = runs.status(run_dir)
@@ -155,7 +145,7 @@ def cmd_resume(a) -> int:
     if info.get("status") in runs.ACTIVE:
         return _err(f"{run_dir} is still {info['status']} (pid {info.get('pid')}); stop it first")
     if _scale_sets(a):  # resume on another number of processes/strategy: rewrite config.yaml
-        from . import config as config_lib
+        from lorastudio.core import config as config_lib
 
         path = run_dir / "config.yaml"
         try:
@@ -189,7 +179,7 @@ def _echo_from(log: Path, pos: int) -> int:
 
 def _follow(run_dir: Path, proc) -> int:
     """Echo train.log while the child runs; Ctrl-C stops the run cleanly (SIGTERM, grace, SIGKILL)."""
-    from . import runs
+    from lorastudio.core import runs
 
     log = run_dir / "train.log"
     pos = 0
@@ -222,7 +212,7 @@ def _follow(run_dir: Path, proc) -> int:
 
 
 def cmd_runs(a) -> int:
-    from . import runs
+    from lorastudio.core import runs
 
     items = runs.list_runs()
     if a.json:
@@ -232,7 +222,7 @@ def cmd_runs(a) -> int:
         print("no runs yet (lorastudio train presets/tiny_demo.yaml)")
         return 0
     print(f"{'STATUS':<9} {'STEP':>10} {'LOSS':>8}  RUN")
-    from .history import _number
+    from lorastudio.core.history import _number
 
     for info in items:
         events, _ = runs.read_events(info["run_dir"])
@@ -251,9 +241,9 @@ def cmd_runs(a) -> int:
 
 
 def cmd_stop(a) -> int:
-    from . import runs
+    from lorastudio.core import runs
 
-    from . import jobs
+    from lorastudio.core import jobs
 
     run_dir = Path(a.run_dir).resolve()
     if not (run_dir / "run.json").exists():
@@ -268,7 +258,7 @@ def cmd_stop(a) -> int:
 # ---------------------------------------------------------------- preview
 
 def cmd_preview(a) -> int:
-    from . import preview
+    from lorastudio.core import preview
 
     try:
         custom = Path(a.custom_template).read_text(encoding="utf-8") if a.custom_template else None
@@ -305,8 +295,8 @@ def cmd_preview(a) -> int:
 def cmd_retry(a) -> int:
     """Start a new run from a failed one with the suggested change (after OOM: half the
     micro-batch, double the accumulation, same effective batch)."""
-    from . import config as config_lib
-    from . import recovery
+    from lorastudio.core import config as config_lib
+    from lorastudio.core import recovery
 
     run_dir = Path(a.run_dir).resolve()
     if not (run_dir / "config.yaml").exists():
@@ -315,7 +305,7 @@ def cmd_retry(a) -> int:
         new_dir = recovery.retry(run_dir, launch=False)
     except config_lib.ConfigError as e:
         return _err(str(e))
-    from . import runs
+    from lorastudio.core import runs
 
     proc = runs.launch(new_dir)
     print(f"run dir: {new_dir}", flush=True)
@@ -326,12 +316,12 @@ def cmd_retry(a) -> int:
 
 def cmd_convert(a) -> int:
     """Export (or --merge) in a child job with its own log, RUN_DIR/convert.log, followed here."""
-    from . import runs
+    from lorastudio.core import runs
 
     run_dir = Path(a.run_dir).resolve()
     if not (run_dir / "config.yaml").exists():
         return _err(f"{run_dir} is not a run directory (no config.yaml)")
-    cmd = [sys.executable, "-m", "core.convert", str(run_dir), "--dtype", a.dtype]
+    cmd = [sys.executable, "-m", "lorastudio.core.convert", str(run_dir), "--dtype", a.dtype]
     cmd += ["--merge"] if a.merge else []
     cmd += ["--checkpoint", str(a.checkpoint)] if a.checkpoint is not None else []
     cmd += ["--out", str(Path(a.out).resolve())] if a.out else []
@@ -359,8 +349,8 @@ def cmd_convert(a) -> int:
 
 def cmd_chat(a) -> int:
     """One scripted answer (--prompt) or an interactive chat (RESET clears, EXIT quits)."""
-    from . import chat
-    from . import model as model_lib
+    from lorastudio.core import chat
+    from lorastudio.core import model as model_lib
 
     try:
         model, tokenizer, template = chat.load_chat_model(a.target, a.checkpoint, a.device)
@@ -411,7 +401,7 @@ def cmd_chat(a) -> int:
 # ---------------------------------------------------------------- web app
 
 def cmd_webui(a) -> int:
-    from webui.app import LaunchError, launch
+    from lorastudio.webui.app import LaunchError, launch
 
     credentials = None
     if a.auth:
@@ -545,6 +535,3 @@ def main(argv: list[str] | None = None) -> int:
         ap.error("preview needs CONFIG, or --model and --data")
     return a.func(a)
 
-
-if __name__ == "__main__":
-    sys.exit(main())
