@@ -1,4 +1,4 @@
-"""Load benchmark (issue 5): 5 concurrent clients previewing datasets and chatting while a tiny
+"""Load benchmark: 5 concurrent clients previewing datasets and chatting while a tiny
 training runs. Reports failed requests, p50/p95 handler latency, and the training step rate
 against the same training running alone. Loopback only, bounded loops.
 

@@ -1,4 +1,4 @@
-"""Validate core.estimate against measured peak GPU memory (issue 7: within +-15%).
+"""Validate core.estimate against measured peak GPU memory (target: within +-15%).
 
 For each config: a random-init model of the real shape (bench/make_random_model.py, embedded
 tokenizer), a few real training steps through the product's own path (core.config.resolve ->

@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Multi-GPU acceptance (issue 8) on a 2-GPU device (nvidia-h100-x2 / nvidia-h200-x2), one call of
+# Multi-GPU acceptance on a 2-GPU device (nvidia-h100-x2 / nvidia-h200-x2), one call of
 # <= 10 minutes, through the product's own CLI (`lorastudio train --gpus 2` -> accelerate launch):
 #   (a) random-init Qwen2.5-1.5B LoRA: 1-GPU baseline (CUDA_VISIBLE_DEVICES=0, micro-batch 16) vs
 #       2-GPU DDP (micro-batch 8 per GPU) at the same global batch, 20 steps of packed 1024-token rows:

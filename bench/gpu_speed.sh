@@ -84,7 +84,7 @@ case "$GROUP" in
     ;;
   small)  # stock at the fast path's dropout 0 (SKIP_D01 unset: also 0.1, XTuner's recipe);
     # SHAPES to pick (default both); REPEAT=N alternates stock d0 and fast N times (the small
-    # shapes are CPU-bound and their ratio moves with the machine: 1.5B 2.85-3.64x in session 3)
+    # shapes are CPU-bound and their ratio moves with the machine: 1.5B 2.85-3.64x across H200 calls, docs/BENCHMARKS.md)
     S=(--steps 30 --warmup 5)
     for shape in ${SHAPES:-qwen2.5-0.5b qwen2.5-1.5b}; do
       python3 bench/make_random_model.py $shape /tmp/$shape

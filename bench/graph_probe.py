@@ -1,5 +1,5 @@
 """How fast could a training step be without its CPU cost? The fast path is CPU-bound on a GPU
-(docs/BENCHMARKS.md, issue 6: ~0.1 s of GPU work in a 0.3-0.4 s step). This probe builds the
+(docs/BENCHMARKS.md, Training speed: ~0.1 s of GPU work in a 0.3-0.4 s step). This probe builds the
 product's model (core.model.load_for_training, default fast settings), pads each packed
 micro-batch of real chat samples to one bucket length (the padding is its own segment: label
 -100, positions restarting, never attended to by real tokens), and times the same

@@ -423,7 +423,3 @@ def resolve(cfg: RunConfig) -> RunConfig:
         distributed.check(cfg)  # ConfigError naming the field: GPU count, strategy, DeepSpeed installed
     cfg.resolved = {"device": device, "torch": torch.__version__}
     return cfg
-
-
-def preset_header(command: str) -> str:
-    return f"# {command}\n"

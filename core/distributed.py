@@ -34,7 +34,6 @@ import yaml
 
 ACCELERATE_FILE = "accelerate.yaml"
 DEEPSPEED_FILE = "deepspeed.json"
-STRATEGIES = ("ddp", "fsdp", "zero2", "zero3")
 _MIXED = {"bfloat16": "bf16", "float16": "fp16", "float32": "no", "auto": "no"}
 
 

@@ -71,10 +71,10 @@ NF4_BLOCK = 64
 # docs/BENCHMARKS.md are listed; anything else is "unmeasured". The 0.5B QLoRA figure was measured
 # at tiny sequence lengths (mean 36 tokens), so it understates longer samples; the rest are the
 # default path on real chat lengths (mean 194 tokens, 8 samples a step), r=64 on 7 projections.
-_CHAT = "docs/BENCHMARKS.md, issue 6: real chat lengths, 8 samples/step, r=64 on 7 projections"
+_CHAT = "docs/BENCHMARKS.md, Training speed: real chat lengths, 8 samples/step, r=64 on 7 projections"
 THROUGHPUT: dict[tuple[str, str, str], dict] = {
-    ("0.5B", "qlora", "H200"): {"tokens_per_s": 366, "source": "docs/BENCHMARKS.md, issue 2 smoke (short samples)"},
-    ("0.5B", "lora", "H200"): {"tokens_per_s": 10427, "source": _CHAT + ", Qwen2.5-0.5B shape (session 3)"},
+    ("0.5B", "qlora", "H200"): {"tokens_per_s": 366, "source": "docs/BENCHMARKS.md, QLoRA on CUDA (smoke, short samples)"},
+    ("0.5B", "lora", "H200"): {"tokens_per_s": 10427, "source": _CHAT + ", Qwen2.5-0.5B shape"},
     ("1.5B", "lora", "H200"): {"tokens_per_s": 7641, "source": _CHAT + ", Qwen2.5-1.5B shape (the slower of two runs)"},
     ("7B", "qlora", "H200"): {"tokens_per_s": 5101, "source": _CHAT + ", Llama-3.1-8B shape (the slowest of four runs)"},
 }

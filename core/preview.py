@@ -5,12 +5,6 @@ Needs only the tokenizer: works on a folder holding just tokenizer files."""
 from __future__ import annotations
 
 
-def preview_samples(config: str | None = None, model: str | None = None, data: str | None = None,
-                    template: str | None = None, n: int = 3, fmt: str = "auto", custom_jinja: str | None = None,
-                    cutoff_len: int | None = None) -> list[dict]:
-    return preview_with_reports(config, model, data, template, n, fmt, custom_jinja, cutoff_len)[0]
-
-
 def preview_with_reports(config: str | None = None, model: str | None = None, data: str | None = None,
                          template: str | None = None, n: int = 3, fmt: str = "auto", custom_jinja: str | None = None,
                          cutoff_len: int | None = None):

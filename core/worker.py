@@ -189,15 +189,6 @@ def warm_up() -> None:
     threading.Thread(target=run, daemon=True, name="worker-warm-up").start()
 
 
-def shutdown() -> None:
-    global _count
-    with _cond:
-        items, _idle[:] = list(_idle), []
-        _count -= len(items)
-    for w in items:
-        w.kill()
-
-
 # ---------------------------------------------------------------- the child
 
 def _watch_parent(pid: int) -> None:

@@ -1,4 +1,4 @@
-"""Presets catalogue (issue 7): every preset validates, opens with its command, carries the
+"""Presets catalogue: every preset validates, opens with its command, carries the
 estimator's VRAM figure, and its architecture (stored config) builds on the meta device with
 resolvable LoRA targets and exactly the estimator's parameter count."""
 

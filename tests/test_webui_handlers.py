@@ -69,10 +69,15 @@ def stop_app(proc) -> None:
 
 
 @pytest.fixture(scope="module")
-def app_url(tmp_path_factory):
+def app(tmp_path_factory):
     url, proc = start_app(tmp_path_factory.mktemp("app") / "app.log")
-    yield url
+    yield url, proc
     stop_app(proc)
+
+
+@pytest.fixture(scope="module")
+def app_url(app):
+    return app[0]
 
 
 @pytest.fixture(scope="module")
@@ -433,6 +438,32 @@ def test_convert_and_chat(client, trained_run):
                                api_name="/chat")
     assert [m["role"] for m in hist] == ["user", "assistant"] and box == ""
     assert client.predict(api_name="/unload").startswith("unloaded")
+
+
+def loaded_libraries(pid: int) -> set[str]:
+    """The shared libraries a process has mapped (what importing torch or tokenizers leaves)."""
+    maps = Path(f"/proc/{pid}/maps").read_text()
+    return {Path(line.split()[-1]).name for line in maps.splitlines() if ".so" in line.split()[-1]}
+
+
+def test_the_server_process_never_loads_torch_or_transformers(app, client, trained_run):
+    """The design's rule, read from the server process itself after it previewed a dataset,
+    rendered a template, merged and chatted: torch, tokenizers and safetensors (what transformers
+    and trl load) live in its children only."""
+    url, proc = app
+    run_dir, _ = trained_run
+    client.predict("builtin:tiny", "builtin:sample", "auto", "", "auto", 2, 0, False, api_name="/preview_full")
+    client.predict("builtin:tiny", "chatml", "", False, "", "auto", 0, False, api_name="/template")
+    r = client.predict("What is your name?", run_dir, "final", "fine-tuned", "", 0.7, 0.9, 8, True,
+                       api_name="/chat_once")
+    assert "reply" in r, r
+    libs = loaded_libraries(proc.pid)
+    assert any("pydantic_core" in n for n in libs), libs  # the reading sees extension modules (gradio's pydantic)
+    heavy = sorted(n for n in libs if n.startswith(("libtorch", "libc10", "tokenizers", "_safetensors", "_rust")))
+    assert heavy == [], heavy
+    import psutil
+
+    assert psutil.Process(proc.pid).memory_info().rss < 400 * 2 ** 20  # torch alone maps ~300 MiB more
 
 
 def test_the_app_needs_its_access_token(app_url):

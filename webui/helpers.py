@@ -6,10 +6,8 @@ original minimal-app functions (kept for API compatibility)."""
 
 from __future__ import annotations
 
-import time
 from pathlib import Path
 
-import pandas as pd
 
 from lorastudio.core import runs
 
@@ -95,16 +93,6 @@ def preset_names() -> list[str]:
     return sorted(presets.preset_files())
 
 
-def run_dirs() -> list[str]:
-    """Every run directory in the workspace, newest first."""
-    return [i["run_dir"] for i in runs.list_runs()]
-
-
-def latest_run() -> str:
-    items = runs.list_runs()
-    return items[0]["run_dir"] if items else ""
-
-
 def parse_sources(text: str) -> list[dict]:
     """Dataset box -> config sources. One source per line: `PATH`, `PATH | RATIO` (mix ratio) or
     `PATH | RATIO | FORMAT` (a per-file format override)."""
@@ -173,46 +161,8 @@ def preview_highlight(model: str, data: str, template: str, n: float):
     return pieces, f"{len(r['samples'])} samples rendered"
 
 
-# ---------------------------------------------------------------- minimal-app handlers (kept)
-
-def start_preset(preset: str):
-    from . import tab_train
-
-    return tab_train.start_from_dict(preset, {})[:2]
-
-
-def stop_run(run_dir: str):
-    if not run_dir:
-        return "no run"
-    return f"status: {runs.stop(run_dir, grace=30)}"
-
-
-def poll_run(run_dir: str):
-    if not run_dir:
-        return pd.DataFrame({"step": [], "loss": []}), "", ""
-    events, _ = runs.read_events(run_dir)
-    steps = [e for e in events if e.get("event") == "step"]
-    df = pd.DataFrame({"step": [e["step"] for e in steps], "loss": [e["loss"] for e in steps]})
-    info = runs.status(run_dir)
-    last = steps[-1] if steps else {}
-    line = f"status: **{info.get('status', '?')}**"
-    if last:
-        line += f" · step {last['step']}/{last.get('total_steps')} · loss {last['loss']:.4f}"
-    if info.get("error"):
-        line += f"\n\n**Error:** {info['error']}"
-    return df, line, "\n".join(runs.log_tail(run_dir, 15))
-
-
 def fmt_seconds(s: float | None) -> str:
     if s is None:
         return "?"
     s = int(round(s))
     return f"{s // 3600}h{s % 3600 // 60:02d}m" if s >= 3600 else (f"{s // 60}m{s % 60:02d}s" if s >= 60 else f"{s}s")
-
-
-def now() -> float:
-    return time.time()
-
-
-def short(path: str) -> str:
-    return Path(path).name if path else ""

@@ -8,7 +8,6 @@ from __future__ import annotations
 import functools
 import json
 import math
-from pathlib import Path
 
 import gradio as gr
 import pandas as pd

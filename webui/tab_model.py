@@ -14,8 +14,6 @@ from .helpers import err_md
 
 REMOTE_CODE_WARNING = ("⚠️ trust_remote_code runs Python shipped with the model on this machine, "
                        "in the training and chat processes. Tick it only for models whose authors you trust.")
-DTYPE_BYTES = {"F64": 8, "F32": 4, "F16": 2, "BF16": 2, "I64": 8, "I32": 4, "I16": 2, "I8": 1, "U8": 1,
-               "BOOL": 1, "F8_E4M3": 1, "F8_E5M2": 1}
 
 
 def _safetensors_params(files: list[Path]) -> int | None:
