@@ -24,6 +24,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 
 from lorastudio.core import config as C  # noqa: E402
+from lorastudio.core import resolve as resolve_lib
 from lorastudio.core import estimate as E  # noqa: E402
 from lorastudio.core import model_configs as MC  # noqa: E402
 
@@ -70,7 +71,7 @@ def child(name: str, model_dir: str, steps: int) -> None:
     from lorastudio.core import model as model_lib
     from lorastudio.core import train as train_lib
 
-    cfg = C.resolve(run_config(name, model_dir, steps))
+    cfg = resolve_lib.resolve(run_config(name, model_dir, steps))
     tok = model_lib.load_tokenizer(cfg.model.name_or_path)
     model = model_lib.load_for_training(cfg, tok, None)
     trainable, total = model_lib.count_parameters(model)

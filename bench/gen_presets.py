@@ -2,6 +2,7 @@
 and tests/test_presets.py fails when a line drifts from the estimator."""
 from pathlib import Path
 
+from lorastudio.cli.estimate_text import preset_comment
 from lorastudio.core import config as C, estimate as E
 
 P = Path(__file__).resolve().parents[1] / "presets"
@@ -94,6 +95,6 @@ for path in sorted(P.glob("*.yaml")):
     text = path.read_text()
     cfg = C.load(path)
     est = E.estimate(cfg, detect=False)
-    text = text.replace("# {VRAM}", E.preset_comment(est))
+    text = text.replace("# {VRAM}", preset_comment(est))
     path.write_text(text)
     print(f"{path.stem:40s} {est['total_gib']:6.2f}  " + "  ".join(f"{k}={v:.2f}" for k, v in est['components'].items()))

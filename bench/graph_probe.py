@@ -74,6 +74,7 @@ def main() -> None:
     from transformers import AutoConfig, AutoTokenizer
 
     from lorastudio.core import config as config_lib
+    from lorastudio.core import resolve as resolve_lib
     from lorastudio.core import model as model_lib
 
     ap = argparse.ArgumentParser()
@@ -96,7 +97,7 @@ def main() -> None:
            "training": {"gradient_checkpointing": False, "kernels": "off", "device": dev}}
     if a.method == "qlora":
         raw["quantization"] = {"bits": 4}
-    cfg = config_lib.resolve(config_lib.from_dict(raw))
+    cfg = resolve_lib.resolve(config_lib.from_dict(raw))
     model = model_lib.load_for_training(cfg, tok, [])
     model.train()
     params = [p for p in model.parameters() if p.requires_grad]

@@ -18,6 +18,7 @@ def main() -> None:
     from transformers import AutoTokenizer
 
     from lorastudio.core import config as config_lib
+    from lorastudio.core import resolve as resolve_lib
     from lorastudio.core import dataset as dataset_lib
     from lorastudio.core import model as model_lib
 
@@ -42,7 +43,7 @@ def main() -> None:
            "training": {"gradient_checkpointing": a.gc == "on", "kernels": a.kernels, "device": "cuda"}}
     if a.method == "qlora":
         raw["quantization"] = {"bits": 4}
-    cfg = config_lib.resolve(config_lib.from_dict(raw))
+    cfg = resolve_lib.resolve(config_lib.from_dict(raw))
     model = model_lib.load_for_training(cfg, tok, [])
     model.train()
     collate = dataset_lib.collator(tok, True)

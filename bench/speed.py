@@ -94,9 +94,9 @@ def rows_for(a, vocab: int) -> list[dict]:
 
 
 def matmul_params(model_dir: str) -> int:
-    from lorastudio.core import estimate, model_configs
+    from lorastudio.core import arch, model_configs
 
-    pc = estimate.param_counts(model_configs.from_config_json(json.loads((Path(model_dir) / "config.json").read_text())))
+    pc = arch.param_counts(model_configs.from_config_json(json.loads((Path(model_dir) / "config.json").read_text())))
     return pc["linear"] + pc["embedding"]  # decoder linears + the lm_head (tied or not, it is a matmul)
 
 
@@ -135,6 +135,7 @@ def build_stock(a, tokenizer, ds, callbacks):
 
 def build_fast(a, tokenizer, ds, callbacks):
     from lorastudio.core import config as config_lib
+    from lorastudio.core import resolve as resolve_lib
     from lorastudio.core import model as model_lib
     from lorastudio.core import train as train_lib
 
@@ -160,7 +161,7 @@ def build_fast(a, tokenizer, ds, callbacks):
            "template": template, "training": training}
     if a.method == "qlora":
         raw["quantization"] = {"bits": 4}
-    cfg = config_lib.resolve(config_lib.from_dict(raw))
+    cfg = resolve_lib.resolve(config_lib.from_dict(raw))
     if a.gpu_mem:
         cfg.training.gpu_memory_gib = a.gpu_mem
     if cfg.training.device == "cuda":  # what the training child does once the data is known

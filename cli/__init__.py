@@ -3,6 +3,6 @@
 if __name__ != "lorastudio.cli":  # one module, one name: never a second copy as `cli`
     raise ImportError(f"import lorastudio.cli, not {__name__} (the checkout installs as lorastudio: pip install -e .)")
 
-from .main import main  # noqa: E402
+from .commands import main  # noqa: E402
 
 __all__ = ["main"]

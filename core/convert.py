@@ -326,12 +326,11 @@ def merge(run_dir: str | Path, checkpoint: int | None = None, dtype: str = "auto
             del qmodel
             _free()
         report["verification"] = v
-        (tmp / "verification.json").write_text(json.dumps(report, indent=2))
+        # every verification.json says at its top whether it passed, next to its figures
+        (tmp / "verification.json").write_text(json.dumps({"passed": v["passed"], **report}, indent=2))
         tmp.rename(out)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
-        if gpu_lock is not None:
-            gpu_lock.release()
         if gpu_lock is not None:
             gpu_lock.release()
     for name, figs in v.items():

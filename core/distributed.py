@@ -156,37 +156,6 @@ def device_locks(device: str, gpus: int, job: str, run_dir) -> list:
     return out
 
 
-# ---------------------------------------------------------------- validation at resolve time
-
-def deepspeed_installed() -> bool:
-    import importlib.util
-
-    return importlib.util.find_spec("deepspeed") is not None
-
-
-def check(cfg) -> None:
-    """Called by config.resolve() once the device is known; raises ConfigError naming the field."""
-    from .config import ConfigError
-
-    t = cfg.training
-    if t.strategy in ("zero2", "zero3") and not deepspeed_installed():
-        raise ConfigError(f"training.strategy: {t.strategy} needs DeepSpeed, which is not installed here "
-                          "(pip install deepspeed; it compiles CUDA ops); use strategy: fsdp, which needs nothing extra")
-    if t.device == "cpu":
-        if t.strategy != "ddp":
-            raise ConfigError(f"training.strategy: {t.strategy} needs CUDA GPUs; on CPU only ddp (gloo processes) runs")
-        return
-    import torch
-
-    n = torch.cuda.device_count()
-    if t.gpus > n:
-        raise ConfigError(f"training.gpus: {t.gpus} requested but only {n} CUDA GPU(s) are visible"
-                          + (f" (CUDA_VISIBLE_DEVICES={os.environ['CUDA_VISIBLE_DEVICES']})"
-                             if "CUDA_VISIBLE_DEVICES" in os.environ else ""))
-    if cfg.method == "qlora" and t.strategy == "fsdp" and cfg.model.dtype == "float32":
-        raise ConfigError("model.dtype: QLoRA under FSDP stores 4-bit weights in the compute dtype; use bfloat16 or auto")
-
-
 # ---------------------------------------------------------------- generated configs
 
 def deepspeed_config(cfg) -> dict:
@@ -376,6 +345,7 @@ def main(argv: list[str] | None = None) -> int:
     import argparse
 
     from . import config as config_lib
+    from . import resolve
 
     ap = argparse.ArgumentParser(prog="python -m lorastudio.core.distributed")
     ap.add_argument("config")
@@ -384,13 +354,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--dry-run", action="store_true", help="generate and validate only (no GPU needed)")
     a = ap.parse_args(argv)
     cfg = config_lib.load(a.config, a.set)
-    if a.dry_run:  # what resolve() fills on a CUDA machine, without asking for one
-        t = cfg.training
-        t.device = "cuda" if t.device == "auto" else t.device
-        if cfg.model.dtype == "auto":
-            cfg.model.dtype = "bfloat16" if t.device == "cuda" else "float32"
-    else:
-        cfg = config_lib.resolve(cfg)
+    # the dry run: what the resolver fills on an assumed CUDA machine, without asking for one
+    cfg = resolve.resolve(cfg, resolve.assumed(cfg.training.device) if a.dry_run else None)
     out = Path(a.out)
     out.mkdir(parents=True, exist_ok=True)
     cmd = launch_command(cfg, out)

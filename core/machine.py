@@ -70,6 +70,12 @@ def gpus_problem(gpus: int, requested_device: str = "auto") -> str | None:
     return None
 
 
+def deepspeed_installed() -> bool:
+    import importlib.util
+
+    return importlib.util.find_spec("deepspeed") is not None
+
+
 def total_ram() -> int:
     try:
         return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")

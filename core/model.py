@@ -170,9 +170,9 @@ def load_for_training(cfg: RunConfig, tokenizer, new_token_ids: list[int] | None
 def _tile_mlps(cfg, model):
     """training.tiled_mlp (core/tiled_mlp.py): MLPs over tiles of long rows."""
     if cfg.training.tiled_mlp is True:
-        from . import estimate, tiled_mlp
+        from . import memory, tiled_mlp
 
-        tiled_mlp.install(model, estimate.tiled_mlp_tile(model.config.get_text_config().hidden_size))
+        tiled_mlp.install(model, memory.tiled_mlp_tile(model.config.get_text_config().hidden_size))
     return model
 
 

@@ -243,13 +243,14 @@ def prepare_data(cfg, tokenizer, template):
 
 
 def memory_plan(cfg, lengths: list[int]) -> tuple[dict, list[str]]:
-    """Fill the auto memory settings of a CUDA run in place (core.estimate.memory_plan) and cap
+    """Fill the auto memory settings of a CUDA run in place (core.resolve.plan, stage 3) and cap
     torch's allocator at training.gpu_memory_gib when set. The worst micro-batch in tokens:
     packed rows are full; padding-free rows hold the mb longest samples; padded rows are mb x
     the longest. Returns (the decided fields, reasons)."""
     import torch
 
-    from . import estimate
+    from . import arch as arch_lib
+    from . import resolve
 
     t = cfg.training
     mb = t.micro_batch_size
@@ -276,13 +277,11 @@ def memory_plan(cfg, lengths: list[int]) -> tuple[dict, list[str]]:
     arch = None
     if t.gpus == 1:
         try:
-            arch = estimate.arch_for(cfg.model.name_or_path)
+            arch = arch_lib.arch_for(cfg.model.name_or_path)
         except Exception:  # noqa: BLE001 - an unknown architecture keeps the safe settings
             pass
-    decided, why = estimate.memory_plan(cfg, arch, max_tokens, budget)
-    for key, value in decided.items():
-        section, field = key.split(".")
-        setattr(getattr(cfg, section), field, value)
+    decided, why = resolve.plan(cfg, arch, max_tokens, budget)
+    resolve.fill(cfg, decided)
     if t.gpus > 1:
         why = ["multi-GPU: checkpointing on, fused AdamW, embeddings and activations on the GPU unless set"]
     return decided, reasons + why
@@ -385,21 +384,21 @@ def offload_saved_tensors():
     """torch.autograd.graph.save_on_cpu, with two differences that matter for long rows.
     torch's pinned allocator rounds every block up to a power of two, so a 2.66 GiB layer input
     (348k tokens of an 8B model) pinned 4 GiB and 32 layers asked a 125 GiB host for 128 GiB: the
-    OOM killer ended the run (docs/BENCHMARKS.md). Tensors of estimate.PINNED_MAX bytes or more are
+    OOM killer ended the run (docs/BENCHMARKS.md). Tensors of memory.PINNED_MAX bytes or more are
     copied to plain RAM at their exact size (a synchronous copy, small beside a layer's compute at
-    such lengths); smaller ones to pinned RAM as before. Parameters saved for
+    such lengths); smaller ones to pinned RAM. Parameters saved for
     backward (lm_head's weight under the fused loss) stay where they are: they live on the GPU
-    anyway. core.estimate.offloaded_gib counts the same way."""
+    anyway. core.memory.offloaded_gib counts the same way."""
     import torch
 
-    from . import estimate
+    from . import memory
 
     pin = torch.cuda.is_available()
 
     def pack(t):
         if isinstance(t, torch.nn.Parameter) or t.is_sparse:
             return t
-        pinned = pin and t.numel() * t.element_size() < estimate.PINNED_MAX
+        pinned = pin and t.numel() * t.element_size() < memory.PINNED_MAX
         cpu = torch.empty(t.size(), dtype=t.dtype, layout=t.layout, pin_memory=pinned)
         cpu.copy_(t)
         return t.device, cpu, pinned
@@ -440,7 +439,10 @@ def build_trainer(cfg, run_dir: Path, model, tokenizer, template, train_ds, eval
     from transformers.trainer_callback import PrinterCallback
 
     from . import dataset as dataset_lib
+    from . import resolve
 
+    # the memory settings the plan did not decide (a caller of build_trainer alone): as before data
+    cfg = resolve.fill(cfg.model_copy(deep=True), resolve.unplanned(cfg))
     t = cfg.training
     on_cuda = t.device == "cuda"
     padding_free = bool(cfg.template.packing or cfg.template.padding_free)
@@ -460,8 +462,7 @@ def build_trainer(cfg, run_dir: Path, model, tokenizer, template, train_ds, eval
         gradient_accumulation_steps=t.grad_accum, learning_rate=t.learning_rate,
         lr_scheduler_type=t.lr_scheduler, warmup_steps=t.warmup_ratio, weight_decay=t.weight_decay,
         max_grad_norm=t.max_grad_norm, neftune_noise_alpha=t.neftune_alpha,
-        # "auto" left here only when the memory plan did not run (a caller of build_trainer alone)
-        optim=t.optimizer if t.optimizer != "auto" else ("adamw_torch_fused" if on_cuda else "adamw_torch"),
+        optim=t.optimizer,
         gradient_checkpointing=False,  # already enabled on the model (core.model.load_for_training)
         bf16=on_cuda and cfg.model.dtype == "bfloat16", fp16=on_cuda and cfg.model.dtype == "float16",
         use_cpu=not on_cuda, seed=t.seed, data_seed=t.seed,
@@ -717,7 +718,9 @@ def main(argv: list[str] | None = None) -> int:
                      locks.Busy)
         if os.environ.get("LORASTUDIO_FAULTS"):
             _install_faults(os.environ["LORASTUDIO_FAULTS"])
-        cfg = config_lib.resolve(cfg)
+        from . import resolve
+
+        cfg = resolve.resolve(cfg)
         if distributed.is_main():
             # runs started from the UI (which never imports torch) get their resolved values here
             config_lib.save(cfg, run_dir / "config.yaml", header=_config_header(run_dir))

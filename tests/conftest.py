@@ -124,3 +124,17 @@ def wait_for(cond, timeout=120, every=0.2) -> bool:
             return True
         time.sleep(every)
     return False
+
+
+# ---------------------------------------------------------------- markers (pyproject.toml declares them)
+# slow: trains a model, itself or through a fixture that does; browser: drives chromium.
+# `pytest -m "not slow and not browser"` is the quick suite (under 3 minutes on 2 cores).
+TRAINING_FIXTURES = {"smoke_run", "qlora_run", "demo_run", "trained_run", "merged", "demo_chat"}
+
+
+def pytest_collection_modifyitems(config, items):
+    for item in items:
+        if item.path.name == "test_browser.py":
+            item.add_marker(pytest.mark.browser)
+        if TRAINING_FIXTURES & set(item.fixturenames):
+            item.add_marker(pytest.mark.slow)

@@ -9,6 +9,7 @@ import pytest
 import yaml
 
 from lorastudio.core import config as C
+from lorastudio.core import resolve as resolve_lib
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -82,7 +83,7 @@ def test_qlora_defaults_to_4_bits():
 
 
 def test_resolve_on_cpu_fills_device_dependent_values():
-    cfg = C.resolve(C.from_dict({"method": "qlora"}))
+    cfg = resolve_lib.resolve(C.from_dict({"method": "qlora"}))
     assert cfg.training.device == "cpu"
     assert cfg.model.dtype == "float32"
     assert cfg.training.gradient_checkpointing is False  # 12x slower on CPU
@@ -94,7 +95,7 @@ def test_resolve_on_cpu_fills_device_dependent_values():
 
 def test_paged_optimizer_on_cpu_is_a_clear_error():
     with pytest.raises(C.ConfigError, match="training.optimizer: paged_adamw_8bit .* needs CUDA"):
-        C.resolve(C.from_dict({"method": "qlora", "training": {"optimizer": "paged_adamw_8bit"}}))
+        resolve_lib.resolve(C.from_dict({"method": "qlora", "training": {"optimizer": "paged_adamw_8bit"}}))
 
 
 def test_presets_open_with_their_command_and_validate():
@@ -111,8 +112,13 @@ def test_presets_open_with_their_command_and_validate():
 def test_the_wheel_is_one_package_lorastudio(tmp_path):
     """Build the wheel, install it (not editable) into a folder, and use it from elsewhere: its
     top level is lorastudio alone, the presets ship inside it, `import core` does not exist."""
+    import shutil
+
+    src = tmp_path / "src"  # setuptools writes build/ beside the sources: a copy keeps the checkout clean
+    shutil.copytree(ROOT, src, ignore=shutil.ignore_patterns(".venv", ".git", "build", "*.egg-info", "artifacts",
+                                                              "__pycache__", ".pytest_cache"))
     out = subprocess.run([sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-build-isolation", "-q",
-                          "-w", str(tmp_path), str(ROOT)], capture_output=True, text=True)
+                          "-w", str(tmp_path), str(src)], capture_output=True, text=True)
     if out.returncode != 0 and "No module named" in out.stderr:
         pytest.skip(f"cannot build a wheel here: {out.stderr[-200:]}")
     assert out.returncode == 0, out.stderr[-2000:]
@@ -123,7 +129,7 @@ def test_the_wheel_is_one_package_lorastudio(tmp_path):
     assert {n.split("/")[0] for n in names} == {"lorastudio", wheel.name.split("-py3")[0] + ".dist-info"}
     top = next(n for n in names if n.endswith("top_level.txt"))
     assert zipfile.ZipFile(wheel).read(top).decode().split() == ["lorastudio"]
-    for name in ("presets/tiny_demo.yaml", "presets/tiny_smoke.yaml", "core/train.py", "webui/app.py", "cli/main.py"):
+    for name in ("presets/tiny_demo.yaml", "presets/tiny_smoke.yaml", "core/train.py", "webui/app.py", "cli/commands.py"):
         assert f"lorastudio/{name}" in names
     site = tmp_path / "site"
     out = subprocess.run([sys.executable, "-m", "pip", "install", "-q", "--no-deps", "--no-compile", "--target",

@@ -67,6 +67,7 @@ def test_merged_model_matches_base_plus_adapter(demo_run, merged, demo_chat):
     print(f"merge fp32: max |dlogit| {v['vs_base_plus_adapter']['max_abs_logit_diff']:.2e}, "
           f"top-1 {v['vs_base_plus_adapter']['top1_agreement']:.2%}")
     assert report["dtype"] == "float32" and v["passed"]
+    assert next(iter(report)) == "passed" and report["passed"] is True  # at the top, next to the figures
     assert v["vs_base_plus_adapter"]["max_abs_logit_diff"] <= 1e-4
     assert v["vs_base_plus_adapter"]["top1_agreement"] == 1.0
     assert [e["verification"]["passed"] for e in events(demo_run, "convert_end")] == [True]
@@ -110,7 +111,7 @@ def test_export_adapter_and_checkpoint_merge(demo_run, tmp_path):
     assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-2000:]
     report = json.loads((tmp_path / "m" / "verification.json").read_text())
     assert report["checkpoint"] == ckpt and report["adapter"].endswith(f"checkpoint-{ckpt}")
-    assert report["verification"]["passed"]
+    assert report["verification"]["passed"] and report["passed"] is True
     bad = lorastudio("convert", str(demo_run), "--checkpoint", "99999")
     assert bad.returncode == 2 and "no adapter" in bad.stderr and "Traceback" not in bad.stderr
 
@@ -186,7 +187,7 @@ def test_qlora_merge_reloads_base_unquantized(qlora_run):
     report = json.loads((run_dir / "merged" / "verification.json").read_text())
     v = report["verification"]
     print("qlora merge:", json.dumps(v))
-    assert report["method"] == "qlora" and report["dtype"] == "float32" and v["passed"]
+    assert report["method"] == "qlora" and report["dtype"] == "float32" and v["passed"] and report["passed"] is True
     q = v["vs_4bit_base_plus_adapter"]  # merged vs the model that was actually trained
     assert q["finite"] and q["positions"] > 0 and q["max_abs_logit_diff"] > 0 and q["top1_agreement"] >= 0.5
     merged_cfg = json.loads((run_dir / "merged" / "config.json").read_text())

@@ -15,7 +15,8 @@ import yaml
 
 from conftest import ROOT, events, lorastudio, wait_for
 from lorastudio.core import config as config_lib
-from lorastudio.core import distributed, locks, runs
+from lorastudio.core import resolve as resolve_lib
+from lorastudio.core import distributed, locks, machine, runs
 
 FAST = ["--set", "data.eval_split=0", "--set", "training.sample_every=0"]
 
@@ -166,7 +167,7 @@ def test_generated_configs_validate(tmp_path, strategy, offload):
         assert z["stage"] == (3 if strategy == "zero3" else 2)
         assert ("offload_optimizer" in z) is offload and ("offload_param" in z) is (offload and strategy == "zero3")
         assert distributed.validate_deepspeed_config(ds) == []
-        if distributed.deepspeed_installed():  # the engine's own schema, where it exists
+        if machine.deepspeed_installed():  # the engine's own schema, where it exists
             from deepspeed.runtime.config import DeepSpeedConfig
 
             filled = json.loads(json.dumps(ds).replace('"auto"', "1"))
@@ -193,7 +194,7 @@ def test_config_validators_catch_broken_files(tmp_path):
 def test_config_errors_name_the_field():
     def err(sets):
         with pytest.raises(config_lib.ConfigError) as e:
-            config_lib.resolve(config_lib.load(ROOT / "presets" / "tiny_smoke.yaml", sets))
+            resolve_lib.resolve(config_lib.load(ROOT / "presets" / "tiny_smoke.yaml", sets))
         return str(e.value)
 
     assert "training.offload: needs training.strategy" in err(["training.offload=true"])
@@ -202,7 +203,7 @@ def test_config_errors_name_the_field():
     assert "quantization.bits: 8-bit cannot be sharded" in err(
         ["training.gpus=2", "training.strategy=fsdp", "method=qlora", "quantization.bits=8"])
     assert "training.gpus: must be greater than 0" in err(["training.gpus=0"]) or "training.gpus" in err(["training.gpus=0"])
-    if not distributed.deepspeed_installed():
+    if not machine.deepspeed_installed():
         assert "training.strategy: zero3 needs DeepSpeed" in err(["training.gpus=2", "training.strategy=zero3"])
     # through the CLI flags: exit 2, one clear line
     out = lorastudio("train", "presets/tiny_smoke.yaml", "--gpus", "2", "--strategy", "fsdp")

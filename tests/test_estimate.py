@@ -8,7 +8,11 @@ import pytest
 
 from conftest import ROOT
 from lorastudio.core import config as C
+from lorastudio.core import arch as A
 from lorastudio.core import estimate as E
+from lorastudio.core import memory as M
+from lorastudio.core import resolve as R
+from lorastudio.webui import estimate_view
 
 LLAMA = "meta-llama/Llama-3.1-8B-Instruct"
 
@@ -21,6 +25,11 @@ def cfg(**kw):
     return C.from_dict(data)
 
 
+def gpu(c):
+    """Stage 2 of the resolver on an assumed CUDA card (what the training child has before the plan)."""
+    return R.resolve(c, R.assumed("cuda"))
+
+
 def total(c, **kw):
     return E.estimate(c, detect=False, **kw)["total_gib"]
 
@@ -28,9 +37,9 @@ def total(c, **kw):
 def test_known_parameter_counts():
     from lorastudio.core import model_configs as MC
 
-    assert E.param_counts(MC.lookup(LLAMA))["total"] == 8_030_261_248  # the published figures
-    assert E.param_counts(MC.lookup("Qwen/Qwen2.5-0.5B-Instruct"))["total"] == 494_032_768
-    assert E.param_counts(MC.lookup("google/gemma-2-2b-it"))["total"] == 2_614_341_888
+    assert A.param_counts(MC.lookup(LLAMA))["total"] == 8_030_261_248  # the published figures
+    assert A.param_counts(MC.lookup("Qwen/Qwen2.5-0.5B-Instruct"))["total"] == 494_032_768
+    assert A.param_counts(MC.lookup("google/gemma-2-2b-it"))["total"] == 2_614_341_888
 
 
 def test_components_and_method_ordering():
@@ -39,7 +48,7 @@ def test_components_and_method_ordering():
     est = E.estimate(cfg(method="qlora"), detect=False)
     comp = est["components"]
     assert {"weights", "lora", "activations", "logits", "cuda_context", "allocator_margin"} <= set(comp)
-    assert comp["cuda_context"] == pytest.approx(E.CUDA_CONTEXT_GIB)
+    assert comp["cuda_context"] == pytest.approx(M.CUDA_CONTEXT_GIB)
     # 4-bit linears + bf16 embeddings/lm_head/norms; stock PEFT's fp32 upcast adds 2 bytes/param of those
     assert 5.0 < comp["weights"] < 5.6
     upcast = E.estimate(cfg(method="qlora", **{"quantization.fp32_upcast": "true"}), detect=False)["components"]
@@ -102,7 +111,7 @@ def test_parse_gpu_mem():
 def test_unknown_model_is_a_clear_error(tmp_path):
     with pytest.raises(E.EstimateError, match="no stored architecture"):
         E.estimate(cfg(**{"model.name_or_path": "someone/unknown-model"}), detect=False)
-    assert "unavailable" in E.estimate_markdown(cfg(**{"model.name_or_path": "someone/unknown-model"}))
+    assert "unavailable" in estimate_view.estimate_markdown(cfg(**{"model.name_or_path": "someone/unknown-model"}))
 
 
 def test_local_folder_config_json(tmp_path):
@@ -116,7 +125,7 @@ def test_local_folder_config_json(tmp_path):
 
 
 def test_cli_estimate_and_list_presets(capsys):
-    from lorastudio import cli
+    from lorastudio.cli import commands as cli
 
     assert cli.main(["estimate", "llama3_1_8b_qlora", "--gpu-mem", "8GB"]) == 1
     out = capsys.readouterr().out
@@ -132,7 +141,7 @@ def test_cli_estimate_and_list_presets(capsys):
 
 
 def test_train_gpu_mem_flag_parses():
-    from lorastudio import cli
+    from lorastudio.cli import commands as cli
 
     a = cli.build_parser().parse_args(["train", "x.yaml", "--gpu-mem", "24GB"])
     assert a.gpu_mem == "24GB"
@@ -141,7 +150,7 @@ def test_train_gpu_mem_flag_parses():
 
 
 def test_ui_helpers_are_torch_free():
-    code = ("import sys, webui.tab_train as T, webui.tab_model as M\n"
+    code = ("import sys, lorastudio.webui.tab_train as T, lorastudio.webui.tab_model as M\n"
             "md = T.estimate_view('llama3_1_8b_qlora', T.preset_form('llama3_1_8b_qlora'), '10GB')\n"
             "assert 'does NOT fit' in md and 'To fit' in md, md\n"
             "assert 'qlora' in M.model_estimate_view('Qwen/Qwen2.5-7B-Instruct')\n"
@@ -156,23 +165,23 @@ def test_checkpointing_auto_decision_follows_the_card_and_the_data():
     card's free memory without it (the Llama-3.1-8B QLoRA preset: on for an 8 GiB card, off on 80 GiB)."""
     c = cfg(method="qlora", **{"training.micro_batch_size": 1})
     arch = E.arch_for(LLAMA)
-    on, why = E.checkpointing_decision(c, arch, max_tokens=2048, free_gib=7.5)
+    on, why = M.checkpointing_decision(gpu(c), arch, max_tokens=2048, free_gib=7.5)
     assert on is True and why.startswith("on:")
-    off, why = E.checkpointing_decision(c, arch, max_tokens=2048, free_gib=79.0)
+    off, why = M.checkpointing_decision(gpu(c), arch, max_tokens=2048, free_gib=79.0)
     assert off is False and why.startswith("off:") and "2048 tokens" in why
     # a long batch on the same 80 GiB card keeps it on
-    assert E.checkpointing_decision(c, arch, max_tokens=200_000, free_gib=79.0)[0] is True
-    assert E.checkpointing_decision(c, None, max_tokens=10, free_gib=79.0) == (True, "unknown architecture: kept on")
+    assert M.checkpointing_decision(gpu(c), arch, max_tokens=200_000, free_gib=79.0)[0] is True
+    assert M.checkpointing_decision(gpu(c), None, max_tokens=10, free_gib=79.0) == (True, "unknown architecture: kept on")
 
 
 def test_memory_plan_picks_speed_when_it_fits_and_savings_when_not():
     c = cfg(method="qlora", **{"training.micro_batch_size": 1})
     arch = E.arch_for(LLAMA)
-    big, why = E.memory_plan(c, arch, max_tokens=2048, budget_gib=79.0)
+    big, why = R.plan(gpu(c), arch, max_tokens=2048, budget_gib=79.0)
     assert big == {"training.gradient_checkpointing": False, "training.optimizer": "adamw_torch_fused",
                    "model.embeddings_on_cpu": False, "training.offload_activations": False,
                    "training.tiled_mlp": False, "training.cudnn_attention": False}, why
-    small, why = E.memory_plan(c, arch, max_tokens=2048, budget_gib=7.5, host_gib=16)  # "an 8 GB card"
+    small, why = R.plan(gpu(c), arch, max_tokens=2048, budget_gib=7.5, host_gib=16)  # "an 8 GB card"
     assert small == {"training.gradient_checkpointing": True, "training.optimizer": "paged_adamw_8bit",
                      "model.embeddings_on_cpu": True, "training.offload_activations": True,
                      "training.tiled_mlp": False, "training.cudnn_attention": False}, why
@@ -182,22 +191,22 @@ def test_memory_plan_picks_speed_when_it_fits_and_savings_when_not():
     # 348k tokens (10x stock's longest on 80 GiB): 2.66 GiB per input, in plain RAM at that size
     # (pinned, torch would round each to 4 GiB: the OOM killer, measured): 90.3 GiB; a host with
     # 100 GiB available keeps them on the GPU and says why, one with 124 GiB takes them
-    long, why = E.memory_plan(c, arch, max_tokens=348_160, budget_gib=80, host_gib=100)
+    long, why = R.plan(gpu(c), arch, max_tokens=348_160, budget_gib=80, host_gib=100)
     assert long["training.offload_activations"] is False, why
     assert any("activations stay on the GPU: in CPU RAM they would need ~90.3 GiB, 100.0 GiB available" in w
                for w in why), why
-    assert E.memory_plan(c, arch, max_tokens=348_160, budget_gib=80, host_gib=124)[0][
+    assert R.plan(gpu(c), arch, max_tokens=348_160, budget_gib=80, host_gib=124)[0][
         "training.offload_activations"] is True
-    assert E.host_available_gib() > 0
+    assert M.host_available_gib() > 0
     # what the plan ends at is what the estimate says for those settings
     s = E._with(c, training__gradient_checkpointing=True, training__optimizer="paged_adamw_8bit",
                 model__embeddings_on_cpu=True)
     on_gpu = E._with(c, training__gradient_checkpointing=True, training__optimizer="paged_adamw_8bit")
-    assert E._total_gib(on_gpu, arch) - E._total_gib(s, arch) == pytest.approx(128256 * 4096 * 2 / 2**30, rel=0.03)
+    assert M.total_gib(R.for_estimate(on_gpu), arch) - M.total_gib(R.for_estimate(s), arch) == pytest.approx(128256 * 4096 * 2 / 2**30, rel=0.03)
     # fields the user set are left alone
     fixed = cfg(method="qlora", **{"training.micro_batch_size": 1, "training.optimizer": "adamw_torch",
                                     "training.gradient_checkpointing": "true"})
-    assert set(E.memory_plan(fixed, arch, 2048, 7.5, host_gib=16)[0]) == {
+    assert set(R.plan(gpu(fixed), arch, 2048, 7.5, host_gib=16)[0]) == {
         "model.embeddings_on_cpu", "training.offload_activations", "training.tiled_mlp", "training.cudnn_attention"}
 
 
@@ -210,7 +219,7 @@ def test_preflight_shows_the_memory_plan_for_the_card():
     assert "embeddings_on_cpu=True" in out.stdout
     big = E.estimate(cfg(method="qlora"), detect=False, gpu_mem_gib=80)
     assert big["plan"]["settings"]["training.gradient_checkpointing"] is False
-    assert "gradient_checkpointing: False" in E.format_markdown(big)
+    assert "gradient_checkpointing: False" in estimate_view.format_markdown(big)
 
 
 def test_tiled_mlp_from_32k_tokens_and_what_it_saves():
@@ -218,17 +227,17 @@ def test_tiled_mlp_from_32k_tokens_and_what_it_saves():
     tile (4096 tokens on an 8B) of MLP intermediates instead of the whole row."""
     c = cfg(method="qlora", **{"training.micro_batch_size": 1})
     arch = E.arch_for(LLAMA)
-    long, why = E.memory_plan(c, arch, max_tokens=65536, budget_gib=80, host_gib=100)
+    long, why = R.plan(gpu(c), arch, max_tokens=65536, budget_gib=80, host_gib=100)
     assert long["training.tiled_mlp"] is True and any("tiled MLP" in w for w in why), why
-    assert E.memory_plan(c, arch, max_tokens=4096, budget_gib=80, host_gib=100)[0]["training.tiled_mlp"] is False
+    assert R.plan(gpu(c), arch, max_tokens=4096, budget_gib=80, host_gib=100)[0]["training.tiled_mlp"] is False
     # cuDNN attention from the same length (one plan per row length is paid back when attention
     # dominates the step: 1.99 vs 3.15 s per layer forward at 348k tokens, H200, docs/BENCHMARKS.md)
     assert long["training.cudnn_attention"] is True and any("cuDNN attention" in w for w in why), why
-    assert E.memory_plan(c, arch, max_tokens=32767, budget_gib=80, host_gib=100)[0]["training.cudnn_attention"] is False
+    assert R.plan(gpu(c), arch, max_tokens=32767, budget_gib=80, host_gib=100)[0]["training.cudnn_attention"] is False
     user = cfg(method="qlora", **{"training.micro_batch_size": 1, "training.cudnn_attention": "false"})
-    assert "training.cudnn_attention" not in E.memory_plan(user, arch, 65536, 80, host_gib=100)[0]
+    assert "training.cudnn_attention" not in R.plan(gpu(user), arch, 65536, 80, host_gib=100)[0]
     at = dict(template__cutoff_len=65536, training__gradient_checkpointing=True)
-    plain = E._total_gib(E._with(c, training__tiled_mlp=False, **at), arch)
-    tiled = E._total_gib(E._with(c, training__tiled_mlp=True, **at), arch)
+    plain = M.total_gib(R.for_estimate(E._with(c, training__tiled_mlp=False, **at)), arch)
+    tiled = M.total_gib(R.for_estimate(E._with(c, training__tiled_mlp=True, **at)), arch)
     saved = 4 * 2 * 14336 * (65536 - 4096) / 2 ** 30  # gate, up, act, product in bf16, all but one tile
-    assert plain - tiled == pytest.approx(saved * (1 + E.FRAGMENTATION), rel=0.02)
+    assert plain - tiled == pytest.approx(saved * (1 + M.FRAGMENTATION), rel=0.02)

@@ -8,6 +8,7 @@ import torch
 from safetensors.torch import load_file
 
 from lorastudio.core import config as config_lib
+from lorastudio.core import resolve as resolve_lib
 from lorastudio.core import dataset as dataset_lib
 from lorastudio.core import model as model_lib
 from lorastudio.core import train as train_lib
@@ -23,7 +24,7 @@ def _cfg(smoke_run, method):
     cfg.training.gradient_checkpointing = "auto"
     cfg.training.kernels = "auto"
     cfg.template.padding_free = "auto"
-    return config_lib.resolve(cfg)
+    return resolve_lib.resolve(cfg)
 
 
 def _stock(cfg, tokenizer):
@@ -105,15 +106,15 @@ def test_fast_path_equals_stock_logits_loss_and_lora_grads(smoke_run, method, fu
 
 def test_padding_free_is_off_for_remote_code_and_kernels_need_cuda():
     cfg = config_lib.from_dict({"model": {"trust_remote_code": True}, "training": {"device": "cpu"}})
-    assert config_lib.resolve(cfg).template.padding_free is False  # its attention may ignore position_ids
+    assert resolve_lib.resolve(cfg).template.padding_free is False  # its attention may ignore position_ids
     cfg = config_lib.from_dict({"training": {"device": "cpu", "neftune_alpha": 5}})
-    assert config_lib.resolve(cfg).template.padding_free is False  # NEFTune's noise scales with row length
+    assert resolve_lib.resolve(cfg).template.padding_free is False  # NEFTune's noise scales with row length
     cfg = config_lib.from_dict({"training": {"device": "cpu", "kernels": "loss"}})
     with pytest.raises(config_lib.ConfigError, match="training.kernels: loss needs CUDA"):
-        config_lib.resolve(cfg)
+        resolve_lib.resolve(cfg)
     cfg = config_lib.from_dict({"training": {"device": "cpu"}})
-    assert config_lib.resolve(cfg).training.kernels == "off"
-    assert config_lib.resolve(cfg).training.fused_lora is False  # auto: CUDA only
+    assert resolve_lib.resolve(cfg).training.kernels == "off"
+    assert resolve_lib.resolve(cfg).training.fused_lora is False  # auto: CUDA only
 
 
 def test_fused_lora_auto_rules(monkeypatch):
@@ -128,7 +129,7 @@ def test_fused_lora_auto_rules(monkeypatch):
         for key, value in over.items():
             section, field = key.split("__")
             raw.setdefault(section, {})[field] = value
-        return config_lib.resolve(config_lib.from_dict(raw)).training.fused_lora
+        return resolve_lib.resolve(config_lib.from_dict(raw)).training.fused_lora
 
     assert fused() is True
     assert fused(lora__dropout=0.05) is False
@@ -331,20 +332,20 @@ def test_tiled_mlp_keeps_one_input_per_mlp_for_backward(smoke_run):
 def test_tiled_mlp_auto_and_refusals():
     """auto: off on CPU (the memory plan decides on CUDA: tests/test_estimate.py); dropout > 0 or
     several GPUs refuse it when asked for (recomputed tiles would draw new masks; gradient hooks)."""
-    assert config_lib.resolve(config_lib.from_dict({"training": {"device": "cpu"}})).training.tiled_mlp is False
+    assert resolve_lib.resolve(config_lib.from_dict({"training": {"device": "cpu"}})).training.tiled_mlp is False
     with pytest.raises(config_lib.ConfigError, match="training.tiled_mlp: needs lora.dropout 0"):
-        config_lib.resolve(config_lib.from_dict({"training": {"device": "cpu", "tiled_mlp": True},
+        resolve_lib.resolve(config_lib.from_dict({"training": {"device": "cpu", "tiled_mlp": True},
                                                  "lora": {"dropout": 0.1}}))
     with pytest.raises(config_lib.ConfigError, match="training.tiled_mlp: one GPU only"):
-        config_lib.resolve(config_lib.from_dict({"training": {"device": "cpu", "tiled_mlp": True, "gpus": 2}}))
+        resolve_lib.resolve(config_lib.from_dict({"training": {"device": "cpu", "tiled_mlp": True, "gpus": 2}}))
 
 
 def test_cudnn_attention_auto_and_refusal():
     """auto: off on CPU (on CUDA the memory plan decides from the row length); asked for on CPU
     it is a config error naming the field, not a silent no-op."""
-    assert config_lib.resolve(config_lib.from_dict({"training": {"device": "cpu"}})).training.cudnn_attention is False
+    assert resolve_lib.resolve(config_lib.from_dict({"training": {"device": "cpu"}})).training.cudnn_attention is False
     with pytest.raises(config_lib.ConfigError, match="training.cudnn_attention: CUDA only"):
-        config_lib.resolve(config_lib.from_dict({"training": {"device": "cpu", "cudnn_attention": True}}))
+        resolve_lib.resolve(config_lib.from_dict({"training": {"device": "cpu", "cudnn_attention": True}}))
 
 
 def test_offload_hooks_copy_activations_not_parameters():
@@ -487,7 +488,7 @@ def test_padded_padding_free_rows_keep_samples_apart(smoke_run):
     # not padding-free: TRL pads each row to the multiple, attention mask 0 on the pad
     rect = dataset_lib.collator(tokenizer, False, 64)(rows)
     assert rect["input_ids"].shape[1] % 64 == 0 and rect["attention_mask"].sum() == n
-    assert config_lib.resolve(config_lib.from_dict({"training": {"device": "cpu"}})).template.pad_to_multiple_of == 1
+    assert resolve_lib.resolve(config_lib.from_dict({"training": {"device": "cpu"}})).template.pad_to_multiple_of == 1
 
 
 def test_fused_lora_falls_back_outside_plain_training(smoke_run):
@@ -533,7 +534,7 @@ def test_memory_plan_sizes_the_largest_padded_row(monkeypatch):
     the longest samples in one row, padded up to the multiple (190 tokens -> 192 with 64)."""
     monkeypatch.setattr(torch.cuda, "mem_get_info", lambda *a: (80 * 2 ** 30, 80 * 2 ** 30))
     cfg = config_lib.from_dict({"training": {"device": "cpu", "micro_batch_size": 2}})
-    cfg = config_lib.resolve(cfg)
+    cfg = resolve_lib.resolve(cfg)
     cfg.training.gradient_checkpointing = "auto"  # what a CUDA run leaves to the plan
     cfg.template.pad_to_multiple_of = 64
     _decided, why = train_lib.memory_plan(cfg, [100, 90, 80])

@@ -12,6 +12,7 @@ import pytest
 
 from conftest import ROOT, events, lorastudio, wait_for
 from lorastudio.core import locks, runs
+from lorastudio.core import resolve as resolve_lib
 
 
 def start(run_dir, *sets):
@@ -89,7 +90,7 @@ def test_child_output_flood_without_a_reader(tmp_path):
 
     cfg = config_lib.load(ROOT / "presets" / "tiny_smoke.yaml",
                           ["training.max_steps=20", "training.sample_every=0", "data.eval_split=0"])
-    config_lib.save(config_lib.resolve(cfg), run_dir / "config.yaml")
+    config_lib.save(resolve_lib.resolve(cfg), run_dir / "config.yaml")
     # the real launcher, with a prelude that floods both streams before the trainer runs
     flood = ("import sys; sys.stdout.write('o' * (1 << 20) + '\\n'); sys.stderr.write('e' * (1 << 20) + '\\n'); "
              "sys.stdout.flush(); from lorastudio.core.train import main; sys.exit(main(sys.argv[1:]))")

@@ -10,6 +10,7 @@ import torch
 
 from conftest import lorastudio, shared_assets
 from lorastudio.core import config as config_lib
+from lorastudio.core import resolve as resolve_lib
 from lorastudio.core import templates
 from lorastudio.core import train as train_lib
 
@@ -40,7 +41,7 @@ def tiny_model_for(tokenizer):
 
 
 def trainer_batches(tmp_path, tok_dir, rows, packing=False, template="auto", cutoff=256, batch=2, padding_free="auto"):
-    cfg = config_lib.resolve(config_lib.from_dict({
+    cfg = resolve_lib.resolve(config_lib.from_dict({
         "model": {"name_or_path": str(tok_dir)},
         "data": {"sources": [{"path": str(write_jsonl(tmp_path / "d.jsonl", rows))}]},
         "template": {"name": template, "cutoff_len": cutoff, "packing": packing, "padding_free": padding_free},
@@ -156,7 +157,7 @@ def test_gradient_checkpointing_really_active_in_training(tmp_path):
     """HF applies checkpointing only in train mode; the Trainer must see it enabled."""
     from lorastudio.core import model as model_lib
 
-    cfg = config_lib.resolve(config_lib.from_dict({"training": {"gradient_checkpointing": True}}))
+    cfg = resolve_lib.resolve(config_lib.from_dict({"training": {"gradient_checkpointing": True}}))
     tokenizer, _t, _m, _n = train_lib.load_tokenizer_and_template(cfg)
     model = model_lib.load_for_training(cfg, tokenizer)
     model.train()

@@ -8,6 +8,8 @@ import re
 import pytest
 
 from lorastudio.core import config as C
+from lorastudio.core import resolve as resolve_lib
+from lorastudio.core import arch as A
 from lorastudio.core import estimate as E
 from lorastudio.core import model_configs as MC
 
@@ -87,7 +89,7 @@ def test_architecture_builds_on_meta_targets_resolve_and_count_matches(name):
     arch = MC.lookup(cfg.model.name_or_path)
     model = _meta_model(arch)
     n = sum(p.numel() for p in model.parameters())
-    assert n == E.param_counts(arch)["total"]
+    assert n == A.param_counts(arch)["total"]
     targets = cfg.lora.target_modules
     if arch.get("stand_in"):
         assert targets == "all-linear"  # names differ between the real model and the stand-in
@@ -96,7 +98,7 @@ def test_architecture_builds_on_meta_targets_resolve_and_count_matches(name):
     trainable = sum(p.numel() for p in peft_model.parameters() if p.requires_grad)
     if cfg.method == "full":
         return
-    assert trainable == E.lora_params(arch, targets, cfg.lora.r, cfg.lora.use_dora)[0] > 0
+    assert trainable == A.lora_params(arch, targets, cfg.lora.r, cfg.lora.use_dora)[0] > 0
 
 
 def test_remote_code_needs_the_opt_in(tmp_path):
@@ -119,4 +121,4 @@ def test_remote_code_needs_the_opt_in(tmp_path):
     assert tok.pad_token is not None
     rc = C.from_dict({"model": {"name_or_path": str(folder)}, "training": {"device": "cpu"}})
     with pytest.raises(model_lib.ModelError, match="trust_remote_code"):
-        model_lib.load_for_training(C.resolve(rc), tok)
+        model_lib.load_for_training(resolve_lib.resolve(rc), tok)

@@ -140,9 +140,9 @@ def model_info_view(name_or_path: str, trust_remote_code: bool):
 
 def model_estimate_view(name_or_path: str) -> str:
     """Markdown: estimated peak VRAM of QLoRA/LoRA/full for this model (pure arithmetic, no torch)."""
-    from lorastudio.core import estimate
+    from .estimate_view import model_markdown
 
-    return estimate.model_markdown(name_or_path)
+    return model_markdown(name_or_path)
 
 
 def build(ui: dict) -> None:

@@ -194,13 +194,13 @@ def start_from_dict(preset: str | None, values: dict) -> tuple[str, str, str]:
 
 def estimate_view(preset: str | None, values: dict, gpu_mem: str | None = None) -> str:
     """Markdown: the pre-flight VRAM estimate of what Start would run (pure arithmetic, no torch)."""
-    from lorastudio.core import estimate
+    from .estimate_view import estimate_markdown
 
     try:
         cfg = build_config(preset or None, values)
     except Exception as e:  # noqa: BLE001
         return f"VRAM estimate unavailable: {error_text(e)}"
-    return estimate.estimate_markdown(cfg, gpu_mem or None)
+    return estimate_markdown(cfg, gpu_mem or None)
 
 
 def start(preset: str, model: str, trust_remote_code: bool, data: str, fmt: str, columns: str, template: str,

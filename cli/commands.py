@@ -16,6 +16,8 @@ import time
 from pathlib import Path
 
 from lorastudio import presets
+from . import estimate_text
+from lorastudio.core import resolve
 
 EXIT_USAGE = 2
 
@@ -75,7 +77,7 @@ def cmd_train(a) -> int:
     cfg_path = presets.resolve(a.config)
     try:
         cfg = config_lib.load(cfg_path, a.set + _scale_sets(a))
-        cfg = config_lib.resolve(cfg)
+        cfg = resolve.resolve(cfg)
     except config_lib.ConfigError as e:
         return _err(str(e), runs.EXIT_CONFIG)
     if a.gpu_mem is not None:  # pre-flight: the estimate before Start (it never blocks the run)
@@ -83,7 +85,7 @@ def cmd_train(a) -> int:
 
         try:
             est = estimate_lib.estimate(cfg, gpu_mem_gib=estimate_lib.parse_gpu_mem(a.gpu_mem) if a.gpu_mem else None)
-            print(estimate_lib.format_text(est), flush=True)
+            print(estimate_text.format_text(est), flush=True)
         except (estimate_lib.EstimateError, ValueError) as e:
             print(f"estimate unavailable: {e}", file=sys.stderr)
     if a.run_dir:
@@ -119,7 +121,7 @@ def cmd_estimate(a) -> int:
     if a.json:
         print(json.dumps(est, indent=1, default=str))
     else:
-        print(estimate_lib.format_text(est))
+        print(estimate_text.format_text(est))
     return 0 if est["fits"] is not False else 1
 
 
@@ -149,7 +151,7 @@ def cmd_resume(a) -> int:
 
         path = run_dir / "config.yaml"
         try:
-            cfg = config_lib.resolve(config_lib.load(path, _scale_sets(a)))
+            cfg = resolve.resolve(config_lib.load(path, _scale_sets(a)))
         except config_lib.ConfigError as e:
             return _err(str(e), runs.EXIT_CONFIG)
         header = "\n".join(ln for ln in path.read_text().splitlines() if ln.startswith("#"))

@@ -1,0 +1,248 @@
+"""The memory model: peak GPU memory, by component, of a resolved RunConfig.
+
+Pure arithmetic on the architecture (core.model_configs, or a local folder's config.json): no
+torch at import, no weights read. It models what *this product's* training path allocates
+(core.model.load_for_training + core.train.build_trainer on CUDA, bf16):
+
+Weights (`weights`)
+  16-bit (lora/full, bf16/fp16): 2 bytes/param; fp32: 4.
+  QLoRA 4-bit NF4/FP4: the decoder's linear layers at 0.5 byte/param + quantisation constants
+  (blocksize 64: one fp32 absmax per block = 4/64 byte/param; with double quant the absmax is
+  8-bit plus one fp32 per 256 blocks: 1/64 + 4/(64*256) byte/param). 8-bit: 1 byte/param + one
+  fp32 scale per output row. Embeddings, lm_head and norms are not quantised and stay in the
+  compute dtype; with quantization.fp32_upcast (stock PEFT's prepare_model_for_kbit_training)
+  they cost 4 bytes/param.
+LoRA (`lora`)
+  r * (in + out) per targeted linear (+ out for DoRA's magnitude), kept in fp32 by PEFT
+  (autocast_adapter_dtype): 4 bytes weights + 4 grads + 8 AdamW state = 16 bytes/param.
+Full fine-tuning (`gradients`, `optimizer`)
+  grads in the weights' dtype; torch AdamW keeps exp_avg/exp_avg_sq in the parameter dtype
+  (2 x weights); the foreach step adds one parameter-sized temporary (`optimizer_step_temp`).
+Activations (`activations`), per token, per decoder layer, compute dtype b bytes (2 for bf16):
+  without gradient checkpointing everything autograd saves:
+    norms     2 x 4H            (RMSNorm saves its fp32 input copy)           [+4H more for Gemma-2]
+    norm outs 2 x bH            (the input of the attention and MLP linears)
+    attention b(2Hq + 2Hkv)     (rotated q, k, v and the SDPA output; flash/mem-efficient SDPA,
+                                 no s^2 term. eager attention adds 16 bytes x heads x s per token:
+                                 scores, softcapping, softmax in fp32, probabilities)
+    MLP       4 bI              (gate, act(gate), up, act*up)
+    LoRA      nothing more with dropout 0 (lora_A saves the same input tensor as the base layer:
+              bitsandbytes layers skip PEFT's input cast under autocast, and the product turns it
+              off for 16-bit layers); with dropout > 0, b x in (the dropped copy) + 1 x in (the mask)
+              per targeted linear
+    full FT   + 2bH             (the norm-weight products that need their input)
+  with gradient checkpointing: only each layer's input, rH per token (r = 4 under QLoRA with
+  fp32_upcast, where fp32 embeddings and norms make the residual stream fp32; else b), plus one layer recomputed
+  during backward (the full per-layer figure above, once) and the gradient of the hidden state.
+  Tokens = cutoff_len x micro_batch_size (the worst case: rows padded to the batch's longest).
+Logits (`logits`)
+  N x V x LOGITS_BYTES: the 16-bit logits, their fp32 upcast in the loss, log-softmax saved for
+  backward and its gradient (~12 bytes/logit at the peak; Gemma-2's final softcapping adds 4).
+  With fp32_upcast the fp32 lm_head is cast to a 16-bit copy that autograd keeps (2VH).
+  With training.kernels (liger's fused linear + cross-entropy) the logits are built a chunk of
+  N / ceil(V / H) tokens at a time, 6 bytes/logit (16-bit logits + fp32 gradient), plus the fp32
+  gradient of the hidden states (4NH).
+Fixed
+  CUDA context (`CUDA_CONTEXT_GIB`: the driver, cuBLAS and kernels; counted by nvidia-smi, not by
+  torch) and the allocator margin (`FRAGMENTATION` of the dynamic memory + `STATIC_SLACK` of the
+  static: reserved-but-unallocated blocks of torch's caching allocator).
+
+core.estimate compares the total with a card and suggests changes; core.resolve.plan uses it to
+pick the auto memory settings of a run.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from .arch import dims, linear_shapes, lora_params, param_counts
+
+GIB = 1024 ** 3
+CUDA_CONTEXT_GIB = 0.6  # CUDA context + cuBLAS workspace + loaded kernels on an H100/H200 (torch 2.x, CUDA 12/13)
+FRAGMENTATION = 0.10  # extra reserved over allocated for the dynamic part (activations, logits)
+STATIC_SLACK = 0.02  # and for the static part (weights, grads, optimizer state)
+LOGITS_BYTES = 12  # bytes per logit at the loss peak: bf16 logits (2) + fp32 upcast (4) + log-softmax (4) + ...
+SOFTCAP_LOGITS_BYTES = 4  # Gemma-2 final_logit_softcapping: the scaled and tanh'd copies
+EAGER_SCORE_BYTES = 16  # eager attention, per head x s x s: scores, softcap, fp32 softmax, probabilities
+NF4_BLOCK = 64
+
+# the components by name, as people read them
+LABELS = {"weights": "weights", "lora": "LoRA params + grads + AdamW (fp32)", "gradients": "gradients",
+           "optimizer": "optimizer state (AdamW)", "optimizer_step_temp": "optimizer step temporaries",
+           "activations": "activations", "logits": "logits + loss", "dequant_buffer": "4-bit dequant buffer",
+           "allocator_margin": "allocator margin", "cuda_context": "CUDA context"}
+
+
+def _settings(cfg) -> dict:
+    """The resolved values the model reads (the estimate's "assumes" line)."""
+    t = cfg.training
+    if cfg.model.dtype == "auto" or t.device == "auto":
+        raise ValueError("the memory model needs a resolved config (core.resolve.for_estimate)")
+    return dict(device=t.device, dtype=cfg.model.dtype, gradient_checkpointing=t.gradient_checkpointing is True,
+                optimizer=t.optimizer, kernels=t.kernels, embeddings_on_cpu=cfg.model.embeddings_on_cpu is True,
+                offload_activations=t.offload_activations is True, tiled_mlp=t.tiled_mlp is True)
+
+
+def breakdown(cfg, arch: dict) -> dict:
+    """Bytes by component for a config whose machine-dependent values are resolved (core.resolve;
+    a memory setting still at auto counts as off)."""
+    r = _settings(cfg)
+    d = dims(arch)
+    H, I, L, V, Hq, Hkv = d["H"], d["I"], d["L"], d["V"], d["Hq"], d["Hkv"]
+    b = 4 if r["dtype"] == "float32" else 2
+    pc = param_counts(arch)
+    method = cfg.method
+    bits = cfg.quantization.bits if method == "qlora" else None
+    opt_8bit = "8bit" in r["optimizer"]
+    state_bytes = 2 if opt_8bit else (8 if "32bit" in r["optimizer"] or b == 4 else 2 * b)
+
+    comp: dict[str, float] = {}
+    # weights
+    non_linear = pc["total"] - pc["linear"]
+    upcast = 4 if (bits and cfg.quantization.fp32_upcast) else b  # bytes/param of what is not quantised
+    if bits == 4:
+        per = 0.5 + (1 / NF4_BLOCK + 4 / (NF4_BLOCK * 256) if cfg.quantization.double_quant else 4 / NF4_BLOCK)
+        comp["weights"] = pc["linear"] * per + non_linear * upcast
+    elif bits == 8:
+        rows = sum(o for _i, o in linear_shapes(arch).values()) * L
+        comp["weights"] = pc["linear"] * 1 + rows * 4 + non_linear * upcast
+    else:
+        comp["weights"] = pc["total"] * b
+    if r["embeddings_on_cpu"] and not arch.get("tie_word_embeddings"):
+        comp["weights"] -= pc["embedding"] * upcast  # the table lives in CPU RAM
+
+    # trainable parameters: LoRA (fp32 weights + grads + AdamW) or the full model
+    n_lora, targets = (0, [])
+    if method in ("lora", "qlora"):
+        n_lora, targets = lora_params(arch, cfg.lora.target_modules, cfg.lora.r, cfg.lora.use_dora)
+        comp["lora"] = n_lora * (4 + 4 + (2 if opt_8bit else 8))
+        trainable = n_lora
+    else:
+        comp["gradients"] = pc["total"] * b
+        comp["optimizer"] = pc["total"] * state_bytes
+        trainable = pc["total"]
+
+    # activations, per token per layer (see the module docstring)
+    tokens = cfg.template.cutoff_len * cfg.training.micro_batch_size
+    resid = _resid_bytes(cfg, r["dtype"])
+    norms = arch.get("norms_per_layer", 2)
+    per_layer = norms * 4 * H + 2 * b * H + b * (2 * Hq + 2 * Hkv) + 4 * b * I
+    tile = tiled_mlp_tile(H)
+    if r["tiled_mlp"] and tokens > tile:  # the MLP's intermediates: one tile at a time
+        per_layer -= 4 * b * I * (1 - tile / tokens)
+    if method == "full":
+        per_layer += 2 * b * H
+    else:
+        shapes = linear_shapes(arch)
+        per_in = (b + 1) if cfg.lora.dropout > 0 else 0
+        per_layer += sum(shapes[t][0] for t in targets) * per_in
+    if cfg.model.attn_implementation == "eager":
+        per_layer += EAGER_SCORE_BYTES * d["nh"] * cfg.template.cutoff_len
+    offload = r["offload_activations"]  # saved tensors in CPU RAM: only the layer being recomputed stays
+    if r["gradient_checkpointing"]:
+        act = tokens * ((0 if offload else L * resid * H) + per_layer + 2 * b * H)
+    else:
+        act = tokens * (1 if offload else L) * per_layer
+    comp["activations"] = act
+
+    logit_bytes = LOGITS_BYTES + (SOFTCAP_LOGITS_BYTES if arch.get("final_logit_softcapping") else 0)
+    if r["kernels"] in ("loss", "all"):
+        chunk = tokens / max(1, -(-V // H))
+        comp["logits"] = chunk * V * 6 + tokens * H * 4
+    else:
+        comp["logits"] = tokens * V * logit_bytes + (2 * V * H if bits and upcast == 4 else 0)
+    if bits:  # one dequantised weight at a time (the widest linear), in and out of the matmul
+        comp["dequant_buffer"] = 2 * max(i * o for i, o in linear_shapes(arch).values()) * 2
+    if method == "full":
+        # the foreach AdamW step needs one parameter-sized temporary; activations are gone by then
+        temp = pc["total"] * b
+        comp["optimizer_step_temp"] = max(0.0, temp - (comp["activations"] + comp["logits"]))
+
+    static = sum(v for k, v in comp.items() if k in ("weights", "lora", "gradients", "optimizer"))
+    dynamic = sum(v for k, v in comp.items() if k not in ("weights", "lora", "gradients", "optimizer"))
+    comp["allocator_margin"] = FRAGMENTATION * dynamic + STATIC_SLACK * static
+    if r["device"] == "cuda":
+        comp["cuda_context"] = CUDA_CONTEXT_GIB * GIB
+    return dict(components=comp, resolved=r, params_total=pc["total"], params_trainable=trainable,
+                lora_targets=targets, tokens_per_step=tokens, params=pc)
+
+
+def total_gib(cfg, arch) -> float:
+    return sum(breakdown(cfg, arch)["components"].values()) / GIB
+
+
+def round_gib(x: float) -> float:
+    return round(x, 1)
+
+
+CHECKPOINTING_HEADROOM = 0.85  # turn checkpointing off only when the estimate uses <= 85% of free memory
+
+
+def at_tokens(cfg, max_tokens: int):
+    """A copy of cfg whose estimate counts max_tokens per micro-batch (tokens = cutoff_len x mb)."""
+    c = cfg.model_copy(deep=True)
+    c.template.cutoff_len = max(1, -(-max_tokens // c.training.micro_batch_size))
+    return c
+
+
+def checkpointing_decision(cfg, arch: dict | None, max_tokens: int, free_gib: float) -> tuple[bool, str]:
+    """gradient_checkpointing: auto on CUDA, decided once the data is known: off (no recompute,
+    ~1.3-7x faster steps) when the largest micro-batch of this dataset (max_tokens) fits in the
+    card's free memory without it, by this estimate with headroom; on otherwise or when the
+    architecture is unknown. Returns (checkpointing, reason)."""
+    if arch is None:
+        return True, "unknown architecture: kept on"
+    c = at_tokens(cfg, max_tokens)
+    c.training.gradient_checkpointing = False
+    need = total_gib(c, arch)
+    if need <= CHECKPOINTING_HEADROOM * free_gib:
+        return False, (f"off: the largest micro-batch ({max_tokens} tokens) needs ~{need:.1f} GiB without it, "
+                       f"{free_gib:.1f} GiB free")
+    return True, (f"on: without it the largest micro-batch ({max_tokens} tokens) would need ~{need:.1f} GiB "
+                  f"of {free_gib:.1f} GiB free")
+
+
+# a long row: from this many tokens in a micro-batch, training.tiled_mlp and
+# training.cudnn_attention (auto) turn on
+LONG_ROW_TOKENS = 32768
+
+
+def tiled_mlp_tile(hidden_size: int) -> int:
+    """Tokens per MLP tile: the hidden size (DeepSpeed's default), at least 1024."""
+    return max(1024, int(hidden_size))
+
+
+def _resid_bytes(cfg, dtype: str) -> int:
+    """Bytes of one residual-stream value (a checkpointed layer input): fp32 under QLoRA's fp32
+    upcast or in an fp32 run, else 2."""
+    bits = cfg.quantization.bits if cfg.method == "qlora" else None
+    return 4 if (bits and cfg.quantization.fp32_upcast) or dtype == "float32" else 2
+
+
+PINNED_MAX = 128 * 2 ** 20  # saved tensors this big or bigger are offloaded to pageable RAM (core.train)
+HOST_HEADROOM = 0.8  # offload activations only into <= 80% of the RAM the OS says is available
+
+
+def host_available_gib() -> float:
+    """RAM the OS can give this process now (Linux MemAvailable); inf where unknown."""
+    try:
+        for line in Path("/proc/meminfo").read_text().splitlines():
+            if line.startswith("MemAvailable:"):
+                return int(line.split()[1]) * 1024 / GIB
+    except OSError:
+        pass
+    return float("inf")
+
+
+def offloaded_gib(cfg, arch: dict) -> float:
+    """CPU RAM that training.offload_activations fills: each layer's checkpointed input, plus
+    the final norm's and the loss's inputs. Below PINNED_MAX a tensor goes to pinned
+    RAM, which torch rounds up to a power of two; above it, to plain RAM at its size (a 2.66 GiB
+    layer input of 348k tokens pinned 4 GiB, and 32 of them got an 8B run OOM-killed on a 125 GiB
+    host, docs/BENCHMARKS.md)."""
+    d = dims(arch)
+    resid = _resid_bytes(cfg, cfg.model.dtype)
+    per_layer = cfg.template.cutoff_len * cfg.training.micro_batch_size * resid * d["H"]
+    if per_layer < PINNED_MAX:
+        per_layer = 1 << max(0, per_layer - 1).bit_length()
+    return (d["L"] + 2) * per_layer / GIB
