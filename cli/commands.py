@@ -76,8 +76,7 @@ def cmd_train(a) -> int:
 
     cfg_path = presets.resolve(a.config)
     try:
-        cfg = config_lib.load(cfg_path, a.set + _scale_sets(a))
-        cfg = resolve.resolve(cfg)
+        cfg = resolve.resolve(config_lib.load(cfg_path, a.set + _scale_sets(a)))
     except config_lib.ConfigError as e:
         return _err(str(e), runs.EXIT_CONFIG)
     if a.gpu_mem is not None:  # pre-flight: the estimate before Start (it never blocks the run)
@@ -88,17 +87,13 @@ def cmd_train(a) -> int:
             print(estimate_text.format_text(est), flush=True)
         except (estimate_lib.EstimateError, ValueError) as e:
             print(f"estimate unavailable: {e}", file=sys.stderr)
-    if a.run_dir:
-        run_dir = Path(a.run_dir).resolve()
-        if (run_dir / "run.json").exists():
-            return _err(f"{run_dir} already holds a run; use `lorastudio resume {run_dir}` or another --run-dir")
-        run_dir.mkdir(parents=True, exist_ok=True)
-    else:
-        run_dir = runs.new_run_dir(cfg.output.run_name, cfg.model.name_or_path, cfg.method)
-    config_lib.save(cfg, run_dir / "config.yaml",
-                    header=f"# lorastudio train {run_dir / 'config.yaml'}\n# resolved from {cfg_path}\n")
-    runs.write_json(run_dir, status="queued", created=time.time(), source_config=str(cfg_path),
-                    run_name=run_dir.name)
+    try:
+        run_dir = runs.create_run(cfg, source=str(cfg_path), notes=(f"resolved from {cfg_path}",),
+                                  run_dir=a.run_dir, start=False)
+    except runs.LaunchError as e:
+        return _err(str(e))
+    except config_lib.ConfigError as e:
+        return _err(str(e), runs.EXIT_CONFIG)
     proc = runs.launch(run_dir)
     print(f"run dir: {run_dir}", flush=True)
     if a.detach:

@@ -39,8 +39,8 @@ def is_run_dir(target: str | Path) -> bool:
 
 
 def checkpoints(run_dir: str | Path) -> list[int]:
-    return sorted(int(p.name.split("-")[-1]) for p in Path(run_dir).glob("checkpoint-*")
-                  if p.name.split("-")[-1].isdigit() and (p / "adapter_config.json").exists())
+    """Steps of the checkpoints that hold an adapter (core.runs.checkpoints, read now)."""
+    return [c.step for c in runs.checkpoints(run_dir) if c.adapter]
 
 
 def pick_device(device: str = "auto") -> str:

@@ -61,7 +61,7 @@ def adapter_dir(run_dir: str | Path, checkpoint: int | None = None) -> Path:
     run_dir = Path(run_dir)
     src = run_dir / (f"checkpoint-{checkpoint}" if checkpoint is not None else "adapter")
     if not (src / "adapter_config.json").exists():
-        have = sorted(p.name for p in run_dir.glob("checkpoint-*") if (p / "adapter_config.json").exists())
+        have = [c.path.name for c in runs.checkpoints(run_dir) if c.adapter]
         if (run_dir / "model").is_dir() and checkpoint is None:
             raise ConvertError(f"{run_dir} is a full fine-tune: {run_dir / 'model'} is already a full model")
         raise ConvertError(f"no adapter in {src}" + (f" (checkpoints: {', '.join(have)})" if have else ""))

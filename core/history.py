@@ -51,16 +51,6 @@ def _number(x) -> float | None:
     return float(x) if isinstance(x, (int, float)) and not isinstance(x, bool) and math.isfinite(x) else None
 
 
-def checkpoints(run_dir: str | Path) -> list[int]:
-    """Steps of the checkpoint-N folders that exist now, ascending."""
-    steps = []
-    for p in Path(run_dir).glob("checkpoint-*"):
-        tail = p.name.split("-")[-1]
-        if p.is_dir() and tail.isdigit():
-            steps.append(int(tail))
-    return sorted(steps)
-
-
 def best_checkpoint(run_dir: str | Path, events: list[dict] | None = None) -> dict | None:
     """{"step", "eval_loss", "path"} of the existing checkpoint with the lowest eval loss at its
     step; None when no existing checkpoint has an eval at its step."""
@@ -70,7 +60,7 @@ def best_checkpoint(run_dir: str | Path, events: list[dict] | None = None) -> di
     for e in events:
         if e.get("event") == "eval" and _number(e.get("eval_loss")) is not None and _number(e.get("step")) is not None:
             evals[int(e["step"])] = _number(e["eval_loss"])  # a resumed run's later value wins
-    scored = [(evals[s], s) for s in checkpoints(run_dir) if s in evals]
+    scored = [(evals[c.step], c.step) for c in runs.checkpoints(run_dir) if c.step in evals]
     if not scored:
         return None
     loss, step = min(scored)

@@ -5,7 +5,6 @@ The retry halves the micro-batch and multiplies gradient accumulation so the eff
 
 from __future__ import annotations
 
-import time
 from pathlib import Path
 
 from . import config as config_lib
@@ -40,10 +39,5 @@ def retry(run_dir: str | Path, overrides: dict | None = None, launch: bool = Tru
     while new_dir.exists():
         i += 1
         new_dir = run_dir.with_name(f"{run_dir.name}-retry{i}")
-    new_dir.mkdir(parents=True)
-    config_lib.save(new_cfg, new_dir / "config.yaml",
-                    header=f"# lorastudio train {new_dir / 'config.yaml'}\n# retry of {run_dir}: {overrides}\n")
-    runs.write_json(new_dir, status="queued", created=time.time(), retry_of=str(run_dir), run_name=new_dir.name)
-    if launch:
-        runs.launch(new_dir)
-    return new_dir
+    return runs.create_run(new_cfg, source=str(run_dir / "config.yaml"), notes=(f"retry of {run_dir}: {overrides}",),
+                           run_dir=new_dir, start=launch, retry_of=str(run_dir))

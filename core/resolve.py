@@ -15,8 +15,13 @@ Every caller that needs a concrete value asks these functions; nothing else deci
 
 from __future__ import annotations
 
+import dataclasses
+import functools
 import importlib.util
+import json
 import os
+import subprocess
+import sys
 from dataclasses import dataclass
 
 
@@ -48,6 +53,22 @@ def probe(requested: str = "auto") -> Machine:
     device = requested if requested != "auto" else ("cuda" if cuda else "cpu")
     return Machine(device=device, bf16=bool(cuda and torch.cuda.is_bf16_supported()), liger=liger_available(),
                    probed=True, torch=torch.__version__)
+
+
+@functools.lru_cache(maxsize=4)
+def _probe_in_child(requested: str) -> Machine:
+    out = subprocess.run([sys.executable, "-m", "lorastudio.core.resolve", "--probe", requested],
+                         capture_output=True, text=True, timeout=300)
+    if out.returncode != 0:
+        lines = (out.stderr or out.stdout).strip().splitlines()
+        raise ConfigError(lines[-1].removeprefix("error: ") if lines else "could not probe this machine")
+    return Machine(**json.loads(out.stdout.strip().splitlines()[-1]))
+
+
+def probe_here_or_in_child(requested: str = "auto") -> Machine:
+    """probe(), in this process when torch is already loaded, else once in a child process (the
+    web app's process never loads torch; the machine does not change while it serves)."""
+    return probe(requested) if "torch" in sys.modules else _probe_in_child(requested)
 
 
 def assumed(requested: str = "auto") -> Machine:
@@ -257,3 +278,11 @@ def plan(cfg: RunConfig, arch: dict | None, max_tokens: int, budget_gib: float,
     need = memory.total_gib(c, arch)
     why.append(f"estimated peak ~{need:.1f} GiB of {budget_gib:.1f} GiB" + ("" if need <= budget_gib else " (may not fit)"))
     return out, why
+
+
+if __name__ == "__main__":  # `python -m lorastudio.core.resolve --probe DEVICE`: this machine as JSON
+    try:
+        print(json.dumps(dataclasses.asdict(probe(sys.argv[2] if len(sys.argv) > 2 else "auto"))))
+    except ConfigError as e:
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(2)

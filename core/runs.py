@@ -22,6 +22,7 @@ import stat
 import subprocess
 import sys
 import time
+from dataclasses import dataclass
 from datetime import datetime
 from pathlib import Path
 
@@ -180,6 +181,33 @@ def new_run_dir(name: str | None, model: str, method: str) -> Path:
     raise LaunchError(f"too many runs named {base}")
 
 
+def create_run(cfg, *, source: str, notes: tuple[str, ...] = (), run_dir: str | Path | None = None,
+               machine=None, start: bool = True, **record) -> Path:
+    """The one way a run comes to be (`lorastudio train`, the web app's Start, retry): resolve cfg
+    for the machine the child will run on (core.resolve; probed in a child process when this one
+    has no torch), make the run directory (a new one in the workspace unless RUN_DIR is given),
+    write config.yaml once with every resolved value, run.json (queued, its source), then start
+    the training child. The memory settings of a CUDA run stay `auto` here: the child decides them
+    from its data and records them in run.json (memory_plan)."""
+    from . import config as config_lib
+    from . import resolve
+
+    cfg = resolve.resolve(cfg, machine or resolve.probe_here_or_in_child(cfg.training.device))
+    if run_dir is None:
+        run_dir = new_run_dir(cfg.output.run_name, cfg.model.name_or_path, cfg.method)
+    else:
+        run_dir = Path(run_dir).resolve()
+        if (run_dir / "run.json").exists():
+            raise LaunchError(f"{run_dir} already holds a run; use `lorastudio resume {run_dir}` or another folder")
+        run_dir.mkdir(parents=True, exist_ok=True)
+    header = "".join(f"# {line}\n" for line in (f"lorastudio train {run_dir / 'config.yaml'}", *notes))
+    config_lib.save(cfg, run_dir / "config.yaml", header=header)
+    write_json(run_dir, status="queued", created=time.time(), source_config=source, run_name=run_dir.name, **record)
+    if start:
+        launch(run_dir)
+    return run_dir
+
+
 def launch(run_dir: str | Path, resume: bool = False, env: dict | None = None,
            python_args: list[str] | None = None) -> subprocess.Popen:
     """Start the training child: own session/process group, stdout+stderr appended to train.log,
@@ -327,9 +355,28 @@ def list_runs() -> list[dict]:
     return out
 
 
+@dataclass(frozen=True)
+class Checkpoint:
+    step: int
+    path: Path
+    complete: bool  # trainer_state.json written (the Trainer writes it last): a resume point
+    adapter: bool  # adapter_config.json: exportable, mergeable, chat-able
+
+
+def checkpoints(run_dir: str | Path) -> list[Checkpoint]:
+    """The checkpoint-N folders of a run as they are on disk now, ascending by step: the one
+    listing every tab, command and the trainer use (save_total_limit deletes old ones while a run
+    trains, so callers re-read it instead of keeping it)."""
+    out = []
+    for p in Path(run_dir).glob("checkpoint-*"):
+        tail = p.name.rpartition("-")[2]
+        if tail.isdigit() and p.is_dir() and not p.is_symlink():
+            out.append(Checkpoint(int(tail), p, (p / "trainer_state.json").is_file(),
+                                  (p / "adapter_config.json").is_file()))
+    return sorted(out, key=lambda c: c.step)
+
+
 def last_checkpoint(run_dir: str | Path) -> Path | None:
-    """The newest *complete* checkpoint: the Trainer writes trainer_state.json last, so a save
-    cut short (disk full, kill -9) is never resumed from."""
-    cps = [p for p in Path(run_dir).glob("checkpoint-*")
-           if p.is_dir() and p.name.split("-")[-1].isdigit() and (p / "trainer_state.json").exists()]
-    return max(cps, key=lambda p: int(p.name.split("-")[-1])) if cps else None
+    """The newest *complete* checkpoint: a save cut short (disk full, kill -9) is never resumed from."""
+    complete = [c for c in checkpoints(run_dir) if c.complete]
+    return complete[-1].path if complete else None

@@ -31,8 +31,9 @@ def build() -> gr.Blocks:
                     "sample dataset work offline.")
         with gr.Tabs():
             for name, mod in TABS:
-                with gr.Tab(name, id=name.lower(), elem_id=f"tab-{name.lower()}"):
+                with gr.Tab(name, id=name.lower(), elem_id=f"tab-{name.lower()}") as tab:
                     mod.build(ui)
+                ui[f"tab_{name.lower()}"] = tab  # a tab that lists checkpoints re-reads them when shown
         with gr.Row(visible=False):  # API-only endpoints (JSON-native twins of UI events)
             ui["api_stats_btn"] = gr.Button("dataset stats api")
             ui["api_preview_btn"] = gr.Button("preview api")

@@ -279,22 +279,24 @@ def build(ui: dict) -> None:
 def wire(ui: dict, demo) -> None:
     from .tab_convert import checkpoint_choices
 
-    def on_target(target):
-        ck = (checkpoint_choices(target) if is_run(target) else []) or ["final"]
-        return gr.Dropdown(choices=ck, value=ck[0])  # "final" first when the run has finished
+    def on_target(target, current=None):
+        ck = (checkpoint_choices(target) if is_run(target) else []) or ["final"]  # read now, never kept
+        return gr.Dropdown(choices=ck, value=current if current in ck else ck[0])  # "final" first when done
 
-    def refresh(current=None):
+    def left_choices(target, current=None):
+        ck = ["base"] + (checkpoint_choices(target) if is_run(target) else [])
+        return gr.Dropdown(choices=ck, value=current if current in ck else "base")
+
+    def refresh(current=None, ckpt=None, left=None):
         choices = target_choices()
         value = current if current in choices else (next((c for c in choices if is_run(c)), choices[0]))
-        return gr.Dropdown(choices=choices, value=value), on_target(value)
+        return gr.Dropdown(choices=choices, value=value), on_target(value, ckpt), left_choices(value, left)
 
-    ui["ch_refresh"].click(refresh, [ui["ch_target"]], [ui["ch_target"], ui["ch_ckpt"]], api_visibility="private")
-    demo.load(lambda: refresh(None), None, [ui["ch_target"], ui["ch_ckpt"]], api_visibility="private")
+    shown = [ui["ch_target"], ui["ch_ckpt"], ui["cmp_left_side"]]
+    ui["ch_refresh"].click(refresh, shown, shown, api_visibility="private")
+    ui["tab_chat"].select(refresh, shown, shown, api_visibility="private")
+    demo.load(lambda: refresh(None), None, shown, api_visibility="private")
     ui["ch_target"].change(on_target, [ui["ch_target"]], [ui["ch_ckpt"]], api_visibility="private")
-
-    def left_choices(target):
-        ck = checkpoint_choices(target) if is_run(target) else []
-        return gr.Dropdown(choices=["base"] + [c for c in ck if c], value="base")
 
     ui["ch_target"].change(left_choices, [ui["ch_target"]], [ui["cmp_left_side"]], api_visibility="private")
     gen = [ui["ch_system"], ui["ch_temp"], ui["ch_top_p"], ui["ch_max"], ui["ch_greedy"]]

@@ -21,8 +21,7 @@ def checkpoint_choices(run_dir: str) -> list[str]:
     if not run_dir or not Path(run_dir).is_dir():
         return []
     p = Path(run_dir)
-    steps = sorted((int(c.name.split("-")[-1]) for c in p.glob("checkpoint-*")
-                    if c.name.split("-")[-1].isdigit() and (c / "adapter_config.json").exists()), reverse=True)
+    steps = [c.step for c in reversed(runs.checkpoints(p)) if c.adapter]
     return (["final"] if (p / "adapter" / "adapter_config.json").exists() else []) + [f"checkpoint-{s}" for s in steps]
 
 
@@ -172,20 +171,20 @@ def build(ui: dict) -> None:
 
 
 def wire(ui: dict, demo) -> None:
-    def refresh(selected=None):
+    def refresh(selected=None, current=None):
         dirs = [i["run_dir"] for i in runs.list_runs() if checkpoint_choices(i["run_dir"])]
         value = selected if selected in dirs else (dirs[0] if dirs else None)
-        ck = checkpoint_choices(value) if value else []
-        return (gr.Dropdown(choices=dirs, value=value), gr.Dropdown(choices=ck, value=ck[0] if ck else None),
-                outputs_of(value))
+        return (gr.Dropdown(choices=dirs, value=value), *on_run(value, current))
 
     outs = [ui["cv_run"], ui["cv_ckpt"], ui["cv_outputs"]]
-    ui["cv_refresh"].click(refresh, [ui["cv_run"]], outs, api_visibility="private")
+    ui["cv_refresh"].click(refresh, [ui["cv_run"], ui["cv_ckpt"]], outs, api_visibility="private")
+    ui["tab_convert"].select(refresh, [ui["cv_run"], ui["cv_ckpt"]], outs, api_visibility="private")
     demo.load(refresh, None, outs, api_visibility="private")
 
-    def on_run(run_dir):
-        ck = checkpoint_choices(run_dir)
-        return gr.Dropdown(choices=ck, value=ck[0] if ck else None), outputs_of(run_dir)
+    def on_run(run_dir, current=None):
+        ck = checkpoint_choices(run_dir) if run_dir else []  # read now: save_total_limit deletes old ones
+        value = current if current in ck else (ck[0] if ck else None)
+        return gr.Dropdown(choices=ck, value=value), outputs_of(run_dir)
 
     ui["cv_run"].change(on_run, [ui["cv_run"]], [ui["cv_ckpt"], ui["cv_outputs"]], api_visibility="private")
 

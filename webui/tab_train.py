@@ -168,9 +168,9 @@ def build_config(preset: str | None, values: dict):
 
 
 def start_from_dict(preset: str | None, values: dict) -> tuple[str, str, str]:
-    """Write RUN_DIR/config.yaml and launch the training child -> (run_dir, status md, CLI command)."""
+    """Create the run (core.runs.create_run: config.yaml resolved for this machine, run.json) and
+    start its training child -> (run_dir, status md, the CLI command that reruns it)."""
     from lorastudio.core import config as config_lib
-
     from lorastudio.core import estimate, machine
 
     try:
@@ -178,18 +178,12 @@ def start_from_dict(preset: str | None, values: dict) -> tuple[str, str, str]:
         problem = machine.gpus_problem(cfg.training.gpus, cfg.training.device)
         if problem:  # checked here too: nothing is created or started for a run that can't run
             raise config_lib.ConfigError(problem)
-        run_dir = runs.new_run_dir(cfg.output.run_name, cfg.model.name_or_path, cfg.method)
+        run_dir = runs.create_run(cfg, source=f"webui:{preset or 'form'}",
+                                  notes=("from the web app" + (f" (preset {preset})" if preset else ""),))
     except Exception as e:  # noqa: BLE001
         return "", err_md(e), ""
-    cmd = f"lorastudio train {run_dir / 'config.yaml'}"
-    # the child resolves device-dependent values itself; the UI process never imports torch
-    config_lib.save(cfg, run_dir / "config.yaml",
-                    header=f"# {cmd}\n# from the web app" + (f" (preset {preset})" if preset else "") + "\n")
-    runs.write_json(run_dir, status="queued", created=time.time(), source_config=f"webui:{preset or 'form'}",
-                    run_name=run_dir.name)
-    runs.launch(run_dir)
     warnings = "".join(f"\n\n⚠️ {w}" for w in estimate.start_warnings(cfg))
-    return str(run_dir), f"started **{run_dir.name}**{warnings}", cmd
+    return str(run_dir), f"started **{run_dir.name}**{warnings}", f"lorastudio train {run_dir / 'config.yaml'}"
 
 
 def estimate_view(preset: str | None, values: dict, gpu_mem: str | None = None) -> str:
