@@ -165,7 +165,7 @@ _TOK = {}
 
 
 def check_template(source):
-    from lorastudio.core import templates
+    from lorastudio.core import render, templates
 
     if "tok" not in _TOK:
         from lorastudio.core import model as model_lib
@@ -173,7 +173,7 @@ def check_template(source):
         _TOK["tok"] = model_lib.load_tokenizer("builtin:tiny")
     conversation = [{"role": "user", "content": "hi <b>there</b>"}, {"role": "assistant", "content": "hello"}]
     try:
-        templates._render_batch(source, [conversation], tokenizer=_TOK["tok"], track=True)
+        render.render_batch(source, [conversation], tokenizer=_TOK["tok"], track=True)
     except templates.TemplateError:
         pass
 

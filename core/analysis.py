@@ -20,7 +20,7 @@ from pathlib import Path
 import numpy as np
 
 MAX_TOKENIZED = 100_000  # rows tokenised for the stats; more are sampled (said in the summary)
-STATS_CHUNK = 1000  # rows per core.templates.encode_examples call
+STATS_CHUNK = 1000  # rows per core.labels.encode_examples call
 SAMPLE = {"messages": [{"role": "system", "content": "You are a helpful assistant."},
                        {"role": "user", "content": "What is the capital of France?"},
                        {"role": "assistant", "content": "Paris."},
@@ -33,7 +33,7 @@ SAMPLE = {"messages": [{"role": "system", "content": "You are a helpful assistan
 @functools.lru_cache(maxsize=8)
 def _load_cached(path: str, mtime: float, size: int, fmt: str, columns_json: str, placeholders_json: str):
     from . import data as data_lib
-    from .templates import gc_paused
+    from .labels import gc_paused
 
     with gc_paused():  # parsing builds many small dicts: see gc_paused
         return data_lib.load_file(path, fmt, json.loads(columns_json) or None, json.loads(placeholders_json) or None)
@@ -94,16 +94,10 @@ def tokenizer_and_template(model: str, template: str, custom_jinja: str, trust: 
 
 @functools.lru_cache(maxsize=4)
 def _tokenizer_and_template(model: str, template: str, custom_jinja: str, trust: bool):
-    import copy
-
     from . import templates
 
-    tokenizer = _once(("tok", model, trust), _base_tokenizer, model, bool(trust))
-    tmpl = templates.resolve_template(tokenizer, template or "auto", custom_jinja or None)
-    missing = templates.missing_special_tokens(tokenizer, tmpl)
-    if missing:  # a copy: the cached tokenizer serves other templates unchanged
-        tokenizer = copy.deepcopy(tokenizer)
-        tokenizer.add_special_tokens({"additional_special_tokens": missing})
+    base = _once(("tok", model, trust), _base_tokenizer, model, bool(trust))
+    tokenizer, tmpl, _added, _ids = templates.with_template(base, template, custom_jinja, copy=True)
     return tokenizer, tmpl
 
 
@@ -117,13 +111,13 @@ def warm(model: str = "builtin:tiny") -> dict:
 
 def _token_table(rows: list[dict], tokenizer, tmpl) -> tuple[np.ndarray, np.ndarray]:
     """(untruncated length per row, trained-token mask of all rows' tokens end to end, int8) from
-    core.templates.encode_examples, the batched labelling function training uses.
+    core.labels.encode_examples, the batched labelling function training uses.
     Chunks run on two threads: tokenisation releases the GIL, so one chunk renders while another
     is tokenised."""
-    from . import templates
+    from . import labels
 
     def measure(chunk):
-        encs = templates.encode_examples(tokenizer, tmpl, chunk, max_length=None)
+        encs = labels.encode_examples(tokenizer, tmpl, chunk, max_length=None)
         lengths = np.fromiter((len(e.input_ids) for e in encs), dtype=np.int64, count=len(encs))
         mask = np.fromiter(itertools.chain.from_iterable(e.mask for e in encs), dtype=np.int8,
                            count=int(lengths.sum()))
@@ -133,7 +127,7 @@ def _token_table(rows: list[dict], tokenizer, tmpl) -> tuple[np.ndarray, np.ndar
     workers = min(2, os.cpu_count() or 1, len(chunks))
     if workers > 1:
         tokenizer("x", add_special_tokens=False)  # settles the backend's settings before threads share it
-        with templates.gc_paused(), ThreadPoolExecutor(workers, thread_name_prefix="dataset-stats") as pool:
+        with labels.gc_paused(), ThreadPoolExecutor(workers, thread_name_prefix="dataset-stats") as pool:
             parts = list(pool.map(measure, chunks))
     else:
         parts = [measure(c) for c in chunks]
@@ -239,7 +233,7 @@ def render_template(model: str, template: str, custom_jinja: str = "", source: d
                     index: int = 0, trust: bool = False) -> dict:
     """{"text", "trained_spans", "n_tokens", "n_trained", "warnings", "template", "source"} for one
     example: row INDEX of SOURCE ({"path", "format"}) when given, else a built-in two-turn chat."""
-    from . import templates
+    from . import labels, templates
 
     tokenizer, tmpl = tokenizer_and_template(model or "builtin:tiny", template or "auto",
                                              custom_jinja if template == "custom" else "", bool(trust))
@@ -249,9 +243,9 @@ def render_template(model: str, template: str, custom_jinja: str = "", source: d
         if not rows:
             raise ValueError(f"{source['path']}: no usable rows")
         example = rows[min(max(0, int(index or 0)), len(rows) - 1)]
-    enc = templates.encode_example(tokenizer, tmpl, example)
+    enc = labels.encode_example(tokenizer, tmpl, example)
     return {"template": tmpl.name, "text": enc.text,
-            "trained_spans": [list(s) for s in templates.trained_spans_chars(enc)],
+            "trained_spans": [list(s) for s in labels.trained_spans_chars(enc)],
             "n_tokens": len(enc.input_ids), "n_trained": enc.n_trained,
             "warnings": templates.template_warnings(tokenizer, tmpl), "source": tmpl.source}
 
@@ -271,15 +265,15 @@ def preview(model: str, source: dict, template: str = "auto", custom_jinja: str 
             cutoff: int | None = 1024, trust: bool = False) -> dict:
     """{"samples": [{"text", "trained_spans", "n_tokens", "n_trained", "truncated"}], "rows"}: the
     first N rows of SOURCE as training encodes them (the core's encode_example)."""
-    from . import templates
+    from . import labels
 
     tokenizer, tmpl = tokenizer_and_template(model or "builtin:tiny", template or "auto", custom_jinja or "",
                                              bool(trust))
     rows, _ = load_source(source["path"], source.get("format") or "auto")
     samples = []
     for ex in rows[:n]:
-        enc = templates.encode_example(tokenizer, tmpl, ex, max_length=cutoff)
-        samples.append({"text": enc.text, "trained_spans": [list(s) for s in templates.trained_spans_chars(enc)],
+        enc = labels.encode_example(tokenizer, tmpl, ex, max_length=cutoff)
+        samples.append({"text": enc.text, "trained_spans": [list(s) for s in labels.trained_spans_chars(enc)],
                         "n_tokens": len(enc.input_ids), "n_trained": enc.n_trained, "truncated": enc.truncated})
     return {"samples": samples, "rows": len(rows)}
 

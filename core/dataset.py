@@ -1,13 +1,13 @@
 """From normalised examples to what the Trainer eats: input_ids + labels, via the one
-labelling function `templates.encode_example` (the same one the preview shows), batched by
-`templates.encode_examples` (same results, one tokenizer call per CHUNK rows)."""
+labelling function `labels.encode_example` (the same one the preview shows), batched by
+`labels.encode_examples` (same results, one tokenizer call per CHUNK rows)."""
 
 from __future__ import annotations
 
 import itertools
 from dataclasses import asdict, dataclass, field
 
-from . import templates
+from . import labels
 
 CHUNK = 1000  # rows per encode_examples call
 
@@ -40,7 +40,7 @@ def tokenize(dataset, tokenizer, template, cutoff_len: int):
     ids_col, labels_col = [], []
     rows = iter(dataset)
     while chunk := list(itertools.islice(rows, CHUNK)):
-        for enc in templates.encode_examples(tokenizer, template, chunk, max_length=cutoff_len):
+        for enc in labels.encode_examples(tokenizer, template, chunk, max_length=cutoff_len):
             stats.samples += 1
             stats.truncated += int(enc.truncated)
             if enc.n_trained == 0:
@@ -51,7 +51,7 @@ def tokenize(dataset, tokenizer, template, cutoff_len: int):
             stats.trained_tokens += enc.n_trained
             stats.lengths.append(len(enc.input_ids))
             ids_col.append(enc.input_ids)
-            labels_col.append(templates.labels_from(enc))
+            labels_col.append(labels.labels_from(enc))
     return Dataset.from_dict({"input_ids": ids_col, "labels": labels_col}), stats
 
 

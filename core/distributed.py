@@ -110,7 +110,7 @@ def release_ranks(run_dir: Path) -> None:
 
 
 def wait_for_rank0(run_dir: Path, poll: float = 0.2) -> None:
-    """Other ranks: touch no GPU (and read no config.yaml rank 0 may be rewriting) until rank 0
+    """Other ranks: touch no GPU until rank 0
     holds the device locks. If rank 0 fails, the launcher ends every rank (SIGTERM)."""
     go = _go_file(run_dir)
     while not go.exists():

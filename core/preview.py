@@ -12,7 +12,7 @@ def preview_with_reports(config: str | None = None, model: str | None = None, da
     from . import config as config_lib
     from . import data as data_lib
     from . import model as model_lib
-    from . import templates, tiny
+    from . import labels, templates, tiny
 
     if config:
         from lorastudio import presets
@@ -30,10 +30,7 @@ def preview_with_reports(config: str | None = None, model: str | None = None, da
     for s in sources:
         s["path"] = tiny.resolve_data(s["path"])
     tokenizer = model_lib.load_tokenizer(model, trust_remote_code=trust)
-    tmpl = templates.resolve_template(tokenizer, template or "auto", custom_jinja)
-    missing = templates.missing_special_tokens(tokenizer, tmpl)
-    if missing:  # as training does: add them, so the preview shows the same ids
-        tokenizer.add_special_tokens({"additional_special_tokens": missing})
+    tokenizer, tmpl, _added, _ids = templates.with_template(tokenizer, template, custom_jinja)  # as training has them
     out, reports = [], []
     for src in sources:
         rows, report = data_lib.load_file(src["path"], src.get("format", "auto"), src.get("columns"),
@@ -42,10 +39,10 @@ def preview_with_reports(config: str | None = None, model: str | None = None, da
         for ex in rows:
             if len(out) >= n:
                 break
-            enc = templates.encode_example(tokenizer, tmpl, ex, max_length=cutoff_len)
+            enc = labels.encode_example(tokenizer, tmpl, ex, max_length=cutoff_len)
             out.append({
                 "messages": ex.get("messages"), "text": enc.text,
-                "trained_spans": [list(s) for s in templates.trained_spans_chars(enc)],
+                "trained_spans": [list(s) for s in labels.trained_spans_chars(enc)],
                 "n_tokens": len(enc.input_ids), "n_trained": enc.n_trained, "truncated": enc.truncated,
                 **({"text_only": ex["text"]} if "text" in ex else {}),
             })

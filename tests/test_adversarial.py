@@ -17,7 +17,7 @@ import psutil
 import pytest
 
 from conftest import events, lorastudio, wait_for
-from lorastudio.core import config, data, history, runs, safe_io, templates, workspace
+from lorastudio.core import config, data, history, render, runs, safe_io, templates, workspace
 
 MSGS = [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "hello"}]
 os.environ.setdefault("LORASTUDIO_ALLOW_DIRS", "/tmp")  # the web handlers read tmp_path files
@@ -64,7 +64,7 @@ GROWING = {
 def test_a_template_that_grows_stops_with_a_message(name):
     t0 = time.time()
     with pytest.raises(templates.TemplateError) as e:
-        templates._render_batch(GROWING[name], [MSGS], track=True)
+        render.render_batch(GROWING[name], [MSGS], track=True)
     assert time.time() - t0 < 15, name
     assert any(w in str(e.value) for w in ("stopped", "refused", "undefined")), str(e.value)
 
@@ -73,7 +73,7 @@ def test_a_long_conversation_still_renders():
     """The bounds grow with the conversation: a 3-million-character answer is a render, not a bomb."""
     long = [{"role": "user", "content": "q"}, {"role": "assistant", "content": "word " * 600_000}]
     src = templates.NAMED["chatml"].source
-    (text,), (spans,) = templates._render_batch(src, [long], track=True)
+    (text,), (spans,) = render.render_batch(src, [long], track=True)
     assert len(text) > 3_000_000 and spans
 
 

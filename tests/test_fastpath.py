@@ -12,6 +12,7 @@ from lorastudio.core import resolve as resolve_lib
 from lorastudio.core import dataset as dataset_lib
 from lorastudio.core import model as model_lib
 from lorastudio.core import train as train_lib
+from lorastudio.core import trainer as trainer_lib
 
 
 def _cfg(smoke_run, method):
@@ -206,7 +207,7 @@ def test_offloaded_activations_same_grads_and_only_layer_inputs_saved(smoke_run,
     every intermediate (counted through the save_on_cpu hooks)."""
     torch.set_num_threads(1)
     packed_shapes: list = []
-    real = train_lib.offload_saved_tensors
+    real = trainer_lib.offload_saved_tensors
 
     def spy():
         hooks = real()
@@ -219,7 +220,7 @@ def test_offloaded_activations_same_grads_and_only_layer_inputs_saved(smoke_run,
         hooks.pack_hook = counted
         return hooks
 
-    monkeypatch.setattr(train_lib, "offload_saved_tensors", spy)
+    monkeypatch.setattr(trainer_lib, "offload_saved_tensors", spy)
     results = {}
     for offload in (False, True):
         cfg = _cfg(smoke_run, "lora")
@@ -282,7 +283,7 @@ def test_tiled_mlp_same_loss_and_lora_grads(smoke_run, method, fused, checkpoint
         if tiled:
             n_layers = model.config.num_hidden_layers
             assert tiled_mlp.install(model, 16) == n_layers
-        with train_lib.offload_saved_tensors() if offload else torch.enable_grad():
+        with trainer_lib.offload_saved_tensors() if offload else torch.enable_grad():
             loss = model(**batch, use_cache=False).loss
         loss.backward()
         out[tiled] = (loss.detach(), {n: p.grad.clone() for n, p in model.named_parameters() if p.requires_grad})
@@ -351,7 +352,7 @@ def test_cudnn_attention_auto_and_refusal():
 def test_offload_hooks_copy_activations_not_parameters():
     """What the offloading hooks keep: a copy of each saved activation (restored equal), the
     parameters themselves (already resident; copying lm_head's weight each step would waste RAM)."""
-    hooks = train_lib.offload_saved_tensors()
+    hooks = trainer_lib.offload_saved_tensors()
     w = torch.nn.Parameter(torch.randn(4, 3))
     x = torch.randn(5, 3)
     assert hooks.pack_hook(w) is w and hooks.unpack_hook(w) is w

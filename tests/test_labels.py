@@ -11,7 +11,7 @@ import torch
 from conftest import lorastudio, shared_assets
 from lorastudio.core import config as config_lib
 from lorastudio.core import resolve as resolve_lib
-from lorastudio.core import templates
+from lorastudio.core import labels as labels_lib
 from lorastudio.core import train as train_lib
 
 
@@ -75,7 +75,7 @@ def test_trainer_labels_are_exactly_the_assistant_turns(tmp_path, family, packin
         if packing:
             assert "attention_mask" not in b and "position_ids" in b
     # expected: the same function the preview uses, per example
-    expected = sum(templates.encode_example(tokenizer, tmpl, r, 256).n_trained for r in rows)
+    expected = sum(labels_lib.encode_example(tokenizer, tmpl, r, 256).n_trained for r in rows)
     # the padding-free collator also masks each sample's first token (never an assistant token)
     assert n_label_tokens == expected
     joined = " ".join(trained_text)

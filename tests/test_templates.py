@@ -5,17 +5,13 @@ from functools import lru_cache
 import pytest
 from conftest import shared_assets
 
+from lorastudio.core.labels import encode_example, labels_from, trained_spans_chars
+from lorastudio.core.template_names import NAMED, QWEN_DEFAULT_SYSTEM, SMOLLM_DEFAULT_SYSTEM
 from lorastudio.core.templates import (
-    NAMED,
-    QWEN_DEFAULT_SYSTEM,
-    SMOLLM_DEFAULT_SYSTEM,
     TemplateError,
-    encode_example,
-    labels_from,
     missing_special_tokens,
     resolve_template,
     template_warnings,
-    trained_spans_chars,
 )
 
 FAMILIES = ["qwen2.5", "llama2-chat", "tinyllama-chat", "mistral-instruct-v0.3", "phi3-mini-instruct", "smollm"]
@@ -350,7 +346,7 @@ def _text_rows():
 
 
 def _assert_batch_equals_single(tok, template, rows, max_lengths=(None, 16, 48, 100_000)):
-    from lorastudio.core.templates import _encode_batch, encode_examples
+    from lorastudio.core.labels import _encode_batch, encode_examples
 
     for max_length in max_lengths:
         single = [encode_example(tok, template, x, max_length) for x in rows]
@@ -393,7 +389,7 @@ def test_encode_examples_unmarked_template_uses_the_prefix_diff():
 
 
 def test_encode_examples_raises_the_first_failing_examples_error():
-    from lorastudio.core.templates import encode_examples
+    from lorastudio.core.labels import encode_examples
 
     tok = load("qwen2.5")
     chatml = resolve_template(tok, "chatml")
@@ -417,7 +413,7 @@ def test_masks_from_offsets_handles_rows_with_unordered_offsets():
     """The searchsorted fast path needs non-decreasing offsets per row; other rows use the formula."""
     import random
 
-    from lorastudio.core.templates import _masks_from_offsets
+    from lorastudio.core.labels import _masks_from_offsets
 
     rng = random.Random(1)
     offsets, spans = [], []

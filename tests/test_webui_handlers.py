@@ -172,11 +172,11 @@ def test_dataset_stats_format_override_and_mix(tmp_path):
 
 
 def test_dataset_stats_of_2k_rows_equal_encode_example(tmp_path):
-    """The tab's stats (core.templates.encode_examples in chunks, on two threads, cached per file)
+    """The tab's stats (core.labels.encode_examples in chunks, on two threads, cached per file)
     equal a direct computation with encode_example, at several cutoffs."""
     import random
 
-    from lorastudio.core import templates
+    from lorastudio.core import labels
     from lorastudio.core.analysis import load_source, tokenizer_and_template
     from lorastudio.webui.tab_dataset import dataset_stats
 
@@ -195,11 +195,11 @@ def test_dataset_stats_of_2k_rows_equal_encode_example(tmp_path):
     for template in ("auto", "chatml"):
         tokenizer, tmpl = tokenizer_and_template("builtin:tiny", template, "", False)
         examples, _ = load_source(str(f))
-        encs = [templates.encode_example(tokenizer, tmpl, ex) for ex in examples]
+        encs = [labels.encode_example(tokenizer, tmpl, ex) for ex in examples]
         for cutoff in (1024, 128, 40):
             s = dataset_stats("builtin:tiny", str(f), "auto", "", template, "", cutoff)
             kept = [sum(e.mask[:cutoff]) for e in encs]
-            cut = [templates.encode_example(tokenizer, tmpl, ex, max_length=cutoff) for ex in examples]
+            cut = [labels.encode_example(tokenizer, tmpl, ex, max_length=cutoff) for ex in examples]
             assert [c.n_trained for c in cut] == kept
             lens = sorted(len(e.input_ids) for e in encs)
             assert s["rows_used"] == 2001 and s["rows_skipped"] == 1 and s["tokenized"] == 2001

@@ -1,5 +1,5 @@
 """Template tab: the tokenizer's own (auto), a named family, or custom Jinja; a rendered sample with
-trained vs masked tokens highlighted (core.templates.encode_example, the one labelling function);
+trained vs masked tokens highlighted (core.labels.encode_example, the one labelling function);
 and the core's warnings (EOS not trained, system prompt dropped or injected, differs from own)."""
 
 from __future__ import annotations
@@ -8,7 +8,7 @@ import gradio as gr
 
 from .helpers import err_md, error_text, highlight_pieces, parse_sources, readable
 
-# core.templates.NAMED, spelled out: importing core.templates loads transformers, and building the
+# core.template_names.NAMED, spelled out: importing it loads transformers, and building the
 # app must not (tests/test_webui_handlers.py checks the two lists agree)
 NAMED = ["chatml", "qwen", "llama2", "llama3", "mistral", "gemma", "phi3", "zephyr", "vicuna", "alpaca",
          "deepseek", "internlm2", "smollm", "plain"]
