@@ -8,7 +8,8 @@ import pyarrow.parquet as pq
 import pytest
 
 from lorastudio.core.data import (FORMATS, DataError, RowError, dataset_hash, detect_format, load_file, load_mixture,
-                       normalise_row, read_rows)
+                                  normalise_row)
+from lorastudio.core.data_files import read_rows
 
 IDENTITY = {"name": "Lumen", "author": "LoRA Studio"}
 
