@@ -139,19 +139,18 @@ HUGE = [1e300, -1e300, 1e18, -1, 0, 2.5, math.nan, math.inf, -math.inf, "12abc",
 
 
 def _numeric_fields():
-    from lorastudio.webui.tab_train import FORM
+    from lorastudio.webui.train_form import FORM
 
-    return [(name, label) for name, _path, label, default in FORM
-            if isinstance(default, (int, float)) and not isinstance(default, bool)]
+    return [(f.name, f.label) for f in FORM if f.kind in ("int", "float", "optional_int", "optional_float")]
 
 
 @pytest.mark.parametrize("name, label", _numeric_fields())
 def test_every_numeric_form_field_takes_any_number_without_a_crash(name, label):
     """Each value either makes a valid config or is refused with the field named (its label or
     its config path); never another exception type, never a config past the bounds."""
-    from lorastudio.webui.tab_train import FORM, build_config
+    from lorastudio.webui.train_form import FORM, build_config
 
-    path = next(p for n, p, _l, _d in FORM if n == name)
+    path = next(f.path for f in FORM if f.name == name)
     for value in HUGE:
         try:
             cfg = build_config("tiny_smoke", {name: value})
@@ -308,7 +307,7 @@ METRICS = (b"\x00\xff garbage\n" + b'{"event": "step", "step": "abc", "loss": "n
 
 @pytest.mark.parametrize("kind", sorted(RUN_JSONS))
 def test_a_crafted_run_reads_without_a_crash_and_is_never_written(kind):
-    from lorastudio.webui.tab_train import run_api, status_markdown
+    from lorastudio.webui.train_view import run_api, status_markdown
 
     d = _crafted_run(workspace.runs_dir(), f"crafted-{kind}-{time.time_ns()}", RUN_JSONS[kind], METRICS)
     before = {p.name: p.read_bytes() for p in d.iterdir()}
@@ -445,7 +444,7 @@ def test_start_warns_when_a_run_would_take_days_or_not_fit_the_ram():
 
 
 def test_a_run_warns_once_its_measured_eta_passes_a_day(tmp_path):
-    from lorastudio.webui.tab_train import status_markdown
+    from lorastudio.webui.train_view import status_markdown
 
     run_dir = workspace.runs_dir() / f"eta-{time.time_ns()}"
     out = lorastudio("train", "presets/tiny_smoke.yaml", "--run-dir", str(run_dir), "--detach",
@@ -455,7 +454,7 @@ def test_a_run_warns_once_its_measured_eta_passes_a_day(tmp_path):
     try:
         assert wait_for(lambda: events(run_dir, "warning"), timeout=120)
         assert "more days" in events(run_dir, "warning")[0]["message"]
-        from lorastudio.webui.tab_train import run_view
+        from lorastudio.webui.train_view import run_view
 
         assert "more days" in status_markdown(run_view(str(run_dir)))
     finally:

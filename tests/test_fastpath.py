@@ -142,7 +142,7 @@ def test_fused_lora_auto_rules(monkeypatch):
 
 def test_training_log_run_json_and_train_tab_name_the_speed_path(smoke_run, monkeypatch):
     from lorastudio.core import runs
-    from lorastudio.webui import tab_train
+    from lorastudio.webui import train_view
 
     log = (smoke_run / "train.log").read_text()
     assert ("speed path: padding-free True, packing False, rows padded to a multiple of 1, kernels off, "
@@ -153,7 +153,7 @@ def test_training_log_run_json_and_train_tab_name_the_speed_path(smoke_run, monk
     assert sp["cudnn_attention"] is False
     assert sp["optimizer"] == "adamw_torch" and sp["fp32_upcast"] is None  # lora on CPU
     monkeypatch.setenv("LORASTUDIO_ALLOW_DIRS", str(smoke_run.parent))  # what --allow-dir does
-    md = tab_train.status_markdown(tab_train.run_view(str(smoke_run)))
+    md = train_view.status_markdown(train_view.run_view(str(smoke_run)))
     assert "speed path: padding-free; no fused kernels; optimizer adamw_torch" in md
 
 

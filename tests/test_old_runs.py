@@ -35,7 +35,7 @@ def test_an_old_run_lists_with_its_status_and_summary(old_run):
 
 
 def test_an_old_run_shows_its_curves(old_run):
-    from lorastudio.webui.tab_train import curve_frames, run_view, status_markdown
+    from lorastudio.webui.train_view import curve_frames, run_view, status_markdown
 
     curves = history.curves(old_run)
     assert [s for s, _ in curves["loss"]] == list(range(1, 13)) and len(curves["eval_loss"]) == 2

@@ -17,12 +17,10 @@ from conftest import ROOT
 os.environ.setdefault("LORASTUDIO_ALLOW_DIRS", "/tmp")
 TOKEN = "test-token-" + os.urandom(8).hex()  # the app's access token (webui.auth), fixed for tests
 
-# Form values in the order /start takes them after the preset (see webui.tab_train.CONTEXT + FORM).
-START_NAMES = ["model", "trust_remote_code", "data", "fmt", "columns", "template", "custom_jinja", "cutoff",
-               "method", "lora_r", "lora_alpha", "lora_dropout", "lora_targets", "use_dora", "use_rslora",
-               "quant_bits", "learning_rate", "epochs", "max_steps", "micro_batch_size", "grad_accum", "packing",
-               "eval_split", "eval_steps", "save_steps", "sample_every", "sample_prompts", "run_name",
-               "early_stopping", "gpus", "strategy", "offload"]
+# Form values in the order /start takes them after the preset: the other tabs' fields, then the FORM table.
+from lorastudio.webui.train_form import CONTEXT, FORM_NAMES  # noqa: E402
+
+START_NAMES = CONTEXT + FORM_NAMES
 
 
 # ---------------------------------------------------------------- a real server (shared helper)
@@ -214,8 +212,29 @@ def test_dataset_stats_of_2k_rows_equal_encode_example(tmp_path):
     assert s["no_trained_after_cutoff"] >= 1  # cutoff 40: the long-prompt row
 
 
+def test_the_form_is_one_table_whose_defaults_are_the_configs():
+    """FORM is the one source of the form: its empty values are RunConfig's defaults (LoRA dropout
+    0.0 in the form and in config.yaml alike), and they build exactly the default config."""
+    from lorastudio.core.config import RunConfig
+    from lorastudio.webui import train_form
+
+    d = train_form.defaults()
+    assert d["lora_dropout"] == RunConfig().lora.dropout == 0.0 and d["lora_r"] == RunConfig().lora.r
+    assert train_form.build_config(None, d).model_dump() == RunConfig().model_dump()
+    assert len({f.name for f in train_form.FORM}) == len(train_form.FORM)
+    for f in train_form.FORM:  # every field lands where its path says
+        node = RunConfig().model_dump()
+        for part in f.path.split("."):
+            node = node[part]
+
+
+def test_start_api_takes_the_forms_names(client):
+    params = client.view_api(return_format="dict", print_info=False)["named_endpoints"]["/start"]["parameters"]
+    assert [p["parameter_name"] for p in params] == ["preset"] + START_NAMES
+
+
 def test_build_config_from_preset_and_form():
-    from lorastudio.webui.tab_train import build_config, preset_form
+    from lorastudio.webui.train_form import build_config, preset_form
 
     form = preset_form("tiny_smoke")
     assert form["model"] == "builtin:tiny" and form["max_steps"] == 30 and form["cutoff"] == 128
@@ -233,7 +252,8 @@ def test_build_config_from_preset_and_form():
 
 
 def test_start_with_a_bad_form_is_a_message():
-    from lorastudio.webui.tab_train import preset_form, start_from_dict
+    from lorastudio.webui.train_form import preset_form
+    from lorastudio.webui.tab_train import start_from_dict
 
     run_dir, md, cmd = start_from_dict("tiny_smoke", {**preset_form("tiny_smoke"), "lora_dropout": 3})
     assert run_dir == "" and md.startswith("**Error:**") and "lora.dropout" in md and "Traceback" not in md
@@ -289,7 +309,7 @@ def test_delete_run_refuses_active_runs_and_deletes_finished_ones():
 
 def test_run_view_and_status_markdown():
     from lorastudio.core import workspace
-    from lorastudio.webui.tab_train import curve_frames, run_view, status_markdown
+    from lorastudio.webui.train_view import curve_frames, run_view, status_markdown
 
     v = run_view(str(_fake_run(workspace.runs_dir(), f"view-{time.time_ns()}")))
     assert v["status"] == "done" and v["step"] == 4 and len(v["loss"]) == 4
@@ -492,7 +512,8 @@ def test_paths_outside_the_allowed_folders_are_refused(client):
 
 def test_retry_refuses_a_finished_run_and_retries_a_failed_one():
     from lorastudio.core import runs, workspace
-    from lorastudio.webui.tab_train import retry, run_view, status_markdown
+    from lorastudio.webui.tab_train import retry
+    from lorastudio.webui.train_view import run_view, status_markdown
 
     d = _fake_run(workspace.runs_dir(), f"oom-{time.time_ns()}")
     # a real, short config: the retry below really launches it
@@ -514,7 +535,7 @@ def test_retry_refuses_a_finished_run_and_retries_a_failed_one():
 
 def test_early_stopping_from_the_form():
     from lorastudio.core import config as config_lib
-    from lorastudio.webui.tab_train import build_config, preset_form
+    from lorastudio.webui.train_form import build_config, preset_form
 
     assert preset_form("tiny_smoke")["early_stopping"] == 0
     cfg = build_config("tiny_smoke", {"early_stopping": 3, "eval_steps": 10, "save_steps": 10, "eval_split": 0.1})
@@ -526,7 +547,7 @@ def test_early_stopping_from_the_form():
 
 def test_multi_gpu_fields_from_the_form():
     from lorastudio.core import config as config_lib
-    from lorastudio.webui.tab_train import build_config, preset_form
+    from lorastudio.webui.train_form import build_config, preset_form
 
     f = preset_form("tiny_smoke")
     assert (f["gpus"], f["strategy"], f["offload"]) == (1, "ddp", False)
