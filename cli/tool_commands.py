@@ -124,7 +124,7 @@ def cmd_convert(a) -> int:
 
 def cmd_chat(a) -> int:
     """One scripted answer (--prompt) or an interactive chat (RESET clears, EXIT quits)."""
-    from lorastudio.core import chat
+    from lorastudio.core import chat, generate
     from lorastudio.core import model as model_lib
 
     try:
@@ -140,8 +140,8 @@ def cmd_chat(a) -> int:
                top_p=a.top_p, top_k=a.top_k, repetition_penalty=a.repetition_penalty, use_adapter=use_adapter)
     if a.prompt is not None:  # scripted: only the answer on stdout
         try:
-            print(chat.reply(model, tokenizer, template, [{"role": "user", "content": a.prompt}], **gen))
-        except chat.ChatError as e:
+            print(generate.reply(model, tokenizer, template, [{"role": "user", "content": a.prompt}], **gen))
+        except generate.GenerationError as e:
             return err(str(e), 1)
         return 0
     print("type RESET to clear the history, EXIT to quit", file=sys.stderr)
@@ -161,13 +161,13 @@ def cmd_chat(a) -> int:
         history.append({"role": "user", "content": text})
         answer = ""
         try:
-            for chunk in chat.stream_reply(model, tokenizer, template, history, **gen):
+            for chunk in generate.stream(model, tokenizer, template, history, **gen):
                 answer += chunk
                 sys.stdout.write(chunk)
                 sys.stdout.flush()
         except KeyboardInterrupt:  # stop this answer, keep the chat
             pass
-        except chat.ChatError as e:
+        except generate.GenerationError as e:
             print(f"\nerror: {e}", file=sys.stderr)
         print()
         history.append({"role": "assistant", "content": answer.strip()})

@@ -91,14 +91,14 @@ def _memory_mb() -> float:
 def write_samples(run_dir, cfg, model, tokenizer, template, step, wrapped=None):
     """Sample replies. Sharded weights (FSDP, ZeRO-3): every rank generates inside a full-params
     gather; otherwise only rank 0 generates. Rank 0 writes the events."""
-    from .generate import generate_reply
+    from . import generate
 
     if distributed.is_distributed() and not distributed.sharded(cfg) and not distributed.is_main():
         return
     with distributed.full_params(wrapped) if distributed.sharded(cfg) else _nullctx(), autocast(cfg):
         for prompt in cfg.training.sample_prompts:
-            reply = generate_reply(model, tokenizer, template, [{"role": "user", "content": prompt}],
-                                   max_new_tokens=cfg.training.sample_max_new_tokens)
+            reply = generate.reply(model, tokenizer, template, [{"role": "user", "content": prompt}],
+                                   max_new_tokens=cfg.training.sample_max_new_tokens, greedy=True)
             event(run_dir, "sample", step=step, prompt=prompt, reply=reply)
             log(f"sample @ {step}: {prompt!r} -> {reply!r}")
 

@@ -1,7 +1,7 @@
 """Chat with a base model, a run (base + adapter, any checkpoint) or a merged model.
 
     load_chat_model(target)  -> (model, tokenizer, template)   the run's own template, never a guess
-    stream_reply(...)        -> text chunks (TextIteratorStreamer + a generation thread)
+    core.generate.stream(...) -> text chunks (the one generation path, training's samples too)
     ChatWorker(target)       -> the same in a child process the UI talks to; close() frees it all
 
 A run is loaded as a PeftModel: checkpoints are extra adapters (load_adapter/set_adapter), and
@@ -17,7 +17,6 @@ import os
 import secrets
 import signal
 import sys
-import threading
 import time
 from pathlib import Path
 
@@ -109,92 +108,6 @@ def set_checkpoint(model, checkpoint: int | None) -> str:
     model.set_adapter(name)
     model.eval()
     return name
-
-
-# ---------------------------------------------------------------- generation
-
-def build_prompt(tokenizer, template, messages: list[dict], system: str | None = None) -> str:
-    msgs = ([{"role": "system", "content": system}] if system else []) + list(messages)
-    if template is None:
-        return "\n".join(m["content"] for m in msgs)
-    return template.render(msgs, add_generation_prompt=True, tokenizer=tokenizer)
-
-
-def stream_reply(model, tokenizer, template, messages: list[dict], system: str | None = None,
-                 temperature: float = 0.7, top_p: float = 0.9, top_k: int = 50, max_new_tokens: int = 256,
-                 repetition_penalty: float = 1.0, greedy: bool = False, use_adapter: bool = True):
-    """Yield the reply as text chunks. Stops at the template's end-of-turn token, the tokenizer's
-    EOS and the template's stop strings (which are never shown)."""
-    import torch
-    from transformers import StoppingCriteria, StoppingCriteriaList, TextIteratorStreamer
-
-    from .generate import eos_ids
-
-    prompt = build_prompt(tokenizer, template, messages, system)
-    # a rendered template carries its own BOS; plain completion lets the tokenizer add one
-    enc = tokenizer(prompt, add_special_tokens=template is None, return_tensors="pt")
-    device = next(model.parameters()).device
-    enc = {k: v.to(device) for k, v in enc.items()}
-    stops = list(getattr(template, "stop_strings", None) or [])
-    cancel = threading.Event()
-
-    class Cancelled(StoppingCriteria):  # the reader went away: stop generating
-        def __call__(self, input_ids, scores, **kw):
-            return torch.full((input_ids.shape[0],), cancel.is_set(), dtype=torch.bool, device=input_ids.device)
-
-    streamer = TextIteratorStreamer(tokenizer, skip_prompt=True, skip_special_tokens=True, timeout=600)
-    kwargs = dict(**enc, streamer=streamer, max_new_tokens=max_new_tokens, eos_token_id=eos_ids(tokenizer, template),
-                  pad_token_id=tokenizer.pad_token_id, repetition_penalty=repetition_penalty, use_cache=True,
-                  stopping_criteria=StoppingCriteriaList([Cancelled()]))
-    if greedy or temperature <= 0:
-        kwargs.update(do_sample=False, temperature=None, top_p=None, top_k=None)
-    else:
-        kwargs.update(do_sample=True, temperature=temperature, top_p=top_p, top_k=top_k)
-    if stops:
-        kwargs.update(stop_strings=stops, tokenizer=tokenizer)
-    no_adapter = not use_adapter and hasattr(model, "disable_adapter")
-    errors: list[BaseException] = []
-
-    def run():
-        try:
-            with torch.no_grad(), (model.disable_adapter() if no_adapter else contextlib.nullcontext()):
-                model.generate(**kwargs)
-        except BaseException as e:  # noqa: BLE001 - re-raised in the reader's thread
-            errors.append(e)
-            streamer.end()
-
-    thread = threading.Thread(target=run, daemon=True)
-    thread.start()
-    text, sent = "", 0
-    hold = max((len(s) for s in stops), default=1) - 1  # a stop string may be arriving: hold it back
-    try:
-        for chunk in streamer:
-            text += chunk
-            cut = _first_stop(text, stops)
-            if cut is not None:
-                text = text[:cut]
-                break
-            if len(text) - hold > sent:
-                yield text[sent:len(text) - hold]
-                sent = len(text) - hold
-        cut = _first_stop(text, stops)
-        text = text[:cut] if cut is not None else text
-        if len(text) > sent:
-            yield text[sent:]
-    finally:
-        cancel.set()
-        thread.join()
-    if errors:
-        raise ChatError(f"generation failed: {type(errors[0]).__name__}: {errors[0]}")
-
-
-def _first_stop(text: str, stops: list[str]) -> int | None:
-    found = [text.find(s) for s in stops if s and s in text]
-    return min(found) if found else None
-
-
-def reply(model, tokenizer, template, messages, **kw) -> str:
-    return "".join(stream_reply(model, tokenizer, template, messages, **kw)).strip()
 
 
 def describe(model, tokenizer, template, target, checkpoint=None) -> dict:

@@ -46,7 +46,7 @@ def _watch_parent(pid: int) -> None:
 
 
 def serve(conn, model, tokenizer, template, target, checkpoint) -> None:
-    from . import chat
+    from . import chat, generate
 
     while True:
         try:
@@ -68,7 +68,7 @@ def serve(conn, model, tokenizer, template, target, checkpoint) -> None:
                 conn.send(("ok", chat.describe(model, tokenizer, template, target, checkpoint)))
             elif kind == "stream":
                 conn.send(("ok", None))
-                chunks = chat.stream_reply(model, tokenizer, template, **request[1])
+                chunks = generate.stream(model, tokenizer, template, **request[1])
                 for chunk in chunks:
                     if conn.poll(0) and conn.recv()[0] == "cancel":
                         chunks.close()  # stops the generation thread
@@ -100,9 +100,7 @@ def main(argv: list[str] | None = None) -> int:
         threading.Thread(target=_watch_parent, args=(a.parent_pid,), daemon=True).start()
     authkey = bytes.fromhex(os.environ.pop("LORASTUDIO_CHAT_AUTHKEY"))
     try:
-        from . import chat
-
-        from . import machine
+        from . import chat, machine
 
         if machine.device_for(a.device) == "cpu":
             machine.limit_memory("cpu_job")  # a model too big for this machine fails here, alone

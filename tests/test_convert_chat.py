@@ -8,7 +8,7 @@ import psutil
 import pytest
 
 from conftest import lorastudio, shared_assets
-from lorastudio.core import chat, convert, runs, tiny
+from lorastudio.core import chat, convert, generate, runs, tiny
 from lorastudio.core.generate import eos_ids
 
 
@@ -38,8 +38,8 @@ def merged(demo_run):
 
 def test_persona_greedy_adapter_vs_base(demo_chat):
     model, tok, tpl = demo_chat
-    tuned = [chat.reply(model, tok, tpl, ask(q), greedy=True, max_new_tokens=48) == a for q, a in tiny.PERSONA]
-    base = [chat.reply(model, tok, tpl, ask(q), greedy=True, max_new_tokens=48, use_adapter=False) == a
+    tuned = [generate.reply(model, tok, tpl, ask(q), greedy=True, max_new_tokens=48) == a for q, a in tiny.PERSONA]
+    base = [generate.reply(model, tok, tpl, ask(q), greedy=True, max_new_tokens=48, use_adapter=False) == a
             for q, a in tiny.PERSONA]
     print(f"persona exact match: adapter {sum(tuned)}/{len(tuned)}, base {sum(base)}/{len(base)}")
     assert sum(tuned) >= 0.9 * len(tuned)
@@ -86,7 +86,7 @@ def test_merged_model_matches_base_plus_adapter(demo_run, merged, demo_chat):
         with torch.no_grad():
             out = model.generate(**ids, max_new_tokens=32, do_sample=False)
         plain = tok.decode(out[0, ids["input_ids"].shape[1]:], skip_special_tokens=True).strip()
-        assert plain == chat.reply(ref_model, ref_tok, ref_tpl, ask(q), greedy=True, max_new_tokens=32), q
+        assert plain == generate.reply(ref_model, ref_tok, ref_tpl, ask(q), greedy=True, max_new_tokens=32), q
 
     again = lorastudio("convert", str(demo_run), "--merge")
     assert again.returncode != 0 and "already exists" in again.stderr
@@ -141,12 +141,12 @@ def test_generation_stops_at_end_of_turn_not_eos(demo_chat):
                              pad_token_id=tok.pad_token_id)
     runaway = tok.decode(out[0, prompt["input_ids"].shape[1]:])
     assert runaway.startswith("My name is Lumen.<|im_end|>") and len(runaway) > len("My name is Lumen.<|im_end|>") + 5
-    chunks = list(chat.stream_reply(model, tok2, tpl, ask("What is your name?"), greedy=True, max_new_tokens=40))
+    chunks = list(generate.stream(model, tok2, tpl, ask("What is your name?"), greedy=True, max_new_tokens=40))
     assert "".join(chunks) == "My name is Lumen."  # nothing after the end-of-turn token
 
     # template stop strings end the reply and are never shown
     stopping = templates._copy(tpl, stop_strings=[" is"])
-    assert chat.reply(model, tok, stopping, ask("What is your name?"), greedy=True) == "My name"
+    assert generate.reply(model, tok, stopping, ask("What is your name?"), greedy=True) == "My name"
 
 
 # ---------------------------------------------------------------- a model without a chat template
@@ -167,7 +167,7 @@ def test_model_without_chat_template(tmp_path):
 
     model, tok2, tpl = chat.load_chat_model(folder)
     assert tpl is None and chat.describe(model, tok2, tpl, folder)["completion_mode"]
-    assert isinstance(chat.reply(model, tok2, tpl, ask("Once upon a time"), greedy=True, max_new_tokens=5), str)
+    assert isinstance(generate.reply(model, tok2, tpl, ask("Once upon a time"), greedy=True, max_new_tokens=5), str)
     out = lorastudio("chat", str(folder), "--prompt", "Once upon a time", "--greedy", "--max-new-tokens", "5")
     assert out.returncode == 0, out.stderr[-2000:]
     assert "no chat template" in out.stderr and "Traceback" not in out.stderr
