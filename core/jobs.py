@@ -74,24 +74,24 @@ def forget(run_dir: str | os.PathLike) -> None:
     _path(run_dir).unlink(missing_ok=True)
 
 
-def _matches(p: psutil.Process, rec: dict) -> bool:
+def same_process(pid, create_time, cmdline: list[str] | None = None) -> psutil.Process | None:
+    """The one liveness check: the process PID if it is still the one that was recorded (its start
+    time, and its command line when given: a reused pid is another process), not a zombie."""
     try:
-        return (abs(p.create_time() - float(rec["create_time"])) < 0.01 and p.cmdline() == rec["cmdline"]
-                and p.status() != psutil.STATUS_ZOMBIE)
-    except (psutil.Error, KeyError, TypeError, ValueError):
-        return False
+        p = psutil.Process(int(pid))
+        if abs(p.create_time() - float(create_time)) >= 0.01 or p.status() == psutil.STATUS_ZOMBIE:
+            return None
+        return p if cmdline is None or p.cmdline() == list(cmdline) else None
+    except (psutil.Error, TypeError, ValueError, OverflowError):
+        return None
 
 
 def live(run_dir: str | os.PathLike, rec: dict | None = None) -> psutil.Process | None:
     """The recorded process of RUN_DIR's job, if it is still that very process."""
     rec = rec or record(run_dir)
-    if not rec:
+    if not rec or not isinstance(rec.get("cmdline"), list):
         return None
-    try:
-        p = psutil.Process(int(rec["pid"]))
-    except (psutil.Error, KeyError, TypeError, ValueError):
-        return None
-    return p if _matches(p, rec) else None
+    return same_process(rec.get("pid"), rec.get("create_time"), rec["cmdline"])
 
 
 def members(rec: dict | None) -> list[psutil.Process]:

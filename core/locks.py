@@ -22,7 +22,7 @@ from pathlib import Path
 import psutil
 from filelock import FileLock, Timeout
 
-from . import workspace
+from . import jobs, workspace
 
 
 class Busy(RuntimeError):
@@ -44,10 +44,7 @@ def device_key(device: str) -> str:
 
 
 def _alive(ticket: dict) -> bool:
-    try:
-        return abs(psutil.Process(ticket["pid"]).create_time() - ticket["pid_start_time"]) < 1.0
-    except (psutil.NoSuchProcess, KeyError, TypeError):
-        return False
+    return jobs.same_process(ticket.get("pid"), ticket.get("pid_start_time")) is not None
 
 
 def holder(key: str) -> dict | None:

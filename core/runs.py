@@ -242,7 +242,14 @@ def launch(run_dir: str | Path, resume: bool = False, env: dict | None = None,
         # than a CPU test allows), is refused by the child with its message in run.json
         gpus = gpus if launcher else 1
         token = jobs.new_token()
-        child_env = _child_env({**(env or {}), jobs.TOKEN_ENV: token})
+        extra = {jobs.TOKEN_ENV: token}
+        if launcher:
+            # on SIGTERM the launcher forwards it to the ranks and waits for them: every rank saves
+            # at the agreed step and rank 0 records the end before the launcher exits. torchrun's
+            # own default (30 s, then SIGKILL) cut that short on a loaded machine; Stop's grace
+            # period is the one limit (runs.stop SIGKILLs the job after it)
+            extra["TORCH_ELASTIC_SHUTDOWN_TIMEOUT"] = str(24 * 3600)
+        child_env = _child_env({**(env or {}), **extra})
         with open(run_dir / "train.log", "ab") as log:
             proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
                                     start_new_session=True, env=child_env, cwd=str(run_dir))

@@ -25,9 +25,7 @@ from __future__ import annotations
 import contextvars
 import functools
 import json
-import re
 import time
-from dataclasses import dataclass, field
 from datetime import datetime
 
 import jinja2
@@ -36,135 +34,20 @@ from jinja2 import nodes
 from jinja2.sandbox import ImmutableSandboxedEnvironment, SecurityError
 from jinja2.visitor import NodeTransformer
 
-MAX_SOURCE_CHARS = 256 * 1024  # a chat template's source (the largest shipped ones are ~20 KB)
-BASE_CHARS = 2_000_000  # plus 8 x the conversation's size: output and any one value
-BASE_STEPS = 2_000_000  # plus 10 x the conversation's size
-TIMEOUT_S = 10.0  # one conversation
+from . import budget
+from .budget import TemplateLimit
 
-
-class TemplateLimit(SecurityError):
-    """A render went past one of its bounds (work, size, time)."""
-
-
-@dataclass
-class Budget:
-    max_chars: int = BASE_CHARS
-    max_steps: int = BASE_STEPS
-    deadline: float = float("inf")
-    steps: int = 0
-    out_chars: int = 0
-    sized: dict = field(default_factory=dict)  # id -> (container, size): one walk per value per render
-
-    def tick(self, n: int = 1) -> None:
-        self.steps += n
-        if self.steps > self.max_steps:
-            raise TemplateLimit(f"the template did more than {self.max_steps:,} steps (loops, calls, filters): "
-                                "it was stopped")
-        if not self.steps & 1023 and time.monotonic() > self.deadline:
-            raise TemplateLimit("the template took too long to render: it was stopped")
-
-    def size(self, value) -> int:
-        """size_of(value), walked once per object and render: templates can't change a list or
-        dict (the immutable sandbox); the object is held here, so its id is not reused meanwhile."""
-        if isinstance(value, str):
-            return len(value)
-        if not isinstance(value, (list, tuple, dict)):
-            return size_of(value, self.max_chars) if isinstance(value, (set, frozenset)) else 1
-        hit = self.sized.get(id(value))
-        if hit is not None and hit[0] is value:
-            return hit[1]
-        n = size_of(value, self.max_chars)
-        if len(self.sized) < 100_000:
-            self.sized[id(value)] = (value, n)
-        return n
-
-    def check_size(self, value, what: str = "a value") -> None:
-        if self.size(value) > self.max_chars:
-            raise TemplateLimit(f"{what} would exceed {self.max_chars:,} characters: it was stopped")
-
-
-# compile-time constant folding (no render running) gets the default bounds
-_BUDGET: contextvars.ContextVar[Budget | None] = contextvars.ContextVar("lorastudio_template_budget", default=None)
-
-
-def _budget() -> Budget:
-    return _BUDGET.get() or Budget()
-
-
-def size_of(value, limit: int) -> int:
-    """Characters a value stands for: a string's length; a container's elements, each counted
-    every time it appears (a list holding itself twice, forty levels deep, is 2**40). Stops
-    counting past `limit`, so a huge value costs `limit` steps at most."""
-    total = 0
-    stack = [value]
-    while stack:
-        v = stack.pop()
-        if isinstance(v, str):
-            total += len(v)
-        elif isinstance(v, (list, tuple, set, frozenset)):
-            total += 1
-            stack.extend(v)
-        elif isinstance(v, dict):
-            total += 1
-            stack.extend(v.keys())
-            stack.extend(v.values())
-        elif isinstance(v, int) and not isinstance(v, bool):
-            total += 1 + v.bit_length() // 64
-        else:
-            total += 1
-        if total > limit:
-            return total
-    return total
-
-
-def _big_int(b: Budget, args, kwargs) -> None:
-    for v in (*args, *kwargs.values()):
-        if isinstance(v, int) and not isinstance(v, bool) and abs(v) > b.max_chars:
-            raise TemplateLimit(f"an argument of {v:,} is over the template limit ({b.max_chars:,})")
-
-
-# a format width (or precision) of a million or more: '%9999999s', '{:>9999999}'
-_PCT_WIDTH = re.compile(r"%[-#0 +]*(\d{7,}|\d*\.\d{7,})")
-_FMT_WIDTH = re.compile(r"\{[^{}]*:[^{}]*\d{7,}[^{}]*\}")
-
-
-def _grows_to(b: Budget, func_name: str, base, args, kwargs) -> int | None:
-    """A cheap estimate of the result size of the string functions that can multiply their input."""
-    if not isinstance(base, str):
-        return None
-    a = list(args) + list(kwargs.values())
-    if func_name == "replace" and len(a) >= 2 and isinstance(a[0], str) and isinstance(a[1], str):
-        hits = len(base) + 1 if a[0] == "" else base.count(a[0])
-        return len(base) + hits * max(0, len(a[1]) - len(a[0]))
-    if func_name == "join":
-        items = a[0] if a else ()
-        n = len(items) if hasattr(items, "__len__") else 0
-        return len(base) * n
-    if func_name == "expandtabs":
-        return len(base) + base.count("\t") * (a[0] if a and isinstance(a[0], int) else 8)
-    if func_name == "indent":
-        width = a[0] if a else 4
-        pad = len(width) if isinstance(width, str) else width if isinstance(width, int) else 4
-        return len(base) + (base.count("\n") + 1) * pad
-    if func_name == "wordwrap":
-        wrap = kwargs.get("wrapstring") or (a[3] if len(a) > 3 else None)
-        return len(base) * (1 + (len(wrap) if isinstance(wrap, str) else 1))
-    if func_name in ("format", "format_map") and _FMT_WIDTH.search(base):
-        return b.max_chars + 1
-    if func_name == "format_filter" and _PCT_WIDTH.search(base):
-        return b.max_chars + 1
-    return None
-
+__all__ = ["TemplateLimit", "compile_template", "environment", "render"]
 
 class BoundedEnvironment(ImmutableSandboxedEnvironment):
     intercepted_binops = frozenset({"+", "*", "**", "%", "//"})
 
     def call_binop(self, context, operator, left, right):
-        b = _BUDGET.get() or Budget()
+        b = budget.BUDGET.get() or budget.Budget()
         b.tick()
         if operator == "+" and type(left) is str and type(right) is str:  # the common case, first
             if len(left) + len(right) > b.max_chars:
-                raise TemplateLimit(f"joining two values would exceed {b.max_chars:,} characters")
+                raise budget.TemplateLimit(f"joining two values would exceed {b.max_chars:,} characters")
             return left + right
         seq = (str, list, tuple)
         if operator == "*":
@@ -172,19 +55,19 @@ class BoundedEnvironment(ImmutableSandboxedEnvironment):
                 left, right = right, left
             if isinstance(left, seq) and isinstance(right, int):
                 if right > 0 and b.size(left) * right > b.max_chars:
-                    raise TemplateLimit(f"repeating a value {right:,} times would exceed {b.max_chars:,} characters")
+                    raise budget.TemplateLimit(f"repeating a value {right:,} times would exceed {b.max_chars:,} characters")
             elif isinstance(left, int) and isinstance(right, int) and left.bit_length() + right.bit_length() > 65536:
-                raise TemplateLimit("an integer over 65,536 bits")
+                raise budget.TemplateLimit("an integer over 65,536 bits")
         elif operator == "+" and isinstance(left, seq) and isinstance(right, seq):
             if b.size(left) + b.size(right) > b.max_chars:
-                raise TemplateLimit(f"joining two values would exceed {b.max_chars:,} characters")
+                raise budget.TemplateLimit(f"joining two values would exceed {b.max_chars:,} characters")
         elif operator == "**" and isinstance(left, int) and isinstance(right, int) and right > 0:
             if max(1, abs(left).bit_length()) * right > 65536:
-                raise TemplateLimit("an integer over 65,536 bits")
+                raise budget.TemplateLimit("an integer over 65,536 bits")
         elif operator == "%" and isinstance(left, str):
-            if _PCT_WIDTH.search(left):
-                raise TemplateLimit("a format width of a million characters or more")
-            _big_int(b, right if isinstance(right, tuple) else (right,), {})
+            if budget.PCT_WIDTH.search(left):
+                raise budget.TemplateLimit("a format width of a million characters or more")
+            budget.check_big_int(b, right if isinstance(right, tuple) else (right,), {})
             b.check_size(right, "a formatted value")
         result = self.binop_table[operator](left, right)
         if isinstance(result, (str, list, tuple)):
@@ -192,14 +75,14 @@ class BoundedEnvironment(ImmutableSandboxedEnvironment):
         return result
 
     def call(__self, __context, __obj, *args, **kwargs):  # noqa: N805 - jinja's own signature
-        b = _budget()
+        b = budget.current()
         b.tick()
-        _big_int(b, args, kwargs)
+        budget.check_big_int(b, args, kwargs)
         target = getattr(__obj, "__wrapped__", __obj)  # str.format comes wrapped by the sandbox
         base = getattr(target, "__self__", None)
-        grows = _grows_to(b, getattr(target, "__name__", ""), base, args, kwargs)
+        grows = budget.grows_to(b, getattr(target, "__name__", ""), base, args, kwargs)
         if grows is not None and grows > b.max_chars:
-            raise TemplateLimit(f"{getattr(target, '__name__', 'a call')}() would exceed {b.max_chars:,} characters")
+            raise budget.TemplateLimit(f"{getattr(target, '__name__', 'a call')}() would exceed {b.max_chars:,} characters")
         if not isinstance(__obj, jinja2.runtime.Macro):  # a macro only passes values on
             for v in (*args, *kwargs.values()):
                 if isinstance(v, (list, tuple, dict)):
@@ -210,28 +93,28 @@ class BoundedEnvironment(ImmutableSandboxedEnvironment):
         return result
 
     def getattr(self, obj, attribute):
-        _budget().tick()
+        budget.current().tick()
         return super().getattr(obj, attribute)
 
     def getitem(self, obj, argument):
-        _budget().tick()
+        budget.current().tick()
         return super().getitem(obj, argument)
 
 
 def _bounded_filter(func, name: str):
     @functools.wraps(func)
     def run(*args, **kwargs):
-        b = _budget()
+        b = budget.current()
         b.tick()
         plain = [a for a in args if isinstance(a, (str, int, float, list, tuple, dict))]
-        _big_int(b, plain, kwargs)
+        budget.check_big_int(b, plain, kwargs)
         for v in (*plain, *kwargs.values()):
             b.check_size(v, f"the input of |{name}")
         if plain:
-            grows = _grows_to(b, {"center": "indent", "format": "format_filter"}.get(name, name), plain[0], plain[1:],
+            grows = budget.grows_to(b, {"center": "indent", "format": "format_filter"}.get(name, name), plain[0], plain[1:],
                               kwargs)
             if grows is not None and grows > b.max_chars:
-                raise TemplateLimit(f"|{name} would exceed {b.max_chars:,} characters")
+                raise budget.TemplateLimit(f"|{name} would exceed {b.max_chars:,} characters")
         result = func(*args, **kwargs)
         if isinstance(result, (str, list, tuple, dict)):
             b.check_size(result, f"the result of |{name}")
@@ -243,13 +126,13 @@ def _bounded_filter(func, name: str):
 @jinja2.pass_context
 def _finalize(context, value):
     """Every piece of output, literal text included, passes here: counted where it is written."""
-    b = _BUDGET.get() or Budget()
+    b = budget.BUDGET.get() or budget.Budget()
     if type(value) is not str:
         b.check_size(value, "a printed value")
         value = str(value)
     b.out_chars += len(value)
     if b.out_chars > b.max_chars:
-        raise TemplateLimit(f"the template wrote more than {b.max_chars:,} characters: it was stopped")
+        raise budget.TemplateLimit(f"the template wrote more than {b.max_chars:,} characters: it was stopped")
     return value
 
 
@@ -260,7 +143,7 @@ class _Counted:
         self.iterable = iterable
 
     def __iter__(self):
-        b = _budget()
+        b = budget.current()
         b.tick()
         for item in self.iterable:
             b.tick()
@@ -272,12 +155,12 @@ class _Counted:
 
 def _concat(*parts) -> str:
     """`a ~ b`: as Jinja joins (str of each), after a size check."""
-    b = _budget()
+    b = budget.current()
     total = 0
     for p in parts:
         total += b.size(p)
         if total > b.max_chars:
-            raise TemplateLimit(f"joining with ~ would exceed {b.max_chars:,} characters")
+            raise budget.TemplateLimit(f"joining with ~ would exceed {b.max_chars:,} characters")
     return "".join(map(str, parts))
 
 
@@ -367,7 +250,7 @@ def _filter(name: str, expr, *args) -> nodes.Filter:
 def _sized(value):
     """A value about to be compared: a container's size is checked first (strings, numbers pass)."""
     if type(value) in (list, tuple, dict):
-        (_BUDGET.get() or Budget()).check_size(value, "a compared value")
+        (budget.BUDGET.get() or budget.Budget()).check_size(value, "a compared value")
     return value
 
 
@@ -403,8 +286,8 @@ class _Bounder(NodeTransformer):
 @functools.lru_cache(maxsize=64)
 def compile_template(source: str) -> jinja2.Template:
     """Raises jinja2.TemplateSyntaxError (with its line), or TemplateLimit."""
-    if len(source) > MAX_SOURCE_CHARS:
-        raise TemplateLimit(f"the template is {len(source):,} characters; at most {MAX_SOURCE_CHARS:,}")
+    if len(source) > budget.MAX_SOURCE_CHARS:
+        raise budget.TemplateLimit(f"the template is {len(source):,} characters; at most {budget.MAX_SOURCE_CHARS:,}")
     env = environment()
     try:
         tree = _Bounder().visit(env.parse(source))
@@ -413,20 +296,20 @@ def compile_template(source: str) -> jinja2.Template:
     except jinja2.TemplateSyntaxError:
         raise
     except (RecursionError, MemoryError, SyntaxError, ValueError) as e:
-        raise TemplateLimit(f"the template could not be compiled ({type(e).__name__}: nested too deeply?)") from None
+        raise budget.TemplateLimit(f"the template could not be compiled ({type(e).__name__}: nested too deeply?)") from None
 
 
-def budget_for(*values) -> Budget:
-    n = size_of(values, 10**9)
-    return Budget(max_chars=BASE_CHARS + 8 * n, max_steps=BASE_STEPS + 10 * n,
-                  deadline=time.monotonic() + TIMEOUT_S)
+def budget_for(*values) -> budget.Budget:
+    n = budget.size_of(values, 10**9)
+    return budget.Budget(max_chars=budget.BASE_CHARS + 8 * n, max_steps=budget.BASE_STEPS + 10 * n,
+                         deadline=time.monotonic() + budget.TIMEOUT_S)
 
 
 def render(source: str, messages: list, track: bool = False, **kwargs) -> tuple[str, list[tuple[int, int]]]:
     """(text, generation spans) of one conversation. Raises jinja2 errors (TemplateLimit for a
     bound) and whatever a template's own code raises (TypeError, ValueError, ...)."""
     template = compile_template(source)
-    budget = _BUDGET.set(budget_for(messages, kwargs))
+    token = budget.BUDGET.set(budget_for(messages, kwargs))
     tracking = {"pos": 0, "spans": []}
     tracker = _TRACKING.set(tracking if track else None)
     try:
@@ -436,9 +319,9 @@ def render(source: str, messages: list, track: bool = False, **kwargs) -> tuple[
             tracking["pos"] += len(piece)
         return "".join(pieces), tracking["spans"]
     except RecursionError:
-        raise TemplateLimit("the template recursed too deeply: it was stopped") from None
+        raise budget.TemplateLimit("the template recursed too deeply: it was stopped") from None
     except MemoryError:
-        raise TemplateLimit("the template ran out of memory: it was stopped") from None
+        raise budget.TemplateLimit("the template ran out of memory: it was stopped") from None
     finally:
         _TRACKING.reset(tracker)
-        _BUDGET.reset(budget)
+        budget.BUDGET.reset(token)
