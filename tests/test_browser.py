@@ -190,3 +190,40 @@ def test_full_flow_in_a_real_browser(page):
     left, right = wait_for(both, 120, "both side-by-side answers")
     assert "⚠️" not in left + right
     shot(page, "7_side_by_side")
+
+
+def test_convert_and_chat_reread_the_checkpoints_when_shown(page, tmp_path):
+    """save_total_limit deletes old checkpoints while a run trains: the Convert tab's list is read
+    again whenever the tab is shown, so a deleted checkpoint is never offered."""
+    import shutil
+
+    run_dir = Path(os.environ["LORASTUDIO_HOME"]) / "runs" / f"ckpts-{time.time_ns()}"
+    for sub in ("adapter", "checkpoint-10", "checkpoint-20"):
+        (run_dir / sub).mkdir(parents=True)
+        (run_dir / sub / "adapter_config.json").write_text("{}")
+    shutil.copy(ROOT / "tests" / "fixtures" / "run-318d927" / "config.yaml", run_dir / "config.yaml")
+    (run_dir / "run.json").write_text('{"status": "done"}')
+
+    def offered() -> list[str]:
+        page.get_by_label("Checkpoint").first.click()
+        page.wait_for_timeout(800)
+        items = [re.sub(r"^\W*", "", li.inner_text()).strip() for li in page.query_selector_all("ul[role=listbox] li")]
+        page.keyboard.press("Escape")
+        return items
+
+    try:
+        tab(page, "Convert")
+        page.locator("#cv-run input").fill(str(run_dir))
+        page.keyboard.press("Enter")
+        page.wait_for_timeout(1500)
+        assert offered() == ["final", "checkpoint-20", "checkpoint-10"]
+        shutil.rmtree(run_dir / "checkpoint-10")
+        tab(page, "Chat")  # away and back: the run stays selected, its list is read again
+        page.wait_for_timeout(1000)
+        tab(page, "Convert")
+        page.wait_for_timeout(1500)
+        assert page.locator("#cv-run input").input_value() == str(run_dir)
+        assert offered() == ["final", "checkpoint-20"]
+        shot(page, "convert_checkpoints_reread")
+    finally:
+        shutil.rmtree(run_dir, ignore_errors=True)
