@@ -159,7 +159,6 @@ def cmd_runs(a) -> int:
 
 def cmd_stop(a) -> int:
     from lorastudio.core import runs
-
     from lorastudio.core import jobs
 
     run_dir = Path(a.run_dir).resolve()
