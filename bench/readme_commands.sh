@@ -31,7 +31,7 @@ run 1 python -c "import core"
 run 0 python -c "import lorastudio.core, lorastudio.webui, lorastudio.cli, lorastudio.presets"
 run 0 lorastudio --help
 run 0 lorastudio list-presets
-run 1 lorastudio estimate presets/llama3_1_8b_qlora.yaml --gpu-mem 12GB
+run 0 lorastudio estimate presets/llama3_1_8b_qlora.yaml --gpu-mem 12GB   # fits (11.1 GiB)
 run 0 lorastudio copy-preset tiny_demo my.yaml
 run 0 lorastudio train presets/tiny_demo.yaml --set training.max_steps=4 --set training.sample_every=0 --run-dir "$WORK/r1"
 run 0 lorastudio train my.yaml --set training.learning_rate=1e-4 --set lora.r=8 --set training.max_steps=30 --detach --run-dir "$WORK/r2"
@@ -39,7 +39,7 @@ run 0 lorastudio runs
 run 0 lorastudio stop "$WORK/r2"
 run 0 lorastudio resume "$WORK/r2"
 run 0 lorastudio stop "$WORK/r2"
-run 2 lorastudio retry "$WORK/r1"
+run 2 lorastudio retry "$WORK/r1"   # done, not failed: refused
 run 0 lorastudio preview presets/tiny_demo.yaml -n 2
 run 0 lorastudio preview --model builtin:tiny --data builtin:sample --template chatml --json
 run 0 lorastudio convert "$WORK/r1"

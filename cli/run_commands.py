@@ -180,11 +180,12 @@ def cmd_retry(a) -> int:
     run_dir = Path(a.run_dir).resolve()
     if not (run_dir / "config.yaml").exists():
         return err(f"{run_dir} is not a run directory (no config.yaml)")
+    from lorastudio.core import runs
+
     try:
         new_dir = recovery.retry(run_dir, launch=False)
-    except config_lib.ConfigError as e:
+    except (config_lib.ConfigError, runs.LaunchError) as e:
         return err(str(e))
-    from lorastudio.core import runs
 
     proc = runs.launch(new_dir)
     print(f"run dir: {new_dir}", flush=True)

@@ -24,8 +24,12 @@ def oom_retry_overrides(cfg) -> dict | None:
 
 
 def retry(run_dir: str | Path, overrides: dict | None = None, launch: bool = True) -> Path:
-    """A new run next to the failed one, same config with the retry overrides applied."""
+    """A new run next to the failed one, same config with the retry overrides applied. Only a
+    failed run is retried (a finished or stopped one is resumed or started anew)."""
     run_dir = Path(run_dir)
+    status = runs.status(run_dir).get("status") if (run_dir / "run.json").exists() else None
+    if status != "failed":
+        raise runs.LaunchError(f"only a failed run can be retried ({run_dir.name} is {status or 'not a run'})")
     cfg = config_lib.load(run_dir / "config.yaml")
     overrides = overrides or runs.read_json(run_dir).get("retry") or oom_retry_overrides(cfg)
     if not overrides:

@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import ROOT, shared_assets
+from conftest import ROOT, lorastudio, shared_assets
 from lorastudio.cli import commands as cli
 
 GOOD = [{"messages": [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "hello"}]}]
@@ -192,3 +192,15 @@ def test_nothing_written_outside_the_workspace(tmp_path, capsys):
              and "__pycache__" not in p.parts and ".pytest_cache" not in p.parts}
     assert after - before == set()
     assert list(data_dir.iterdir()) == []
+
+
+def test_retry_of_a_run_that_did_not_fail_is_refused(tmp_path):
+    """Retry is for failed runs (the web app and the CLI share core.recovery's rule): a finished run
+    starts nothing and the command says why."""
+    import shutil
+
+    run_dir = tmp_path / "done-run"
+    shutil.copytree(ROOT / "tests" / "fixtures" / "run-318d927", run_dir)
+    res = lorastudio("retry", str(run_dir))
+    assert res.returncode == 2 and "only a failed run can be retried (done-run is done)" in res.stderr
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["done-run"]  # no retry folder was made

@@ -82,12 +82,7 @@ def retry(run_dir: str) -> tuple[str, str]:
     from lorastudio.core import recovery
 
     try:
-        run_dir = workspace_run(run_dir)
-        info = runs.status(run_dir)
-        if info.get("status") != "failed":
-            return "", err_md(f"only a failed run can be retried ({Path(run_dir).name} is "
-                              f"{info.get('status', 'not a run')})")
-        new_dir = recovery.retry(run_dir)
+        new_dir = recovery.retry(workspace_run(run_dir))  # refuses any run but a failed one
     except Exception as e:  # noqa: BLE001
         return "", err_md(e)
     return str(new_dir), f"retrying as **{new_dir.name}**"
