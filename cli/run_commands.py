@@ -21,7 +21,9 @@ def cmd_train(a) -> int:
 
     cfg_path = presets.resolve(a.config)
     try:
-        cfg = resolve.resolve(config_lib.load(cfg_path, a.set + scale_sets(a)))
+        cfg = config_lib.load(cfg_path, a.set + scale_sets(a))
+        machine = resolve.probe(cfg.training.device)  # once: create_run resolves for it below
+        cfg = resolve.resolve(cfg, machine)
     except config_lib.ConfigError as e:
         return err(str(e), runs.EXIT_CONFIG)
     if a.gpu_mem is not None:  # pre-flight: the estimate before Start (it never blocks the run)
@@ -34,7 +36,7 @@ def cmd_train(a) -> int:
             print(f"estimate unavailable: {e}", file=sys.stderr)
     try:
         run_dir = runs.create_run(cfg, source=str(cfg_path), notes=(f"resolved from {cfg_path}",),
-                                  run_dir=a.run_dir, start=False)
+                                  run_dir=a.run_dir, machine=machine, start=False)
     except runs.LaunchError as e:
         return err(str(e))
     except config_lib.ConfigError as e:

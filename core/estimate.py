@@ -125,7 +125,8 @@ def estimate(cfg, arch: dict | None = None, gpu_mem_gib: float | None = None, *,
     gpu_mem_gib: the card to compare with; None: the detected GPU (unless detect=False)."""
     if arch is None:
         arch = arch_for(cfg.model.name_or_path)
-    resolved = resolve.for_estimate(cfg)
+    machine_stage = resolve.resolve(cfg, resolve.assumed(cfg.training.device))  # the plan starts here
+    resolved = resolve.fill(machine_stage.model_copy(deep=True), resolve.unplanned(machine_stage))
     br = breakdown(resolved, arch)
     comp_gib = {k: v / GIB for k, v in br["components"].items()}
     total = sum(comp_gib.values())
@@ -141,8 +142,7 @@ def estimate(cfg, arch: dict | None = None, gpu_mem_gib: float | None = None, *,
                suggestions=[])
     if gpu_mem_gib is not None and cfg.training.device != "cpu" and cfg.training.gpus == 1:
         # what the training child's memory plan would pick on this card (worst case: full rows)
-        decided, why = resolve.plan(resolve.resolve(cfg, resolve.assumed(cfg.training.device)), arch,
-                                    br["tokens_per_step"], gpu_mem_gib)
+        decided, why = resolve.plan(machine_stage, arch, br["tokens_per_step"], gpu_mem_gib)
         out["plan"] = {"settings": decided, "reasons": why}
     if fits is False:
         out["suggestions"] = suggestions(cfg, arch, gpu_mem_gib)

@@ -201,7 +201,7 @@ def fill(cfg: RunConfig, values: dict) -> RunConfig:
 def for_estimate(cfg: RunConfig) -> RunConfig:
     """Stages 2 and 3 on an assumed machine, before data: the config the estimator's figures describe."""
     c = resolve(cfg, assumed(cfg.training.device))
-    return fill(c, unplanned(c))
+    return fill(c, unplanned(c))  # c is resolve()'s own copy
 
 
 def _get(cfg, key: str):
