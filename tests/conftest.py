@@ -127,7 +127,8 @@ def wait_for(cond, timeout=120, every=0.2) -> bool:
 
 
 # ---------------------------------------------------------------- markers (pyproject.toml declares them)
-# slow: trains a model, itself or through a fixture that does; browser: drives chromium.
+# slow: trains a model (itself or through a fixture), or starts children, servers or long workers;
+# browser: drives chromium.
 # `pytest -m "not slow and not browser"` is the quick suite (under 3 minutes on 2 cores).
 TRAINING_FIXTURES = {"smoke_run", "qlora_run", "demo_run", "trained_run", "merged", "demo_chat"}
 

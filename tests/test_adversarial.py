@@ -77,6 +77,7 @@ def test_a_long_conversation_still_renders():
     assert len(text) > 3_000_000 and spans
 
 
+@pytest.mark.slow
 def test_the_cli_preview_stops_a_template_that_grows(tmp_path):
     bomb = tmp_path / "bomb.jinja"
     bomb.write_text(GROWING["doubling-tilde"])
@@ -189,6 +190,7 @@ def test_every_numeric_config_field_is_bounded():
     assert checked >= 25
 
 
+@pytest.mark.slow
 def test_numbers_in_the_other_handlers():
     from lorastudio.webui import tab_chat, tab_dataset, tab_template
     from lorastudio.webui.helpers import number, whole
@@ -351,6 +353,7 @@ def _start_run(tmp_path, name, *sets):
     return run_dir
 
 
+@pytest.mark.slow
 def test_two_resumes_at_once_start_one_child(tmp_path):
     run_dir = _start_run(tmp_path, "twice", "--set", "training.max_steps=100000", "--set", "training.save_steps=3")
     assert wait_for(lambda: (run_dir / "checkpoint-3" / "trainer_state.json").exists(), timeout=120)
@@ -372,6 +375,7 @@ def test_two_resumes_at_once_start_one_child(tmp_path):
     assert runs.stop(run_dir, grace=30) == "stopped"
 
 
+@pytest.mark.slow
 def test_stop_ends_every_rank_even_while_they_start(tmp_path):
     from lorastudio.core import jobs
 
@@ -385,6 +389,7 @@ def test_stop_ends_every_rank_even_while_they_start(tmp_path):
     assert runs.status(run_dir)["status"] in ("stopped", "failed")
 
 
+@pytest.mark.slow
 def test_concurrent_starts_stops_deletes_and_merges(tmp_path):
     from lorastudio.webui import tab_convert, tab_train
 
@@ -443,6 +448,7 @@ def test_start_warns_when_a_run_would_take_days_or_not_fit_the_ram():
     assert estimate.start_warnings(config.from_dict({})) == []  # the embedded model: nothing to say
 
 
+@pytest.mark.slow
 def test_a_run_warns_once_its_measured_eta_passes_a_day(tmp_path):
     from lorastudio.webui.train_view import status_markdown
 

@@ -151,6 +151,7 @@ def test_generation_stops_at_end_of_turn_not_eos(demo_chat):
 
 # ---------------------------------------------------------------- a model without a chat template
 
+@pytest.mark.slow
 def test_model_without_chat_template(tmp_path):
     import torch
     from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM

@@ -18,6 +18,9 @@ from lorastudio.core import config as config_lib
 from lorastudio.core import resolve as resolve_lib
 from lorastudio.core import distributed, locks, machine, runs
 
+# every test here starts training children or a server (the quick suite leaves them out)
+pytestmark = pytest.mark.slow
+
 FAST = ["--set", "data.eval_split=0", "--set", "training.sample_every=0"]
 
 

@@ -14,6 +14,9 @@ from conftest import ROOT, events, lorastudio, wait_for
 from lorastudio.core import locks, runs
 from lorastudio.core import resolve as resolve_lib
 
+# every test here starts training children or a server (the quick suite leaves them out)
+pytestmark = pytest.mark.slow
+
 
 def start(run_dir, *sets):
     args = ["train", "presets/tiny_smoke.yaml", "--run-dir", str(run_dir), "--detach",

@@ -159,6 +159,7 @@ def run_dirs(s: Server) -> set[str]:
 
 # ---------------------------------------------------------------- 1. one template request killed the server
 
+@pytest.mark.slow
 def test_a_template_that_grows_is_stopped_and_the_server_stays_up(server):
     s = server
     before = snapshot(s.launch, s.outside)
@@ -170,6 +171,7 @@ def test_a_template_that_grows_is_stopped_and_the_server_stays_up(server):
     assert snapshot(s.launch, s.outside) == before
 
 
+@pytest.mark.slow
 def test_a_template_past_the_sandbox_is_stopped_by_the_worker_time_limit(server):
     """`sum` of 300,000 one-item lists is quadratic inside one C call (each addition copies the
     total so far), where the sandbox counts no step: the worker's time limit stops it; meanwhile
@@ -199,6 +201,7 @@ def test_a_template_past_the_sandbox_is_stopped_by_the_worker_time_limit(server)
     assert pieces  # a fresh worker took over
 
 
+@pytest.mark.slow
 def test_a_data_file_that_fills_the_memory_stops_the_worker_alone(server):
     s = server
     big = s.outside / "big.txt"
@@ -324,6 +327,7 @@ def test_numbers_past_their_bounds_in_the_cli():
         assert out.returncode == 2 and words in out.stderr, (setting, out.stderr)
 
 
+@pytest.mark.slow
 def test_epochs_times_rows_past_the_step_bound_fails_with_a_message(server):
     """Each bound alone is fine; the product is checked by the run once the data is known."""
     s = server
@@ -338,6 +342,7 @@ def test_epochs_times_rows_past_the_step_bound_fails_with_a_message(server):
 
 # ---------------------------------------------------------------- 5. unlimited concurrent training on CPU
 
+@pytest.mark.slow
 def test_ten_starts_run_one_at_a_time_and_stop_ends_them_all(server):
     s = server
     dirs = []
@@ -369,6 +374,7 @@ def test_ten_starts_run_one_at_a_time_and_stop_ends_them_all(server):
     responsive(s)
 
 
+@pytest.mark.slow
 def test_exclusive_false_opts_out_of_the_queue(tmp_path):
     """training.exclusive: false runs beside another run on the same device."""
     from conftest import events, lorastudio
@@ -397,6 +403,7 @@ def test_the_token_check_has_no_suffix_hole(server):
     responsive(s)
 
 
+@pytest.mark.slow
 def test_a_fifo_or_device_as_dataset_gets_a_clear_message(server):
     s = server
     fifo = s.outside / "data.jsonl"

@@ -131,6 +131,7 @@ def test_packed_samples_never_attend_to_each_other():
     torch.testing.assert_close(out[len(a):], lb, atol=1e-5, rtol=1e-4)
 
 
+@pytest.mark.slow
 def test_preview_json_on_a_tokenizer_only_folder(tmp_path):
     data = write_jsonl(tmp_path / "d.jsonl", conversations())
     out = lorastudio("preview", "--model", str(shared_assets() / "tokenizers" / "qwen2.5"), "--data", str(data),
@@ -144,6 +145,7 @@ def test_preview_json_on_a_tokenizer_only_folder(tmp_path):
     assert "You are Qwen" in s["text"]  # the template's default system prompt, untrained
 
 
+@pytest.mark.slow
 def test_preview_text_marks_trained_spans_and_bad_input_is_one_line(tmp_path):
     out = lorastudio("preview", "presets/tiny_smoke.yaml", "-n", "1")
     assert out.returncode == 0 and "[[" in out.stdout and "<|im_end|>]]" in out.stdout

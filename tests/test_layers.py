@@ -6,6 +6,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
 from conftest import ROOT
 
 
@@ -146,6 +147,7 @@ def test_no_shell_true_anywhere():
                 assert isinstance(node.value, ast.Constant) and node.value.value is False, path
 
 
+@pytest.mark.slow
 def test_tiny_default_is_deterministic_and_offline(tmp_path):
     """Two fresh workspaces build byte-identical tiny models and samples, with no network."""
     import hashlib

@@ -79,6 +79,7 @@ def _meta_model(arch):
         return AutoModelForCausalLM.from_config(MC.hf_config(arch))
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("name", sorted(REAL))
 def test_architecture_builds_on_meta_targets_resolve_and_count_matches(name):
     """InternLM2 (remote code, not in transformers) is built as a Llama of the same sizes: its

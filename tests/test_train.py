@@ -14,6 +14,9 @@ from conftest import ROOT, events, lorastudio, shared_assets, wait_for
 from lorastudio.core import config as config_lib
 from lorastudio.core import runs
 
+# every test here starts training children or a server (the quick suite leaves them out)
+pytestmark = pytest.mark.slow
+
 
 def step_losses(run_dir):
     return {e["step"]: e["loss"] for e in events(run_dir, "step")}

@@ -15,6 +15,9 @@ from conftest import ROOT
 from test_bad_input import DATA_CASES, TEMPLATE_CASES, _model_dirs, _write, jl, GOOD
 from test_webui_handlers import START_NAMES, TOKEN, start_app, stop_app
 
+# every test here starts training children or a server (the quick suite leaves them out)
+pytestmark = pytest.mark.slow
+
 
 def client_for(url):
     from gradio_client import Client

@@ -169,6 +169,7 @@ def test_dataset_stats_format_override_and_mix(tmp_path):
     assert [x["format"] for x in s["sources"]] == ["alpaca", "openai"] and s["sources"][0]["ratio"] == 2.0
 
 
+@pytest.mark.slow
 def test_dataset_stats_of_2k_rows_equal_encode_example(tmp_path):
     """The tab's stats (core.labels.encode_examples in chunks, on two threads, cached per file)
     equal a direct computation with encode_example, at several cutoffs."""
@@ -294,6 +295,7 @@ def test_history_helpers(tmp_path):
         history.delete_run(a)
 
 
+@pytest.mark.slow
 def test_delete_run_refuses_active_runs_and_deletes_finished_ones():
     from lorastudio.core import history, runs, workspace
 
@@ -510,6 +512,7 @@ def test_paths_outside_the_allowed_folders_are_refused(client):
     assert "not a run of this workspace" in client.predict("/etc", api_name="/run_status")["error"]
 
 
+@pytest.mark.slow
 def test_retry_refuses_a_finished_run_and_retries_a_failed_one():
     from lorastudio.core import runs, workspace
     from lorastudio.webui.tab_train import retry

@@ -40,6 +40,7 @@ def app_url(tmp_path_factory):
     os.killpg(proc.pid, 9)
 
 
+@pytest.mark.slow
 def test_preview_api_highlights_trained_tokens(app_url):
     from gradio_client import Client
 
