@@ -25,7 +25,7 @@ def training_block(epochs, mb, acc, lr, prompts, extra=""):
   learning_rate: {lr}            # LoRA: 1e-4..5e-4; full fine-tuning: 1e-5..5e-5
   lr_scheduler: cosine
   warmup_ratio: 0.03
-  gradient_checkpointing: auto     # on for CUDA: far less activation memory, ~30% slower
+  gradient_checkpointing: auto     # CUDA: off when the largest batch fits, else the fewest layers that do (training.checkpoint_layers)
   save_steps: 200
   sample_prompts: {pr}
 {extra}"""

@@ -34,6 +34,19 @@ one() {  # label, then speed.py args; the log of each run kept, a one-line summa
   [ $rc -eq 0 ] || tail -25 "$LOGS/$label.log"
 }
 
+peer() {  # Unsloth's SFTTrainer on the same rows: its own trl/datasets (.peer/w) and none of ours
+  local t0=$SECONDS
+  if [ ! -d /tmp/su ]; then
+    python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --target /tmp/su .peer/w/*.whl \
+      $(ls .whl/*.whl | grep -v 'trl-\|datasets-\|transformers-\|liger') || return 1
+  fi
+  PYTHONPATH=/tmp/su python3 .peer/unsloth_sft.py /tmp/m8b "$TOK" --label unsloth --out "$OUT/peer.jsonl" "$@" \
+    > "$LOGS/unsloth.log" 2>&1
+  local rc=$?
+  echo "unsloth rc=$rc $((SECONDS - t0))s $(grep -o '"non_pad_tokens_per_s": [0-9.]*\|"peak_device_used_gib": [0-9.]*' "$LOGS/unsloth.log" | tr '\n' ' ')"
+  [ $rc -eq 0 ] || tail -25 "$LOGS/unsloth.log"
+}
+
 case "$GROUP" in
   qlora8b)  # 30 steps, the first 5 untimed; a short warm-up run first fills Triton's kernel cache
     # (a fresh machine compiles liger's kernels in the first run); "fast" twice: the run-to-run spread
@@ -45,6 +58,40 @@ case "$GROUP" in
     one fast --model /tmp/m8b --side fast --method qlora "${S[@]}"
     one fast-unfused --model /tmp/m8b --side fast --method qlora --fused off "${S[@]}"
     one fast-again --model /tmp/m8b --side fast --method qlora "${S[@]}"
+    ;;
+  gcprobe)  # why the checkpointed step is slow: 8B chat rows, checkpointing off / all / half the
+    # layers / fused LoRA off / a 12 GiB budget, torch profiler tables of gc on and off; then
+    # 1 x 2048 rows: off, all layers, 7.5 GiB budget, 7.5 with non-paged 8-bit AdamW
+    python3 bench/make_random_model.py llama3.1-8b /tmp/m8b
+    S=(--steps 16 --warmup 4)
+    M=(--model /tmp/m8b --side fast --method qlora)
+    one warm-up "${M[@]}" --steps 6
+    one fast "${M[@]}" "${S[@]}"
+    one gc-all "${M[@]}" --gc on "${S[@]}"
+    one gc-16 "${M[@]}" --gc on --gc-layers 16 "${S[@]}"
+    one gc-all-unfused "${M[@]}" --gc on --fused off "${S[@]}"
+    one budget12 "${M[@]}" --gpu-mem 12 "${S[@]}"
+    one gc-all-profile "${M[@]}" --gc on --steps 11 --warmup 4 --profile 2
+    one fast-profile "${M[@]}" --steps 11 --warmup 4 --profile 2
+    L=(--seq 2048 --mb 1 --steps 12 --warmup 4)
+    one 2048-off "${M[@]}" "${L[@]}"
+    one 2048-gc-all "${M[@]}" --gc on "${L[@]}"
+    one 2048-7.5 "${M[@]}" --gpu-mem 7.5 "${L[@]}"
+    one 2048-7.5-bnb8bit "${M[@]}" --gpu-mem 7.5 --optim adamw_bnb_8bit "${L[@]}"
+    ;;
+  budgets)  # issue 17: 8B QLoRA chat rows under memory budgets (training.gpu_memory_gib), the
+    # project and Unsloth (../shared/peers harness, carried as .peer/: its wheels in .peer/w) in
+    # this one call; BUDGETS to pick (default 8 12 16 24), STEPS (default 30), PROFILE=1 adds torch
+    # profiler tables of the every-layer checkpointed step
+    python3 bench/make_random_model.py llama3.1-8b /tmp/m8b
+    N=${STEPS:-30}; S=(--steps "$N" --warmup 5)
+    M=(--model /tmp/m8b --side fast --method qlora)
+    one warm-up "${M[@]}" --steps 6
+    one fast "${M[@]}" "${S[@]}"
+    one gc-all "${M[@]}" --gc on "${S[@]}"
+    for b in ${BUDGETS:-8 12 16 24}; do one budget-$b "${M[@]}" --gpu-mem "$b" "${S[@]}"; done
+    [ -z "${PROFILE:-}" ] || one gc-all-profile "${M[@]}" --gc on --steps 11 --warmup 4 --profile 2
+    peer "${S[@]}"
     ;;
   tune)  # which row layout and allocator the fast path wants: padding-free rows padded to a
     # multiple of 1 (none), 8, 64 (the default), 256; the expandable-segments allocator; liger off.
@@ -130,7 +177,7 @@ esac
 python3 - "$OUT/speed.jsonl" <<'PY'
 import json, sys
 rows = [json.loads(x) for x in open(sys.argv[1])]
-print(f"{'label':22} {'tok/s':>9} {'MFU':>6} {'alloc':>6} {'resv':>6} {'device':>6}  loss 1..3 / last")
+print(f"{'label':22} {'tok/s':>9} {'MFU':>6} {'alloc':>6} {'resv':>6} {'device':>6} {'pred':>6} {'batch':>6}  loss 1..3 / last")
 for r in rows:
     if "stock_max_seq" in r:
         print(f"{r['label']:22} stock's longest trainable sequence under {r['cap_gib']} GiB: {r['stock_max_seq']} "
@@ -138,5 +185,6 @@ for r in rows:
         continue
     l = r["losses"]
     print(f"{r['label']:22} {r['non_pad_tokens_per_s']:9.0f} {r['mfu']:6.3f} {r['peak_allocated_gib']:6.2f} "
-          f"{r['peak_reserved_gib']:6.2f} {r['peak_device_used_gib']:6.2f}  {[round(x, 4) for x in l[:3]]} / {l[-1]:.4f}  {r['gpu']}")
+          f"{r['peak_reserved_gib']:6.2f} {r['peak_device_used_gib']:6.2f} {r.get('predicted_peak_gib') or 0:6.2f} "
+          f"{r.get('largest_batch_tokens', 0):6d}  {[round(x, 4) for x in l[:3]]} / {l[-1]:.4f}  {r['gpu']}")
 PY

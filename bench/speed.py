@@ -147,6 +147,8 @@ def build_fast(a, tokenizer, ds, callbacks):
         training["optimizer"] = a.optim
     if a.gc != "default":
         training["gradient_checkpointing"] = a.gc == "on"
+    if a.gc_layers >= 0:
+        training["checkpoint_layers"] = a.gc_layers
     if a.kernels != "default":
         training["kernels"] = a.kernels
     if a.fused != "default":
@@ -167,10 +169,13 @@ def build_fast(a, tokenizer, ds, callbacks):
     if cfg.training.device == "cuda":  # what the training child does once the data is known
         _decided, why = train_lib.memory_plan(cfg, [len(r["input_ids"]) for r in ds])
         print("memory plan:", "; ".join(why), flush=True)
+        plan_line = "; ".join(why)
     model = model_lib.load_for_training(cfg, tokenizer, [])
     trainer = train_lib.build_trainer(cfg, Path(a.workdir), model, tokenizer, None, ds, None, callbacks=callbacks)
     t = cfg.training
-    return trainer, {"optimizer": t.optimizer, "gradient_checkpointing": t.gradient_checkpointing,
+    return trainer, {"_cfg": cfg, "memory_plan": plan_line if t.device == "cuda" else None,
+                     "optimizer": t.optimizer, "gradient_checkpointing": t.gradient_checkpointing,
+                     "checkpoint_layers": t.checkpoint_layers,
                      "embeddings_on_cpu": cfg.model.embeddings_on_cpu, "offload_activations": t.offload_activations,
                      "kernels": t.kernels, "fused_lora": t.fused_lora, "padding_free": cfg.template.padding_free,
                      "tiled_mlp": t.tiled_mlp, "cudnn_attention": t.cudnn_attention,
@@ -250,6 +255,16 @@ def run(a) -> dict:
     build = build_stock if a.side == "stock" else build_fast
     trainer, resolved = build(a, tokenizer, ds, [Timer()])
     load_s = time.perf_counter() - t_load
+    cfg = resolved.pop("_cfg", None)
+    largest = [0]  # tokens (pad included) of the largest micro-batch that ran: what the peak saw
+    prepare = trainer._prepare_inputs
+
+    def _prepare_inputs(inputs):
+        if isinstance(inputs, dict) and "input_ids" in inputs:
+            largest[0] = max(largest[0], inputs["input_ids"].numel())
+        return prepare(inputs)
+
+    trainer._prepare_inputs = _prepare_inputs
     if cuda:
         torch.cuda.reset_peak_memory_stats()
     resume = None
@@ -276,7 +291,14 @@ def run(a) -> dict:
     sec = span["t1"] - span["t0"] if "t0" in span else 0.0
     tps = tok / sec if sec else 0.0
     n_mm = matmul_params(a.model)
+    predicted = None
+    if cfg is not None and cuda:  # the memory model at the largest micro-batch that ran
+        from lorastudio.core import arch as arch_lib
+        from lorastudio.core import memory
+
+        predicted = round(memory.total_gib(memory.at_tokens(cfg, largest[0]), arch_lib.arch_for(a.model)), 2)
     return {
+        "largest_batch_tokens": largest[0], "predicted_peak_gib": predicted,
         "resumed_from": resume, "global_step": trainer.state.global_step,
         "side": a.side, "method": a.method, "model": Path(a.model).name, "dropout": a.dropout,
         "micro_batch": a.mb, "seq": a.seq or "chat", "steps": len(steps), "timed_steps": len(timed),
@@ -359,6 +381,7 @@ def main(argv=None) -> int:
     r.add_argument("--dropout", type=float, default=0.0)
     r.add_argument("--optim", default="auto", help="auto: the product's default; stock: the Trainer's default")
     r.add_argument("--gc", default="default", help="on/off/default (stock: on unless off)")
+    r.add_argument("--gc-layers", type=int, default=-1, help="fast side: training.checkpoint_layers (-1: auto)")
     r.add_argument("--kernels", default="default", help="fast side: off/loss/all/default")
     r.add_argument("--fused", default="default", help="fast side: fused LoRA layers on/off/default")
     r.add_argument("--pad", type=int, default=0, help="fast side: template.pad_to_multiple_of (0: default)")

@@ -150,6 +150,10 @@ class TrainingSection(_Section):
     # recompute activations in backward: less memory, slower steps. auto: off on CPU (12x slower
     # there); on CUDA off when the dataset's largest micro-batch fits the card without it
     gradient_checkpointing: Literal["auto", True, False] = "auto"
+    # with checkpointing on: how many decoder layers recompute (the first N; the others keep
+    # their activations, no recompute). all: every layer. auto: all, except on one CUDA GPU,
+    # where the memory plan picks the fewest that fit the budget (each one costs ~1/3 of its forward again)
+    checkpoint_layers: Annotated[int, Field(ge=0, le=100_000, strict=True)] | Literal["auto", "all"] = "auto"
     # with checkpointing: each layer's saved input goes to CPU RAM during forward and comes back
     # for its recompute (layers x tokens x hidden x 2 bytes less; slower). auto: only when the
     # run would not fit otherwise (CUDA); the long-context setting

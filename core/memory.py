@@ -139,10 +139,11 @@ def breakdown(cfg, arch: dict) -> dict:
     if cfg.model.attn_implementation == "eager":
         per_layer += EAGER_SCORE_BYTES * d["nh"] * cfg.template.cutoff_len
     offload = r["offload_activations"]  # saved tensors in CPU RAM: only the layer being recomputed stays
-    if r["gradient_checkpointing"]:
-        act = tokens * ((0 if offload else L * resid * H) + per_layer + 2 * b * H)
-    else:
-        act = tokens * (1 if offload else L) * per_layer
+    k = r["checkpointed_layers"] = checkpointed_layers(cfg, L)
+    if offload:
+        act = tokens * per_layer + (tokens * 2 * b * H if k else 0)
+    else:  # k layers keep only their input; the others everything; one is recomputed at a time
+        act = tokens * (k * resid * H + (L - k) * per_layer + ((per_layer + 2 * b * H) if k else 0))
     comp["activations"] = act
 
     logit_bytes = LOGITS_BYTES + (SOFTCAP_LOGITS_BYTES if arch.get("final_logit_softcapping") else 0)
@@ -167,6 +168,15 @@ def breakdown(cfg, arch: dict) -> dict:
                 lora_targets=targets, tokens_per_step=tokens, params=pc)
 
 
+def checkpointed_layers(cfg, n_layers: int) -> int:
+    """Decoder layers that recompute in backward: training.checkpoint_layers of them under
+    checkpointing ("all", or auto still unplanned: every one), none without."""
+    t = cfg.training
+    if t.gradient_checkpointing is not True:
+        return 0
+    return n_layers if isinstance(t.checkpoint_layers, str) else min(t.checkpoint_layers, n_layers)
+
+
 def total_gib(cfg, arch) -> float:
     return sum(breakdown(cfg, arch)["components"].values()) / GIB
 
@@ -185,21 +195,46 @@ def at_tokens(cfg, max_tokens: int):
     return c
 
 
-def checkpointing_decision(cfg, arch: dict | None, max_tokens: int, free_gib: float) -> tuple[bool, str]:
-    """gradient_checkpointing: auto on CUDA, decided once the data is known: off (no recompute,
-    ~1.3-7x faster steps) when the largest micro-batch of this dataset (max_tokens) fits in the
-    card's free memory without it, by this estimate with headroom; on otherwise or when the
-    architecture is unknown. Returns (checkpointing, reason)."""
+def checkpointing_decision(cfg, arch: dict | None, max_tokens: int, free_gib: float) -> tuple[bool, int | str, str]:
+    """gradient_checkpointing and checkpoint_layers at auto on CUDA, decided once the data is
+    known: the fewest checkpointed layers (0: checkpointing off) with which the largest
+    micro-batch of this dataset (max_tokens) fits in free_gib by this estimate, with headroom.
+    Each checkpointed layer runs its forward twice: ~1/3 more of that layer's compute. Every
+    layer when even that does not fit or the architecture is unknown (the rest of the plan then
+    finds memory elsewhere). Returns (checkpointing, layers, reason)."""
     if arch is None:
-        return True, "unknown architecture: kept on"
+        return True, "all", "on: unknown architecture"
+    L = dims(arch)["L"]
     c = at_tokens(cfg, max_tokens)
-    c.training.gradient_checkpointing = False
-    need = total_gib(c, arch)
-    if need <= CHECKPOINTING_HEADROOM * free_gib:
-        return False, (f"off: the largest micro-batch ({max_tokens} tokens) needs ~{need:.1f} GiB without it, "
-                       f"{free_gib:.1f} GiB free")
-    return True, (f"on: without it the largest micro-batch ({max_tokens} tokens) would need ~{need:.1f} GiB "
-                  f"of {free_gib:.1f} GiB free")
+    c.training.gradient_checkpointing = True
+    layers = cfg.training.checkpoint_layers  # an explicit count is kept; auto is searched
+    fit = CHECKPOINTING_HEADROOM * free_gib
+
+    def need(k: int) -> float:
+        c.training.checkpoint_layers = k
+        return total_gib(c, arch)
+
+    if need(0) <= fit:
+        k = 0
+    elif layers == "auto":
+        lo, hi = 1, L  # need() falls as k grows: the smallest k with need(k) <= fit, else L
+        while lo < hi:
+            mid = (lo + hi) // 2
+            lo, hi = (lo, mid) if need(mid) <= fit else (mid + 1, hi)
+        k = lo
+    else:
+        k = L if layers == "all" else min(layers, L)
+    gib = need(k)
+    batch = f"the largest micro-batch ({max_tokens} tokens)"
+    if k == 0:
+        return False, 0, f"off: {batch} needs ~{gib:.1f} GiB without it, {free_gib:.1f} GiB free"
+    cost = f"recompute adds ~{k / L / 3:.0%} compute a step"
+    value = k if isinstance(layers, int) or k < L else "all"
+    if k == L:
+        return True, value, (f"on, every layer: without it {batch} would need ~{need(0):.1f} GiB of "
+                             f"{free_gib:.1f} GiB free ({cost})")
+    return True, value, (f"on for {k} of {L} layers, the fewest that fit: {batch} needs ~{gib:.1f} GiB "
+                         f"of {free_gib:.1f} GiB free ({cost}; without checkpointing ~{need(0):.1f} GiB)")
 
 
 # a long row: from this many tokens in a micro-batch, training.tiled_mlp and

@@ -115,7 +115,7 @@ def load_for_training(cfg: RunConfig, tokenizer, new_token_ids: list[int] | None
     if cfg.method == "full":
         if gc:
             model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=gc_kwargs)
-        return _tile_mlps(cfg, model)
+        return _layer_options(cfg, model)
 
     from peft import LoraConfig, get_peft_model, prepare_model_for_kbit_training
 
@@ -164,16 +164,31 @@ def load_for_training(cfg: RunConfig, tokenizer, new_token_ids: list[int] | None
         for m in model.modules():
             if hasattr(m, "cast_input_dtype_enabled"):
                 m.cast_input_dtype_enabled = False
-    return _tile_mlps(cfg, model)
+    return _layer_options(cfg, model)
 
 
-def _tile_mlps(cfg, model):
-    """training.tiled_mlp (core/tiled_mlp.py): MLPs over tiles of long rows."""
+def _layer_options(cfg, model):
+    """training.tiled_mlp (core/tiled_mlp.py): MLPs over tiles of long rows; and
+    training.checkpoint_layers: the decoder layers past the first N keep their activations."""
+    _checkpoint_first(cfg, model)
     if cfg.training.tiled_mlp is True:
         from . import memory, tiled_mlp
 
         tiled_mlp.install(model, memory.tiled_mlp_tile(model.config.get_text_config().hidden_size))
     return model
+
+
+def _checkpoint_first(cfg, model) -> None:
+    k = cfg.training.checkpoint_layers
+    if not cfg.training.gradient_checkpointing or not isinstance(k, int):
+        return
+    from transformers.modeling_layers import GradientCheckpointingLayer
+
+    # transformers checkpoints each GradientCheckpointingLayer whose flag is set (the decoder
+    # layers, in order): clearing the flag runs that layer as without checkpointing
+    layers = [m for m in model.modules() if isinstance(m, GradientCheckpointingLayer) and m.gradient_checkpointing]
+    for m in layers[k:]:
+        m.gradient_checkpointing = False
 
 
 def embeddings_on_cpu(model) -> None:

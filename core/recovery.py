@@ -12,10 +12,11 @@ from . import runs
 
 
 def oom_retry_overrides(cfg) -> dict | None:
-    """Checkpointing first when the run had it off; else half the micro-batch. None when the
+    """Checkpointing of every layer first when the run had it off or partial; else half the micro-batch. None when the
     micro-batch is already 1 (then the cutoff or QLoRA is the way out)."""
-    if cfg.training.gradient_checkpointing is False and cfg.training.device == "cuda":
-        return {"training.gradient_checkpointing": True}
+    t = cfg.training
+    if t.device == "cuda" and (t.gradient_checkpointing is False or isinstance(t.checkpoint_layers, int)):
+        return {"training.gradient_checkpointing": True, "training.checkpoint_layers": "all"}
     mb, ga = cfg.training.micro_batch_size, cfg.training.grad_accum
     if mb <= 1:
         return None

@@ -93,6 +93,13 @@ def resolve(cfg: RunConfig, machine: Machine | None = None) -> RunConfig:
         raise ConfigError(f"model.dtype: {cfg.model.dtype} training on CPU is not supported; use float32 or auto")
     if t.gradient_checkpointing == "auto" and device == "cpu":
         t.gradient_checkpointing = False  # CUDA: stage 3, once the data is known
+    if t.checkpoint_layers == "auto" and (t.gradient_checkpointing != "auto" or t.gpus > 1):
+        # planned (stage 3) only with checkpointing at auto on one GPU: an explicit `true`
+        # means every layer, as it always has
+        t.checkpoint_layers = "all" if t.gradient_checkpointing else 0
+    if t.offload_activations is True and isinstance(t.checkpoint_layers, int):
+        raise ConfigError("training.offload_activations: needs checkpoint_layers all (or auto): offloading "
+                          "moves every saved activation to CPU RAM, the layers that skip recompute too")
     if t.exclusive == "auto":
         t.exclusive = True  # one training job per device, CPU included (2 cores shared by ten runs help none)
     if cfg.template.padding_free == "auto":
@@ -184,7 +191,8 @@ def unplanned(cfg: RunConfig) -> dict:
     the safe static settings (checkpointing on, fused AdamW, nothing moved to CPU RAM, no long-row
     paths). What the plan gives an unknown architecture, what the estimator's figures assume."""
     t = cfg.training
-    defaults = {"training.gradient_checkpointing": t.device != "cpu", "training.optimizer": "adamw_torch_fused",
+    defaults = {"training.gradient_checkpointing": t.device != "cpu",
+                "training.checkpoint_layers": "all" if t.device != "cpu" else 0, "training.optimizer": "adamw_torch_fused",
                 "model.embeddings_on_cpu": False, "training.offload_activations": False,
                 "training.tiled_mlp": False, "training.cudnn_attention": False}
     return {k: v for k, v in defaults.items() if _get(cfg, k) == "auto"}
@@ -235,15 +243,15 @@ def plan(cfg: RunConfig, arch: dict | None, max_tokens: int, budget_gib: float,
         if long_row:
             why.append(f"cuDNN attention: {long_why}")
     if t.gradient_checkpointing == "auto":
-        gc, reason = memory.checkpointing_decision(cfg, arch, max_tokens, budget_gib)
+        gc, layers, reason = memory.checkpointing_decision(cfg, arch, max_tokens, budget_gib)
         out["training.gradient_checkpointing"] = gc
+        if t.checkpoint_layers == "auto":
+            out["training.checkpoint_layers"] = layers
         why.append(f"gradient checkpointing {reason}")
     if arch is None:
         rest = unplanned(fill(cfg.model_copy(deep=True), out))
         return {**out, **rest}, why
-    c = memory.at_tokens(cfg, max_tokens)
-    if "training.gradient_checkpointing" in out:
-        c.training.gradient_checkpointing = out["training.gradient_checkpointing"]
+    c = fill(memory.at_tokens(cfg, max_tokens), {k: v for k, v in out.items() if "checkpoint" in k})
     if cfg.model.embeddings_on_cpu == "auto":
         c.model.embeddings_on_cpu = False
     if t.optimizer == "auto":

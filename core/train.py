@@ -246,7 +246,8 @@ def train(cfg, run_dir: Path, resume: bool) -> int:
     padding_free, pad = bool(cfg.template.padding_free or cfg.template.packing), _pad_multiple(cfg)
     write_json(run_dir, speed_path={
         "padding_free": padding_free, "packing": cfg.template.packing, "pad_to_multiple_of": pad,
-        "kernels": t.kernels, "gradient_checkpointing": t.gradient_checkpointing, "optimizer": t.optimizer,
+        "kernels": t.kernels, "gradient_checkpointing": t.gradient_checkpointing,
+        "checkpoint_layers": t.checkpoint_layers if t.gradient_checkpointing else 0, "optimizer": t.optimizer,
         "offload_activations": t.offload_activations, "embeddings_on_cpu": cfg.model.embeddings_on_cpu,
         "fused_lora": t.fused_lora, "tiled_mlp": t.tiled_mlp, "cudnn_attention": t.cudnn_attention,
         "fp32_upcast": cfg.quantization.fp32_upcast if cfg.method == "qlora" else None,
@@ -254,7 +255,8 @@ def train(cfg, run_dir: Path, resume: bool) -> int:
     log(f"speed path: padding-free {padding_free}, packing {cfg.template.packing}, "
         f"rows padded to a multiple of {pad}, kernels {t.kernels}, fused lora {t.fused_lora}, tiled MLP {t.tiled_mlp}, "
         f"cuDNN attention {t.cudnn_attention}, "
-        f"gradient checkpointing {t.gradient_checkpointing}, "
+        f"gradient checkpointing {t.gradient_checkpointing}"
+        f"{f' ({t.checkpoint_layers} layers)' if t.gradient_checkpointing else ''}, "
         f"fp32 upcast {cfg.quantization.fp32_upcast if cfg.method == 'qlora' else 'n/a'}, lora dropout {cfg.lora.dropout}, "
         f"optimizer {t.optimizer}, offload activations {t.offload_activations}, "
         f"embeddings on cpu {cfg.model.embeddings_on_cpu}")

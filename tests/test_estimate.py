@@ -165,24 +165,61 @@ def test_checkpointing_auto_decision_follows_the_card_and_the_data():
     card's free memory without it (the Llama-3.1-8B QLoRA preset: on for an 8 GiB card, off on 80 GiB)."""
     c = cfg(method="qlora", **{"training.micro_batch_size": 1})
     arch = E.arch_for(LLAMA)
-    on, why = M.checkpointing_decision(gpu(c), arch, max_tokens=2048, free_gib=7.5)
-    assert on is True and why.startswith("on:")
-    off, why = M.checkpointing_decision(gpu(c), arch, max_tokens=2048, free_gib=79.0)
-    assert off is False and why.startswith("off:") and "2048 tokens" in why
+    on, layers, why = M.checkpointing_decision(gpu(c), arch, max_tokens=2048, free_gib=7.5)
+    assert on is True and layers == "all" and why.startswith("on, every layer:") and "33%" in why
+    off, layers, why = M.checkpointing_decision(gpu(c), arch, max_tokens=2048, free_gib=79.0)
+    assert off is False and layers == 0 and why.startswith("off:") and "2048 tokens" in why
     # a long batch on the same 80 GiB card keeps it on
     assert M.checkpointing_decision(gpu(c), arch, max_tokens=200_000, free_gib=79.0)[0] is True
-    assert M.checkpointing_decision(gpu(c), None, max_tokens=10, free_gib=79.0) == (True, "unknown architecture: kept on")
+    assert M.checkpointing_decision(gpu(c), None, max_tokens=10, free_gib=79.0) == (True, "all", "on: unknown architecture")
+
+
+def test_checkpoint_layers_the_fewest_that_fit():
+    """Between "fits without" and "needs every layer" the plan checkpoints the fewest layers that
+    fit: the estimate falls with each checkpointed layer, the chosen count fits with headroom and
+    one fewer does not; an explicit count or `all` is kept; an explicit `true` means every layer."""
+    c = gpu(cfg(method="qlora", **{"training.micro_batch_size": 1}))
+    arch = E.arch_for(LLAMA)
+    tokens, budget = 4096, 30.0
+    need = []
+    for k in range(33):
+        x = M.at_tokens(c, tokens)
+        x.training.gradient_checkpointing, x.training.checkpoint_layers = True, k
+        need.append(M.total_gib(x, arch))
+    # from the second layer on, each one checkpointed saves memory (the first only pays for the
+    # buffer of the layer being recomputed)
+    assert need[1] > need[0] and all(a > b for a, b in zip(need[1:], need[2:]))
+    on, k, why = M.checkpointing_decision(c, arch, tokens, budget)
+    assert on is True and isinstance(k, int) and 0 < k < 32, why
+    assert need[k] <= M.CHECKPOINTING_HEADROOM * budget < need[k - 1]
+    assert f"on for {k} of 32 layers" in why and f"~{need[k]:.1f} GiB" in why
+    out, why = R.plan(c, arch, tokens, budget)
+    assert out["training.checkpoint_layers"] == k and out["training.gradient_checkpointing"] is True
+    assert out["training.optimizer"] == "adamw_torch_fused"  # layers first: the 8-bit optimizer is slower
+    assert why[-1] == f"estimated peak ~{need[k]:.1f} GiB of {budget:.1f} GiB"
+    kept = gpu(cfg(method="qlora", **{"training.micro_batch_size": 1, "training.checkpoint_layers": 3}))
+    assert M.checkpointing_decision(kept, arch, tokens, budget)[:2] == (True, 3)
+    assert M.checkpointing_decision(kept, arch, 512, 79.0)[:2] == (False, 0)  # fits without: off
+    every = gpu(cfg(method="qlora", **{"training.gradient_checkpointing": "true"}))
+    assert every.training.checkpoint_layers == "all"
+    assert "training.checkpoint_layers" not in R.plan(every, arch, tokens, budget)[0]
+    with pytest.raises(C.ConfigError, match="training.offload_activations: needs checkpoint_layers all"):
+        gpu(cfg(**{"training.offload_activations": "true", "training.checkpoint_layers": 4}))
+    with pytest.raises(C.ConfigError, match="training.checkpoint_layers"):
+        cfg(**{"training.checkpoint_layers": "-1"})
 
 
 def test_memory_plan_picks_speed_when_it_fits_and_savings_when_not():
     c = cfg(method="qlora", **{"training.micro_batch_size": 1})
     arch = E.arch_for(LLAMA)
     big, why = R.plan(gpu(c), arch, max_tokens=2048, budget_gib=79.0)
-    assert big == {"training.gradient_checkpointing": False, "training.optimizer": "adamw_torch_fused",
+    assert big == {"training.gradient_checkpointing": False, "training.checkpoint_layers": 0,
+                   "training.optimizer": "adamw_torch_fused",
                    "model.embeddings_on_cpu": False, "training.offload_activations": False,
                    "training.tiled_mlp": False, "training.cudnn_attention": False}, why
     small, why = R.plan(gpu(c), arch, max_tokens=2048, budget_gib=7.5, host_gib=16)  # "an 8 GB card"
-    assert small == {"training.gradient_checkpointing": True, "training.optimizer": "paged_adamw_8bit",
+    assert small == {"training.gradient_checkpointing": True, "training.checkpoint_layers": "all",
+                     "training.optimizer": "paged_adamw_8bit",
                      "model.embeddings_on_cpu": True, "training.offload_activations": True,
                      "training.tiled_mlp": False, "training.cudnn_attention": False}, why
     assert any("embeddings in CPU RAM" in w for w in why) and "of 7.5 GiB" in why[-1]

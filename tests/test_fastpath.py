@@ -544,3 +544,55 @@ def test_memory_plan_sizes_the_largest_padded_row(monkeypatch):
     cfg.training.gradient_checkpointing = "auto"
     _decided, why = train_lib.memory_plan(cfg, [100, 90, 80])
     assert any("largest micro-batch (190 tokens)" in w for w in why), why
+
+
+@pytest.mark.parametrize("method", ["lora", "qlora"])
+def test_checkpointing_some_layers_same_loss_and_grads_less_memory(smoke_run, method):
+    """training.checkpoint_layers: checkpointing the first N decoder layers gives the plain path's
+    loss and every LoRA gradient, and what the forward keeps for backward falls as N grows
+    (counted through autograd's saved-tensor hooks: a checkpointed layer keeps its input only)."""
+    from peft import set_peft_model_state_dict
+
+    torch.set_num_threads(1)
+    cfg = _cfg(smoke_run, method)
+    tokenizer, template, _m, new_ids = train_lib.load_tokenizer_and_template(cfg)
+    train_ds, *_ = train_lib.prepare_data(cfg, tokenizer, template)
+    batch = dataset_lib.collator(tokenizer, True)([{k: r[k] for k in ("input_ids", "labels")}
+                                                   for r in train_ds.select(range(4))])
+    adapter = load_file(str(smoke_run / "adapter" / "adapter_model.safetensors"))
+    out, saved = {}, {}
+    for layers in (0, 1, 2, "all"):
+        cfg.training.gradient_checkpointing = layers != 0
+        cfg.training.checkpoint_layers = layers
+        model = model_lib.load_for_training(cfg, tokenizer, new_ids)
+        set_peft_model_state_dict(model, adapter)
+        model.train()
+        total = [0]
+
+        def pack(t):
+            if not isinstance(t, torch.nn.Parameter):
+                total[0] += t.numel() * t.element_size()
+            return t
+
+        with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+            loss = model(**batch, use_cache=False).loss
+        loss.backward()
+        saved[layers] = total[0]
+        out[layers] = (loss.detach(), {n: p.grad.clone() for n, p in model.named_parameters() if p.requires_grad})
+    assert model.config.num_hidden_layers == 4
+    assert saved[0] > saved[1] > saved[2] > saved["all"], saved
+    for layers in (1, 2, "all"):
+        torch.testing.assert_close(out[layers][0], out[0][0], rtol=1e-6, atol=1e-6)
+        for name, g in out[0][1].items():
+            torch.testing.assert_close(out[layers][1][name], g, rtol=1e-5, atol=1e-7, msg=name)
+
+
+def test_oom_retry_checkpoints_every_layer_first():
+    from lorastudio.core import recovery
+
+    cfg = config_lib.from_dict({"training": {"device": "cuda", "gradient_checkpointing": True, "checkpoint_layers": 20,
+                                             "micro_batch_size": 4, "grad_accum": 2}})
+    assert recovery.oom_retry_overrides(cfg) == {"training.gradient_checkpointing": True,
+                                                 "training.checkpoint_layers": "all"}
+    cfg.training.checkpoint_layers = "all"
+    assert recovery.oom_retry_overrides(cfg) == {"training.micro_batch_size": 2, "training.grad_accum": 4}

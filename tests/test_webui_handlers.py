@@ -322,6 +322,8 @@ def test_run_view_and_status_markdown():
                        "gradient_checkpointing": True, "kernels": "all", "optimizer": "adamw_torch_fused"}
     assert ("speed path: padding-free, checkpointing, fused LoRA layers, tiled MLP, rows padded to ×64; "
             "kernels all; optimizer adamw_torch_fused") in status_markdown(v)
+    v["speed_path"]["checkpoint_layers"] = 20  # the memory plan checkpointed some layers only
+    assert "speed path: padding-free, checkpointing (20 layers), fused LoRA" in status_markdown(v)
     loss, lr = curve_frames(v)
     assert set(loss["series"]) == {"loss", "eval_loss"} and len(lr) == 4
     assert run_view("")["status"] == ""

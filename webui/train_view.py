@@ -83,6 +83,8 @@ def status_markdown(v: dict) -> str:
                                      ("fused_lora", "fused LoRA layers"), ("tiled_mlp", "tiled MLP"),
                                      ("cudnn_attention", "cuDNN attention"))
               if sp.get(key) is True]
+        if sp.get("gradient_checkpointing") is True and isinstance(sp.get("checkpoint_layers"), int):
+            on[on.index("checkpointing")] = f"checkpointing ({sp['checkpoint_layers']} layers)"
         if (sp.get("pad_to_multiple_of") or 1) > 1:
             on.append(f"rows padded to ×{sp['pad_to_multiple_of']}")
         kernels = f"kernels {sp['kernels']}" if sp.get("kernels") not in (None, "off") else "no fused kernels"
