@@ -82,7 +82,7 @@ case "$GROUP" in
   budgets)  # issue 17: 8B QLoRA chat rows under memory budgets (training.gpu_memory_gib), the
     # project and Unsloth (../shared/peers harness, carried as .peer/: its wheels in .peer/w) in
     # this one call; BUDGETS to pick (default 8 12 16 24), STEPS (default 30), PROFILE=1 adds torch
-    # profiler tables of the every-layer checkpointed step
+    # profiler tables of the every-layer checkpointed step, ROWS2048=1 the 1 x 2048 rows in 7.5 GiB
     python3 bench/make_random_model.py llama3.1-8b /tmp/m8b
     N=${STEPS:-30}; S=(--steps "$N" --warmup 5)
     M=(--model /tmp/m8b --side fast --method qlora)
@@ -92,6 +92,11 @@ case "$GROUP" in
     for b in ${BUDGETS:-8 12 16 24}; do one budget-$b "${M[@]}" --gpu-mem "$b" "${S[@]}"; done
     [ -z "${PROFILE:-}" ] || one gc-all-profile "${M[@]}" --gc on --steps 11 --warmup 4 --profile 2
     peer "${S[@]}"
+    if [ -n "${ROWS2048:-}" ]; then  # 1 x 2048 random rows: the project within 7.5 GiB, Unsloth as it is
+      L=(--seq 2048 --mb 1 --steps 12 --warmup 4)
+      one 2048-budget-7.5 "${M[@]}" --gpu-mem 7.5 "${L[@]}"
+      peer "${L[@]}" --label unsloth-2048
+    fi
     ;;
   tune)  # which row layout and allocator the fast path wants: padding-free rows padded to a
     # multiple of 1 (none), 8, 64 (the default), 256; the expandable-segments allocator; liger off.

@@ -167,11 +167,12 @@ def build_fast(a, tokenizer, ds, callbacks):
     if a.gpu_mem:
         cfg.training.gpu_memory_gib = a.gpu_mem
     if cfg.training.device == "cuda":  # what the training child does once the data is known
-        _decided, why = train_lib.memory_plan(cfg, [len(r["input_ids"]) for r in ds])
+        _decided, why, budget = train_lib.memory_plan(cfg, [len(r["input_ids"]) for r in ds])
         print("memory plan:", "; ".join(why), flush=True)
         plan_line = "; ".join(why)
     model = model_lib.load_for_training(cfg, tokenizer, [])
-    trainer = train_lib.build_trainer(cfg, Path(a.workdir), model, tokenizer, None, ds, None, callbacks=callbacks)
+    trainer = train_lib.build_trainer(cfg, Path(a.workdir), model, tokenizer, None, ds, None, callbacks=callbacks,
+                                      budget_gib=budget if cfg.training.device == "cuda" else None)
     t = cfg.training
     return trainer, {"_cfg": cfg, "memory_plan": plan_line if t.device == "cuda" else None,
                      "optimizer": t.optimizer, "gradient_checkpointing": t.gradient_checkpointing,
@@ -257,11 +258,13 @@ def run(a) -> dict:
     load_s = time.perf_counter() - t_load
     cfg = resolved.pop("_cfg", None)
     largest = [0]  # tokens (pad included) of the largest micro-batch that ran: what the peak saw
+    lengths = set()  # every micro-batch size that ran
     prepare = trainer._prepare_inputs
 
     def _prepare_inputs(inputs):
         if isinstance(inputs, dict) and "input_ids" in inputs:
             largest[0] = max(largest[0], inputs["input_ids"].numel())
+            lengths.add(inputs["input_ids"].numel())
         return prepare(inputs)
 
     trainer._prepare_inputs = _prepare_inputs
@@ -296,9 +299,18 @@ def run(a) -> dict:
         from lorastudio.core import arch as arch_lib
         from lorastudio.core import memory
 
-        predicted = round(memory.total_gib(memory.at_tokens(cfg, largest[0]), arch_lib.arch_for(a.model)), 2)
+        arch, by_batch = arch_lib.arch_for(a.model), getattr(trainer, "_layers_for", None)
+
+        def at(n):  # the memory model for the batch of n tokens as it ran (its checkpointed layers)
+            c = memory.at_tokens(cfg, n)
+            if by_batch:
+                c.training.checkpoint_layers = by_batch(n)
+            return memory.total_gib(c, arch)
+
+        predicted = round(max(at(n) for n in lengths), 2)
     return {
         "largest_batch_tokens": largest[0], "predicted_peak_gib": predicted,
+        "checkpointed_layers_by_step": dict(getattr(trainer, "checkpointed", None) or {}),
         "resumed_from": resume, "global_step": trainer.state.global_step,
         "side": a.side, "method": a.method, "model": Path(a.model).name, "dropout": a.dropout,
         "micro_batch": a.mb, "seq": a.seq or "chat", "steps": len(steps), "timed_steps": len(timed),

@@ -154,6 +154,9 @@ class TrainingSection(_Section):
     # their activations, no recompute). all: every layer. auto: all, except on one CUDA GPU,
     # where the memory plan picks the fewest that fit the budget (each one costs ~1/3 of its forward again)
     checkpoint_layers: Annotated[int, Field(ge=0, le=100_000, strict=True)] | Literal["auto", "all"] = "auto"
+    # with checkpoint_layers planned (auto): each micro-batch checkpoints the fewest layers its
+    # own length needs, at most the plan's count for the longest (short batches skip recompute)
+    checkpoint_per_batch: Literal["auto", True, False] = "auto"
     # with checkpointing: each layer's saved input goes to CPU RAM during forward and comes back
     # for its recompute (layers x tokens x hidden x 2 bytes less; slower). auto: only when the
     # run would not fit otherwise (CUDA); the long-context setting

@@ -20,12 +20,14 @@ Full fine-tuning (`gradients`, `optimizer`)
   (2 x weights); the foreach step adds one parameter-sized temporary (`optimizer_step_temp`).
 Activations (`activations`), per token, per decoder layer, compute dtype b bytes (2 for bf16):
   without gradient checkpointing everything autograd saves:
-    norms     2 x 4H            (RMSNorm saves its fp32 input copy)           [+4H more for Gemma-2]
+    norms     2 x 4H            (RMSNorm saves its fp32 input copy; liger's kernel, training.kernels
+                                 all: its input in the compute dtype, 2 x bH)  [+4H more for Gemma-2]
     norm outs 2 x bH            (the input of the attention and MLP linears)
     attention b(2Hq + 2Hkv)     (rotated q, k, v and the SDPA output; flash/mem-efficient SDPA,
                                  no s^2 term. eager attention adds 16 bytes x heads x s per token:
                                  scores, softcapping, softmax in fp32, probabilities)
-    MLP       4 bI              (gate, act(gate), up, act*up)
+    MLP       4 bI              (gate, act(gate), up, act*up; liger's SwiGLU recomputes act(gate)
+                                 in backward: 3 bI)
     LoRA      nothing more with dropout 0 (lora_A saves the same input tensor as the base layer:
               bitsandbytes layers skip PEFT's input cast under autocast, and the product turns it
               off for 16-bit layers); with dropout > 0, b x in (the dropped copy) + 1 x in (the mask)
@@ -126,10 +128,12 @@ def breakdown(cfg, arch: dict) -> dict:
     tokens = cfg.template.cutoff_len * cfg.training.micro_batch_size
     resid = _resid_bytes(cfg, r["dtype"])
     norms = arch.get("norms_per_layer", 2)
-    per_layer = norms * 4 * H + 2 * b * H + b * (2 * Hq + 2 * Hkv) + 4 * b * I
+    liger = r["kernels"] == "all"  # liger's RMSNorm and SwiGLU save less (see above)
+    mlp = (3 if liger else 4) * b * I
+    per_layer = norms * (b if liger else 4) * H + 2 * b * H + b * (2 * Hq + 2 * Hkv) + mlp
     tile = tiled_mlp_tile(H)
     if r["tiled_mlp"] and tokens > tile:  # the MLP's intermediates: one tile at a time
-        per_layer -= 4 * b * I * (1 - tile / tokens)
+        per_layer -= mlp * (1 - tile / tokens)
     if method == "full":
         per_layer += 2 * b * H
     else:
@@ -205,23 +209,12 @@ def checkpointing_decision(cfg, arch: dict | None, max_tokens: int, free_gib: fl
     if arch is None:
         return True, "all", "on: unknown architecture"
     L = dims(arch)["L"]
-    c = at_tokens(cfg, max_tokens)
-    c.training.gradient_checkpointing = True
     layers = cfg.training.checkpoint_layers  # an explicit count is kept; auto is searched
-    fit = CHECKPOINTING_HEADROOM * free_gib
-
-    def need(k: int) -> float:
-        c.training.checkpoint_layers = k
-        return total_gib(c, arch)
-
-    if need(0) <= fit:
+    need = _need(cfg, arch, max_tokens)
+    if need(0) <= CHECKPOINTING_HEADROOM * free_gib:
         k = 0
     elif layers == "auto":
-        lo, hi = 1, L  # need() falls as k grows: the smallest k with need(k) <= fit, else L
-        while lo < hi:
-            mid = (lo + hi) // 2
-            lo, hi = (lo, mid) if need(mid) <= fit else (mid + 1, hi)
-        k = lo
+        k = fewest_layers(cfg, arch, max_tokens, free_gib)
     else:
         k = L if layers == "all" else min(layers, L)
     gib = need(k)
@@ -235,6 +228,47 @@ def checkpointing_decision(cfg, arch: dict | None, max_tokens: int, free_gib: fl
                              f"{free_gib:.1f} GiB free ({cost})")
     return True, value, (f"on for {k} of {L} layers, the fewest that fit: {batch} needs ~{gib:.1f} GiB "
                          f"of {free_gib:.1f} GiB free ({cost}; without checkpointing ~{need(0):.1f} GiB)")
+
+
+def _need(cfg, arch: dict, tokens: int):
+    """GiB as a function of the checkpointed layers, at tokens a micro-batch."""
+    c = at_tokens(cfg, tokens)
+    c.training.gradient_checkpointing = True
+
+    def need(k: int) -> float:
+        c.training.checkpoint_layers = k
+        return total_gib(c, arch)
+
+    return need
+
+
+def fewest_layers(cfg, arch: dict, tokens: int, free_gib: float) -> int:
+    """The fewest checkpointed layers with which a micro-batch of tokens fits free_gib with
+    headroom (0: none needed); every layer when none fits. Memory falls with each layer
+    checkpointed from the second on (the first only adds the recompute buffer)."""
+    need, fit, L = _need(cfg, arch, tokens), CHECKPOINTING_HEADROOM * free_gib, dims(arch)["L"]
+    if need(0) <= fit:
+        return 0
+    lo, hi = 2, L  # the smallest k with need(k) <= fit, else L
+    while lo < hi:
+        mid = (lo + hi) // 2
+        lo, hi = (lo, mid) if need(mid) <= fit else (mid + 1, hi)
+    return lo
+
+
+def layers_by_batch(cfg, arch: dict, free_gib: float, most: int):
+    """training.checkpoint_per_batch: a function of a micro-batch's tokens giving the fewest
+    checkpointed layers that batch needs, at most `most` (the plan's count for the longest):
+    short batches skip the recompute the longest one needs. Memoised (rows come padded to a
+    multiple of 64, so few lengths recur)."""
+    cache: dict[int, int] = {}
+
+    def layers(tokens: int) -> int:
+        if tokens not in cache:
+            cache[tokens] = min(most, fewest_layers(cfg, arch, tokens, free_gib))
+        return cache[tokens]
+
+    return layers
 
 
 # a long row: from this many tokens in a micro-batch, training.tiled_mlp and

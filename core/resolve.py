@@ -97,6 +97,10 @@ def resolve(cfg: RunConfig, machine: Machine | None = None) -> RunConfig:
         # planned (stage 3) only with checkpointing at auto on one GPU: an explicit `true`
         # means every layer, as it always has
         t.checkpoint_layers = "all" if t.gradient_checkpointing else 0
+    if t.checkpoint_per_batch == "auto" and t.checkpoint_layers != "auto":
+        t.checkpoint_per_batch = False  # only a planned count is varied by batch
+    if t.checkpoint_per_batch is True and (t.gpus > 1 or device != "cuda"):
+        raise ConfigError("training.checkpoint_per_batch: one CUDA GPU only (or auto)")
     if t.offload_activations is True and isinstance(t.checkpoint_layers, int):
         raise ConfigError("training.offload_activations: needs checkpoint_layers all (or auto): offloading "
                           "moves every saved activation to CPU RAM, the layers that skip recompute too")
@@ -192,7 +196,8 @@ def unplanned(cfg: RunConfig) -> dict:
     paths). What the plan gives an unknown architecture, what the estimator's figures assume."""
     t = cfg.training
     defaults = {"training.gradient_checkpointing": t.device != "cpu",
-                "training.checkpoint_layers": "all" if t.device != "cpu" else 0, "training.optimizer": "adamw_torch_fused",
+                "training.checkpoint_layers": "all" if t.device != "cpu" else 0, "training.checkpoint_per_batch": False,
+                "training.optimizer": "adamw_torch_fused",
                 "model.embeddings_on_cpu": False, "training.offload_activations": False,
                 "training.tiled_mlp": False, "training.cudnn_attention": False}
     return {k: v for k, v in defaults.items() if _get(cfg, k) == "auto"}
@@ -247,6 +252,11 @@ def plan(cfg: RunConfig, arch: dict | None, max_tokens: int, budget_gib: float,
         out["training.gradient_checkpointing"] = gc
         if t.checkpoint_layers == "auto":
             out["training.checkpoint_layers"] = layers
+            if t.checkpoint_per_batch == "auto":
+                out["training.checkpoint_per_batch"] = gc and arch is not None
+                if gc:
+                    why.append("checkpointed layers by batch: each micro-batch checkpoints the fewest its "
+                               "length needs, at most the count above")
         why.append(f"gradient checkpointing {reason}")
     if arch is None:
         rest = unplanned(fill(cfg.model_copy(deep=True), out))

@@ -65,11 +65,11 @@ def prepare_data(cfg, tokenizer, template):
     return tokenized, eval_ds, stats, reports, data_lib.dataset_hash(sources)
 
 
-def memory_plan(cfg, lengths: list[int]) -> tuple[dict, list[str]]:
+def memory_plan(cfg, lengths: list[int]) -> tuple[dict, list[str], float]:
     """Fill the auto memory settings of a CUDA run in place (core.resolve.plan, stage 3) and cap
     torch's allocator at training.gpu_memory_gib when set. The worst micro-batch in tokens:
     packed rows are full; padding-free rows hold the mb longest samples; padded rows are mb x
-    the longest. Returns (the decided fields, reasons)."""
+    the longest. Returns (the decided fields, reasons, the budget in GiB)."""
     import torch
 
     from . import arch as arch_lib
@@ -107,7 +107,7 @@ def memory_plan(cfg, lengths: list[int]) -> tuple[dict, list[str]]:
     resolve.fill(cfg, decided)
     if t.gpus > 1:
         why = ["multi-GPU: checkpointing on, fused AdamW, embeddings and activations on the GPU unless set"]
-    return decided, reasons + why
+    return decided, reasons + why, budget
 
 
 def _pad_multiple(cfg) -> int:
@@ -115,7 +115,8 @@ def _pad_multiple(cfg) -> int:
     return pad if isinstance(pad, int) else 1  # "auto" unresolved (a caller of build_trainer alone): none
 
 
-def build_trainer(cfg, run_dir: Path, model, tokenizer, template, train_ds, eval_ds, callbacks=None):
+def build_trainer(cfg, run_dir: Path, model, tokenizer, template, train_ds, eval_ds, callbacks=None,
+                  budget_gib: float | None = None):
     from transformers import TrainingArguments
     from transformers.trainer_callback import PrinterCallback
 
@@ -168,6 +169,12 @@ def build_trainer(cfg, run_dir: Path, model, tokenizer, template, train_ds, eval
         callbacks=callbacks or [],
     )
     trainer.remove_callback(PrinterCallback)  # our Metrics callback logs one line per step instead
+    if t.checkpoint_per_batch is True and t.gradient_checkpointing is True and budget_gib:
+        from . import arch as arch_lib
+        from . import memory
+
+        most = t.checkpoint_layers if isinstance(t.checkpoint_layers, int) else model.config.get_text_config().num_hidden_layers
+        trainer.checkpoint_by_batch(memory.layers_by_batch(cfg, arch_lib.arch_for(cfg.model.name_or_path), budget_gib, most))
     if t.early_stopping_patience is not None:
         from transformers import EarlyStoppingCallback
 
@@ -225,7 +232,7 @@ def train(cfg, run_dir: Path, resume: bool) -> int:
     event(run_dir, "data", **summary)
 
     if t.device == "cuda":  # the auto memory settings, now that the longest micro-batch is known
-        decided, reasons = memory_plan(cfg, stats.lengths)
+        decided, reasons, budget = memory_plan(cfg, stats.lengths)
         for r in reasons:
             log(f"memory plan: {r}")
         if distributed.is_main():  # config.yaml keeps `auto` (the plan reruns on the rerun's data)
@@ -263,7 +270,8 @@ def train(cfg, run_dir: Path, resume: bool) -> int:
 
     # 4. train
     trainer = build_trainer(cfg, run_dir, model, tokenizer, template, train_ds, eval_ds,
-                            callbacks=make_callbacks(run_dir, cfg, tokenizer, template, model))
+                            callbacks=make_callbacks(run_dir, cfg, tokenizer, template, model),
+                            budget_gib=budget if t.device == "cuda" else None)
     ckpt = runs.last_checkpoint(run_dir) if resume else None
     if resume and ckpt is None:
         log("resume: no checkpoint found, starting from step 0")

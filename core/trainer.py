@@ -3,6 +3,8 @@ than it says, saved activations offloaded to CPU RAM, and liger-kernel's setting
 
 from __future__ import annotations
 
+import collections
+
 
 def trainer_class(offload_activations: bool):
     from transformers import Trainer
@@ -16,6 +18,7 @@ def trainer_class(offload_activations: bool):
         parameter list (FSDP and DeepSpeed replace parameters when they wrap the model)."""
 
         _n_params = None  # for floating_point_ops: constant during training
+        _layers_for = None  # training.checkpoint_per_batch: tokens -> checkpointed layers
         _trainable = None  # trainable parameters, cached at the first step; False: not used
 
         def _lean_params(self, model):
@@ -35,7 +38,20 @@ def trainer_class(offload_activations: bool):
                     model.__dict__["zero_grad"] = zero_grad
             return self._trainable
 
+        def checkpoint_by_batch(self, layers_for):
+            """Before each step, checkpoint the first layers_for(tokens of the batch) decoder
+            layers and run the others plainly (transformers reads each layer's flag per call)."""
+            from transformers.modeling_layers import GradientCheckpointingLayer
+
+            self._ckpt = [m for m in self.model.modules() if isinstance(m, GradientCheckpointingLayer)]
+            self._layers_for, self.checkpointed = layers_for, collections.Counter()
+
         def training_step(self, model, inputs, num_items_in_batch=None):
+            if self._layers_for is not None and "input_ids" in inputs:
+                k = self._layers_for(inputs["input_ids"].numel())
+                for i, m in enumerate(self._ckpt):
+                    m.gradient_checkpointing = i < k
+                self.checkpointed[k] += 1  # steps by checkpointed layers (tests, the bench)
             if self._trainable is None or not model.training:
                 # the full walk: at the first step (from_pretrained leaves the base model in eval
                 # mode under a PeftModel in train mode) and after a switch to eval (eval, samples)

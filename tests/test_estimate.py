@@ -196,6 +196,7 @@ def test_checkpoint_layers_the_fewest_that_fit():
     out, why = R.plan(c, arch, tokens, budget)
     assert out["training.checkpoint_layers"] == k and out["training.gradient_checkpointing"] is True
     assert out["training.optimizer"] == "adamw_torch_fused"  # layers first: the 8-bit optimizer is slower
+    assert out["training.checkpoint_per_batch"] is True and any("layers by batch" in w for w in why)
     assert why[-1] == f"estimated peak ~{need[k]:.1f} GiB of {budget:.1f} GiB"
     kept = gpu(cfg(method="qlora", **{"training.micro_batch_size": 1, "training.checkpoint_layers": 3}))
     assert M.checkpointing_decision(kept, arch, tokens, budget)[:2] == (True, 3)
@@ -214,11 +215,13 @@ def test_memory_plan_picks_speed_when_it_fits_and_savings_when_not():
     arch = E.arch_for(LLAMA)
     big, why = R.plan(gpu(c), arch, max_tokens=2048, budget_gib=79.0)
     assert big == {"training.gradient_checkpointing": False, "training.checkpoint_layers": 0,
+                   "training.checkpoint_per_batch": False,
                    "training.optimizer": "adamw_torch_fused",
                    "model.embeddings_on_cpu": False, "training.offload_activations": False,
                    "training.tiled_mlp": False, "training.cudnn_attention": False}, why
     small, why = R.plan(gpu(c), arch, max_tokens=2048, budget_gib=7.5, host_gib=16)  # "an 8 GB card"
     assert small == {"training.gradient_checkpointing": True, "training.checkpoint_layers": "all",
+                     "training.checkpoint_per_batch": True,
                      "training.optimizer": "paged_adamw_8bit",
                      "model.embeddings_on_cpu": True, "training.offload_activations": True,
                      "training.tiled_mlp": False, "training.cudnn_attention": False}, why

@@ -538,11 +538,11 @@ def test_memory_plan_sizes_the_largest_padded_row(monkeypatch):
     cfg = resolve_lib.resolve(cfg)
     cfg.training.gradient_checkpointing = "auto"  # what a CUDA run leaves to the plan
     cfg.template.pad_to_multiple_of = 64
-    _decided, why = train_lib.memory_plan(cfg, [100, 90, 80])
+    _decided, why, _budget = train_lib.memory_plan(cfg, [100, 90, 80])
     assert any("largest micro-batch (192 tokens)" in w for w in why), why
     cfg.template.pad_to_multiple_of = 1
     cfg.training.gradient_checkpointing = "auto"
-    _decided, why = train_lib.memory_plan(cfg, [100, 90, 80])
+    _decided, why, _budget = train_lib.memory_plan(cfg, [100, 90, 80])
     assert any("largest micro-batch (190 tokens)" in w for w in why), why
 
 
@@ -596,3 +596,50 @@ def test_oom_retry_checkpoints_every_layer_first():
                                                  "training.checkpoint_layers": "all"}
     cfg.training.checkpoint_layers = "all"
     assert recovery.oom_retry_overrides(cfg) == {"training.micro_batch_size": 2, "training.grad_accum": 4}
+
+
+def test_checkpointed_layers_follow_each_batch(smoke_run, tmp_path):
+    """training.checkpoint_per_batch: before each step the trainer checkpoints the layers the
+    batch's own length needs; the flags follow the batches (short ones: none, long ones: every
+    layer) and the losses and gradient norms equal a run without checkpointing."""
+    torch.set_num_threads(1)
+    cfg = _cfg(smoke_run, "lora")
+    cfg.training.max_steps, cfg.training.logging_steps, cfg.training.micro_batch_size = 6, 1, 2
+    cfg.training.grad_accum, cfg.training.save_steps = 1, 10 ** 6
+    tokenizer, template, _m, new_ids = train_lib.load_tokenizer_and_template(cfg)
+    train_ds, *_ = train_lib.prepare_data(cfg, tokenizer, template)
+    sizes = sorted(len(r["input_ids"]) for r in train_ds)
+    cut = sizes[len(sizes) // 2] * 2  # about half the 2-row batches are longer than this
+    out = {}
+    for by_batch in (False, True):
+        torch.manual_seed(0)
+        cfg.training.gradient_checkpointing = by_batch
+        model = model_lib.load_for_training(cfg, tokenizer, new_ids)
+        trainer = train_lib.build_trainer(cfg, tmp_path / f"by-batch-{by_batch}", model, tokenizer, template,
+                                          train_ds, None)
+        seen = []
+        if by_batch:
+            trainer.checkpoint_by_batch(lambda n: 4 if n > cut else 0)
+            first = model.get_base_model().model.layers[0]
+            first.register_forward_pre_hook(lambda mod, args: seen.append(mod.gradient_checkpointing))
+        trainer.train()
+        hist = [h for h in trainer.state.log_history if "loss" in h]
+        out[by_batch] = ([h["loss"] for h in hist], [h["grad_norm"] for h in hist])
+    assert set(trainer.checkpointed) == {0, 4} and sum(trainer.checkpointed.values()) == 6, trainer.checkpointed
+    assert True in seen and False in seen  # the layer ran checkpointed for some batches only
+    assert out[True][0] == pytest.approx(out[False][0], rel=1e-6)
+    assert out[True][1] == pytest.approx(out[False][1], rel=1e-5)
+
+
+def test_layers_by_batch_grow_with_the_batch_up_to_the_plan():
+    from lorastudio.core import memory, model_configs
+
+    arch = model_configs.lookup("meta-llama/Llama-3.1-8B")
+    cfg = resolve_lib.resolve(config_lib.from_dict({
+        "model": {"name_or_path": "meta-llama/Llama-3.1-8B"}, "method": "qlora",
+        "training": {"micro_batch_size": 1, "device": "cuda"}}), resolve_lib.assumed("cuda"))
+    cfg = resolve_lib.fill(cfg, resolve_lib.unplanned(cfg))
+    layers = memory.layers_by_batch(cfg, arch, free_gib=30.0, most=24)
+    ks = [layers(n) for n in (256, 1024, 2048, 4096, 8192, 32768)]
+    assert ks == sorted(ks) and ks[0] == 0 and ks[-1] == 24, ks  # capped at the plan's count
+    assert 0 < layers(4096) < 24 and layers(4096) == memory.fewest_layers(cfg, arch, 4096, 30.0)
