@@ -89,6 +89,7 @@ case "$GROUP" in
     one warm-up "${M[@]}" --steps 6
     one fast "${M[@]}" "${S[@]}"
     one gc-all "${M[@]}" --gc on "${S[@]}"
+    [ -z "${REENTRANT:-}" ] || one gc-all-reentrant "${M[@]}" --gc on --reentrant "${S[@]}"
     for b in ${BUDGETS:-8 12 16 24}; do one budget-$b "${M[@]}" --gpu-mem "$b" "${S[@]}"; done
     [ -z "${PROFILE:-}" ] || one gc-all-profile "${M[@]}" --gc on --steps 11 --warmup 4 --profile 2
     peer "${S[@]}"

@@ -171,6 +171,10 @@ def build_fast(a, tokenizer, ds, callbacks):
         print("memory plan:", "; ".join(why), flush=True)
         plan_line = "; ".join(why)
     model = model_lib.load_for_training(cfg, tokenizer, [])
+    if a.reentrant and cfg.training.gradient_checkpointing is True:  # probe: reentrant checkpointing
+        # (the first forward under no_grad: no autograd graph to build for checkpointed layers)
+        model.get_base_model().gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": True})
+        model_lib._checkpoint_first(cfg, model)
     trainer = train_lib.build_trainer(cfg, Path(a.workdir), model, tokenizer, None, ds, None, callbacks=callbacks,
                                       budget_gib=budget if cfg.training.device == "cuda" else None)
     t = cfg.training
@@ -394,6 +398,7 @@ def main(argv=None) -> int:
     r.add_argument("--optim", default="auto", help="auto: the product's default; stock: the Trainer's default")
     r.add_argument("--gc", default="default", help="on/off/default (stock: on unless off)")
     r.add_argument("--gc-layers", type=int, default=-1, help="fast side: training.checkpoint_layers (-1: auto)")
+    r.add_argument("--reentrant", action="store_true", help="fast side probe: reentrant checkpointing")
     r.add_argument("--kernels", default="default", help="fast side: off/loss/all/default")
     r.add_argument("--fused", default="default", help="fast side: fused LoRA layers on/off/default")
     r.add_argument("--pad", type=int, default=0, help="fast side: template.pad_to_multiple_of (0: default)")
