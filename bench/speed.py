@@ -307,8 +307,10 @@ def run(a) -> dict:
 
         def at(n):  # the memory model for the batch of n tokens as it ran (its checkpointed layers)
             c = memory.at_tokens(cfg, n)
-            if by_batch:
+            if by_batch and by_batch(n):
                 c.training.checkpoint_layers = by_batch(n)
+            elif by_batch:
+                c.training.gradient_checkpointing = False
             return memory.total_gib(c, arch)
 
         predicted = round(max(at(n) for n in lengths), 2)

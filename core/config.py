@@ -153,7 +153,7 @@ class TrainingSection(_Section):
     # with checkpointing on: how many decoder layers recompute (the first N; the others keep
     # their activations, no recompute). all: every layer. auto: all, except on one CUDA GPU,
     # where the memory plan picks the fewest that fit the budget (each one costs ~1/3 of its forward again)
-    checkpoint_layers: Annotated[int, Field(ge=0, le=100_000, strict=True)] | Literal["auto", "all"] = "auto"
+    checkpoint_layers: Annotated[int, Field(ge=1, le=100_000, strict=True)] | Literal["auto", "all"] = "auto"
     # with checkpoint_layers planned (auto): each micro-batch checkpoints the fewest layers its
     # own length needs, at most the plan's count for the longest (short batches skip recompute)
     checkpoint_per_batch: Literal["auto", True, False] = "auto"

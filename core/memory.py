@@ -220,7 +220,7 @@ def checkpointing_decision(cfg, arch: dict | None, max_tokens: int, free_gib: fl
     gib = need(k)
     batch = f"the largest micro-batch ({max_tokens} tokens)"
     if k == 0:
-        return False, 0, f"off: {batch} needs ~{gib:.1f} GiB without it, {free_gib:.1f} GiB free"
+        return False, layers if isinstance(layers, int) else "all", f"off: {batch} needs ~{gib:.1f} GiB without it, {free_gib:.1f} GiB free"
     cost = f"recompute adds ~{k / L / 3:.0%} compute a step"
     value = k if isinstance(layers, int) or k < L else "all"
     if k == L:
@@ -233,10 +233,11 @@ def checkpointing_decision(cfg, arch: dict | None, max_tokens: int, free_gib: fl
 def _need(cfg, arch: dict, tokens: int):
     """GiB as a function of the checkpointed layers, at tokens a micro-batch."""
     c = at_tokens(cfg, tokens)
-    c.training.gradient_checkpointing = True
 
-    def need(k: int) -> float:
-        c.training.checkpoint_layers = k
+    def need(k: int) -> float:  # 0: checkpointing off
+        c.training.gradient_checkpointing = k > 0
+        if k:
+            c.training.checkpoint_layers = k
         return total_gib(c, arch)
 
     return need

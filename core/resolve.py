@@ -96,7 +96,7 @@ def resolve(cfg: RunConfig, machine: Machine | None = None) -> RunConfig:
     if t.checkpoint_layers == "auto" and (t.gradient_checkpointing != "auto" or t.gpus > 1):
         # planned (stage 3) only with checkpointing at auto on one GPU: an explicit `true`
         # means every layer, as it always has
-        t.checkpoint_layers = "all" if t.gradient_checkpointing else 0
+        t.checkpoint_layers = "all"  # (moot while checkpointing is off)
     if t.checkpoint_per_batch == "auto" and t.checkpoint_layers != "auto":
         t.checkpoint_per_batch = False  # only a planned count is varied by batch
     if t.checkpoint_per_batch is True and (t.gpus > 1 or device != "cuda"):
@@ -196,7 +196,7 @@ def unplanned(cfg: RunConfig) -> dict:
     paths). What the plan gives an unknown architecture, what the estimator's figures assume."""
     t = cfg.training
     defaults = {"training.gradient_checkpointing": t.device != "cpu",
-                "training.checkpoint_layers": "all" if t.device != "cpu" else 0, "training.checkpoint_per_batch": False,
+                "training.checkpoint_layers": "all", "training.checkpoint_per_batch": False,
                 "training.optimizer": "adamw_torch_fused",
                 "model.embeddings_on_cpu": False, "training.offload_activations": False,
                 "training.tiled_mlp": False, "training.cudnn_attention": False}

@@ -168,7 +168,7 @@ def test_checkpointing_auto_decision_follows_the_card_and_the_data():
     on, layers, why = M.checkpointing_decision(gpu(c), arch, max_tokens=2048, free_gib=7.5)
     assert on is True and layers == "all" and why.startswith("on, every layer:") and "33%" in why
     off, layers, why = M.checkpointing_decision(gpu(c), arch, max_tokens=2048, free_gib=79.0)
-    assert off is False and layers == 0 and why.startswith("off:") and "2048 tokens" in why
+    assert off is False and layers == "all" and why.startswith("off:") and "2048 tokens" in why
     # a long batch on the same 80 GiB card keeps it on
     assert M.checkpointing_decision(gpu(c), arch, max_tokens=200_000, free_gib=79.0)[0] is True
     assert M.checkpointing_decision(gpu(c), None, max_tokens=10, free_gib=79.0) == (True, "all", "on: unknown architecture")
@@ -181,11 +181,7 @@ def test_checkpoint_layers_the_fewest_that_fit():
     c = gpu(cfg(method="qlora", **{"training.micro_batch_size": 1}))
     arch = E.arch_for(LLAMA)
     tokens, budget = 4096, 30.0
-    need = []
-    for k in range(33):
-        x = M.at_tokens(c, tokens)
-        x.training.gradient_checkpointing, x.training.checkpoint_layers = True, k
-        need.append(M.total_gib(x, arch))
+    need = [M._need(c, arch, tokens)(k) for k in range(33)]  # 0: checkpointing off
     # from the second layer on, each one checkpointed saves memory (the first only pays for the
     # buffer of the layer being recomputed)
     assert need[1] > need[0] and all(a > b for a, b in zip(need[1:], need[2:]))
@@ -200,21 +196,21 @@ def test_checkpoint_layers_the_fewest_that_fit():
     assert why[-1] == f"estimated peak ~{need[k]:.1f} GiB of {budget:.1f} GiB"
     kept = gpu(cfg(method="qlora", **{"training.micro_batch_size": 1, "training.checkpoint_layers": 3}))
     assert M.checkpointing_decision(kept, arch, tokens, budget)[:2] == (True, 3)
-    assert M.checkpointing_decision(kept, arch, 512, 79.0)[:2] == (False, 0)  # fits without: off
+    assert M.checkpointing_decision(kept, arch, 512, 79.0)[:2] == (False, 3)  # fits without: off
     every = gpu(cfg(method="qlora", **{"training.gradient_checkpointing": "true"}))
     assert every.training.checkpoint_layers == "all"
     assert "training.checkpoint_layers" not in R.plan(every, arch, tokens, budget)[0]
     with pytest.raises(C.ConfigError, match="training.offload_activations: needs checkpoint_layers all"):
         gpu(cfg(**{"training.offload_activations": "true", "training.checkpoint_layers": 4}))
     with pytest.raises(C.ConfigError, match="training.checkpoint_layers"):
-        cfg(**{"training.checkpoint_layers": "-1"})
+        cfg(**{"training.checkpoint_layers": "0"})  # no layers: that is gradient_checkpointing false
 
 
 def test_memory_plan_picks_speed_when_it_fits_and_savings_when_not():
     c = cfg(method="qlora", **{"training.micro_batch_size": 1})
     arch = E.arch_for(LLAMA)
     big, why = R.plan(gpu(c), arch, max_tokens=2048, budget_gib=79.0)
-    assert big == {"training.gradient_checkpointing": False, "training.checkpoint_layers": 0,
+    assert big == {"training.gradient_checkpointing": False, "training.checkpoint_layers": "all",
                    "training.checkpoint_per_batch": False,
                    "training.optimizer": "adamw_torch_fused",
                    "model.embeddings_on_cpu": False, "training.offload_activations": False,

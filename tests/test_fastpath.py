@@ -563,7 +563,7 @@ def test_checkpointing_some_layers_same_loss_and_grads_less_memory(smoke_run, me
     out, saved = {}, {}
     for layers in (0, 1, 2, "all"):
         cfg.training.gradient_checkpointing = layers != 0
-        cfg.training.checkpoint_layers = layers
+        cfg.training.checkpoint_layers = layers or "all"
         model = model_lib.load_for_training(cfg, tokenizer, new_ids)
         set_peft_model_state_dict(model, adapter)
         model.train()
