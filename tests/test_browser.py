@@ -211,19 +211,25 @@ def test_convert_and_chat_reread_the_checkpoints_when_shown(page, tmp_path):
         page.keyboard.press("Escape")
         return items
 
+    def offered_soon(expected: list[str]) -> list[str]:  # the run's list arrives after a server round trip
+        deadline = time.time() + 30
+        while (items := offered()) != expected and time.time() < deadline:
+            page.wait_for_timeout(500)
+        return items
+
     try:
         tab(page, "Convert")
         page.locator("#cv-run input").fill(str(run_dir))
         page.keyboard.press("Enter")
         page.wait_for_timeout(1500)
-        assert offered() == ["final", "checkpoint-20", "checkpoint-10"]
+        assert offered_soon(["final", "checkpoint-20", "checkpoint-10"]) == ["final", "checkpoint-20", "checkpoint-10"]
         shutil.rmtree(run_dir / "checkpoint-10")
         tab(page, "Chat")  # away and back: the run stays selected, its list is read again
         page.wait_for_timeout(1000)
         tab(page, "Convert")
         page.wait_for_timeout(1500)
         assert page.locator("#cv-run input").input_value() == str(run_dir)
-        assert offered() == ["final", "checkpoint-20"]
+        assert offered_soon(["final", "checkpoint-20"]) == ["final", "checkpoint-20"]
         shot(page, "convert_checkpoints_reread")
     finally:
         shutil.rmtree(run_dir, ignore_errors=True)
