@@ -157,6 +157,10 @@ class TrainingSection(_Section):
     # with checkpoint_layers planned (auto): each micro-batch checkpoints the fewest layers its
     # own length needs, at most the plan's count for the longest (short batches skip recompute)
     checkpoint_per_batch: Literal["auto", True, False] = "auto"
+    # with checkpointing: torch's reentrant checkpoint, whose first forward builds no autograd
+    # graph (a QLoRA step is CPU-bound: 1.25x the non-reentrant step, 8B, H200). auto: on for one
+    # GPU and for offloaded activations; off for several (DDP/FSDP/ZeRO-3 want the non-reentrant one)
+    checkpoint_reentrant: Literal["auto", True, False] = "auto"
     # with checkpointing: each layer's saved input goes to CPU RAM during forward and comes back
     # for its recompute (layers x tokens x hidden x 2 bytes less; slower). auto: only when the
     # run would not fit otherwise (CUDA); the long-context setting

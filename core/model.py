@@ -109,9 +109,10 @@ def load_for_training(cfg: RunConfig, tokenizer, new_token_ids: list[int] | None
             embeddings_on_cpu(model)
 
     gc = bool(cfg.training.gradient_checkpointing)
-    # offloaded activations: the reentrant checkpoint keeps each layer's input with
-    # save_for_backward, which torch.autograd.graph.save_on_cpu (core.train) moves to CPU RAM
-    gc_kwargs = {"use_reentrant": cfg.training.offload_activations is True}
+    # reentrant (training.checkpoint_reentrant): the first forward of a checkpointed layer runs
+    # without autograd, and its input is kept with save_for_backward, which offloaded activations'
+    # torch.autograd.graph.save_on_cpu (core.trainer) moves to CPU RAM
+    gc_kwargs = {"use_reentrant": cfg.training.checkpoint_reentrant is True}
     if cfg.method == "full":
         if gc:
             model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=gc_kwargs)

@@ -86,6 +86,9 @@ def memory_plan(cfg, lengths: list[int]) -> tuple[dict, list[str], float]:
         max_tokens = up(sum(longest[:mb]))
     else:
         max_tokens = up(longest[0] if longest else cfg.template.cutoff_len) * mb
+    # a typical micro-batch: mb rows of the median length (what most steps hold)
+    median = longest[len(longest) // 2] if longest else cfg.template.cutoff_len
+    typical = max_tokens if cfg.template.packing else min(max_tokens, up(median * mb))
     free, total = torch.cuda.mem_get_info()
     budget = free / 2 ** 30
     reasons = []
@@ -103,7 +106,7 @@ def memory_plan(cfg, lengths: list[int]) -> tuple[dict, list[str], float]:
             arch = arch_lib.arch_for(cfg.model.name_or_path)
         except Exception:  # noqa: BLE001 - an unknown architecture keeps the safe settings
             pass
-    decided, why = resolve.plan(cfg, arch, max_tokens, budget)
+    decided, why = resolve.plan(cfg, arch, max_tokens, budget, typical_tokens=typical)
     resolve.fill(cfg, decided)
     if t.gpus > 1:
         why = ["multi-GPU: checkpointing on, fused AdamW, embeddings and activations on the GPU unless set"]
@@ -254,19 +257,21 @@ def train(cfg, run_dir: Path, resume: bool) -> int:
     write_json(run_dir, speed_path={
         "padding_free": padding_free, "packing": cfg.template.packing, "pad_to_multiple_of": pad,
         "kernels": t.kernels, "gradient_checkpointing": t.gradient_checkpointing,
-        "checkpoint_layers": t.checkpoint_layers if t.gradient_checkpointing else 0, "optimizer": t.optimizer,
+        "checkpoint_layers": t.checkpoint_layers if t.gradient_checkpointing else 0,
+        "checkpoint_reentrant": t.checkpoint_reentrant, "optimizer": t.optimizer,
         "offload_activations": t.offload_activations, "embeddings_on_cpu": cfg.model.embeddings_on_cpu,
         "fused_lora": t.fused_lora, "tiled_mlp": t.tiled_mlp, "cudnn_attention": t.cudnn_attention,
         "fp32_upcast": cfg.quantization.fp32_upcast if cfg.method == "qlora" else None,
-        "lora_dropout": cfg.lora.dropout if cfg.method != "full" else None})
+        "lora_dropout": cfg.lora.dropout if cfg.method != "full" else None,
+        "cuda_alloc_conf": os.environ.get("PYTORCH_CUDA_ALLOC_CONF", "")})
     log(f"speed path: padding-free {padding_free}, packing {cfg.template.packing}, "
         f"rows padded to a multiple of {pad}, kernels {t.kernels}, fused lora {t.fused_lora}, tiled MLP {t.tiled_mlp}, "
         f"cuDNN attention {t.cudnn_attention}, "
         f"gradient checkpointing {t.gradient_checkpointing}"
-        f"{f' ({t.checkpoint_layers} layers)' if t.gradient_checkpointing else ''}, "
+        f"{f' ({t.checkpoint_layers} layers, reentrant {t.checkpoint_reentrant})' if t.gradient_checkpointing else ''}, "
         f"fp32 upcast {cfg.quantization.fp32_upcast if cfg.method == 'qlora' else 'n/a'}, lora dropout {cfg.lora.dropout}, "
         f"optimizer {t.optimizer}, offload activations {t.offload_activations}, "
-        f"embeddings on cpu {cfg.model.embeddings_on_cpu}")
+        f"embeddings on cpu {cfg.model.embeddings_on_cpu}, CUDA allocator {os.environ.get('PYTORCH_CUDA_ALLOC_CONF') or 'default'}")
 
     # 4. train
     trainer = build_trainer(cfg, run_dir, model, tokenizer, template, train_ds, eval_ds,
@@ -326,6 +331,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--resume", action="store_true")
     a = ap.parse_args(argv)
     run_dir = Path(a.run_dir).resolve()
+    from . import memory
+
+    memory.use_allocator()  # before anything touches CUDA
     signal.signal(signal.SIGTERM, on_sigterm)
     signal.signal(signal.SIGINT, on_sigterm)
     dist = distributed.is_distributed()

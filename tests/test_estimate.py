@@ -1,6 +1,7 @@
 """core.estimate: sanity and monotonicity of the VRAM model, suggestions, CLI output, and that
 it stays torch-free (the web app calls it)."""
 
+import os
 import subprocess
 import sys
 
@@ -190,8 +191,21 @@ def test_checkpoint_layers_the_fewest_that_fit():
     assert need[k] <= M.CHECKPOINTING_HEADROOM * budget < need[k - 1]
     assert f"on for {k} of 32 layers" in why and f"~{need[k]:.1f} GiB" in why
     out, why = R.plan(c, arch, tokens, budget)
-    assert out["training.checkpoint_layers"] == k and out["training.gradient_checkpointing"] is True
+    # QLoRA: the embedding table goes to CPU RAM before any layer recomputes (the cheaper saving),
+    # then the fewest layers that fit with it there
+    assert out["model.embeddings_on_cpu"] is True and why[0].startswith("embeddings in CPU RAM")
+    on_cpu = c.model_copy(deep=True)
+    on_cpu.model.embeddings_on_cpu = True
+    k_cpu, k_gpu = M.checkpointing_decision(on_cpu, arch, tokens, budget)[1], k
+    assert isinstance(k_cpu, int) and k_cpu < k
+    assert out["training.checkpoint_layers"] == k_cpu and out["training.gradient_checkpointing"] is True
     assert out["training.optimizer"] == "adamw_torch_fused"  # layers first: the 8-bit optimizer is slower
+    need = [M._need(on_cpu, arch, tokens)(j) for j in range(33)]
+    k = k_cpu
+    # when a typical micro-batch fits without recompute the table stays on the GPU (its per-step
+    # cost would buy nothing on most steps); the longest batch still gets its layers
+    short, short_why = R.plan(c, arch, tokens, budget, typical_tokens=512)
+    assert short["model.embeddings_on_cpu"] is False and short["training.checkpoint_layers"] == k_gpu, short_why
     assert out["training.checkpoint_per_batch"] is True and any("layers by batch" in w for w in why)
     assert why[-1] == f"estimated peak ~{need[k]:.1f} GiB of {budget:.1f} GiB"
     kept = gpu(cfg(method="qlora", **{"training.micro_batch_size": 1, "training.checkpoint_layers": 3}))
@@ -217,11 +231,12 @@ def test_memory_plan_picks_speed_when_it_fits_and_savings_when_not():
                    "training.tiled_mlp": False, "training.cudnn_attention": False}, why
     small, why = R.plan(gpu(c), arch, max_tokens=2048, budget_gib=7.5, host_gib=16)  # "an 8 GB card"
     assert small == {"training.gradient_checkpointing": True, "training.checkpoint_layers": "all",
-                     "training.checkpoint_per_batch": True,
+                     "training.checkpoint_per_batch": False,  # offloaded: every layer, every batch
                      "training.optimizer": "paged_adamw_8bit",
                      "model.embeddings_on_cpu": True, "training.offload_activations": True,
                      "training.tiled_mlp": False, "training.cudnn_attention": False}, why
     assert any("embeddings in CPU RAM" in w for w in why) and "of 7.5 GiB" in why[-1]
+    assert not any("layers by batch" in w for w in why), why
     # inputs of 2048 tokens (32 layers + final norm + loss): 16 MiB each, pinned
     assert any("activations in CPU RAM (~0.5 GiB)" in w for w in why), why
     # 348k tokens (10x stock's longest on 80 GiB): 2.66 GiB per input, in plain RAM at that size
@@ -276,4 +291,23 @@ def test_tiled_mlp_from_32k_tokens_and_what_it_saves():
     plain = M.total_gib(R.for_estimate(E._with(c, training__tiled_mlp=False, **at)), arch)
     tiled = M.total_gib(R.for_estimate(E._with(c, training__tiled_mlp=True, **at)), arch)
     saved = 4 * 2 * 14336 * (65536 - 4096) / 2 ** 30  # gate, up, act, product in bf16, all but one tile
-    assert plain - tiled == pytest.approx(saved * (1 + M.FRAGMENTATION), rel=0.02)
+    assert plain - tiled == pytest.approx(saved * (1 + M._fragmentation()), rel=0.02)
+
+
+def test_reentrant_checkpointing_and_allocator_defaults(monkeypatch):
+    """training.checkpoint_reentrant auto: reentrant on one GPU (and wherever activations are
+    offloaded), non-reentrant across several; the training child's allocator is the expandable
+    one unless PYTORCH_CUDA_ALLOC_CONF says otherwise, and the memory model's margin follows it."""
+    assert gpu(cfg()).training.checkpoint_reentrant is True
+    multi = cfg(**{"training.gpus": "2", "training.strategy": "ddp"})
+    assert gpu(multi).training.checkpoint_reentrant is False
+    with pytest.raises(C.ConfigError, match="training.offload_activations: needs checkpoint_reentrant"):
+        gpu(cfg(**{"training.offload_activations": "true", "training.checkpoint_reentrant": "false"}))
+    monkeypatch.delenv("PYTORCH_CUDA_ALLOC_CONF", raising=False)
+    assert M._fragmentation() == M.FRAGMENTATION_EXPANDABLE  # what the child will run with
+    M.use_allocator()
+    assert os.environ["PYTORCH_CUDA_ALLOC_CONF"] == M.ALLOC_CONF == "expandable_segments:True"
+    monkeypatch.setenv("PYTORCH_CUDA_ALLOC_CONF", "max_split_size_mb:128")
+    M.use_allocator()  # the user's own setting is kept
+    assert os.environ["PYTORCH_CUDA_ALLOC_CONF"] == "max_split_size_mb:128"
+    assert M._fragmentation() == M.FRAGMENTATION

@@ -3,6 +3,7 @@ dropout 0) computes the same maths as stock HF + PEFT: on the trained tiny model
 samples give equal logits, equal loss and equal LoRA gradients. CPU, fp32 (the speed lives in
 bench/speed.py on a GPU)."""
 
+import os
 import pytest
 import torch
 from safetensors.torch import load_file
@@ -152,6 +153,9 @@ def test_training_log_run_json_and_train_tab_name_the_speed_path(smoke_run, monk
     assert sp["pad_to_multiple_of"] == 1 and sp["tiled_mlp"] is False  # CPU: no row padding, no tiles
     assert sp["cudnn_attention"] is False
     assert sp["optimizer"] == "adamw_torch" and sp["fp32_upcast"] is None  # lora on CPU
+    # the child picks the expandable-segments allocator (memory.ALLOC_CONF) unless told otherwise
+    assert "PYTORCH_CUDA_ALLOC_CONF" not in os.environ and sp["cuda_alloc_conf"] == "expandable_segments:True"
+    assert "CUDA allocator expandable_segments:True" in log
     monkeypatch.setenv("LORASTUDIO_ALLOW_DIRS", str(smoke_run.parent))  # what --allow-dir does
     md = train_view.status_markdown(train_view.run_view(str(smoke_run)))
     assert "speed path: padding-free; no fused kernels; optimizer adamw_torch" in md
@@ -546,15 +550,18 @@ def test_memory_plan_sizes_the_largest_padded_row(monkeypatch):
     assert any("largest micro-batch (190 tokens)" in w for w in why), why
 
 
-@pytest.mark.parametrize("method", ["lora", "qlora"])
-def test_checkpointing_some_layers_same_loss_and_grads_less_memory(smoke_run, method):
+@pytest.mark.parametrize("method,reentrant", [("lora", True), ("qlora", True), ("lora", False), ("qlora", False)])
+def test_checkpointing_some_layers_same_loss_and_grads_less_memory(smoke_run, method, reentrant):
     """training.checkpoint_layers: checkpointing the first N decoder layers gives the plain path's
     loss and every LoRA gradient, and what the forward keeps for backward falls as N grows
-    (counted through autograd's saved-tensor hooks: a checkpointed layer keeps its input only)."""
+    (counted through autograd's saved-tensor hooks: a checkpointed layer keeps its input only);
+    with torch's reentrant checkpoint (training.checkpoint_reentrant, auto on one GPU) and without."""
     from peft import set_peft_model_state_dict
 
     torch.set_num_threads(1)
     cfg = _cfg(smoke_run, method)
+    assert cfg.training.checkpoint_reentrant is True  # auto, one device
+    cfg.training.checkpoint_reentrant = reentrant
     tokenizer, template, _m, new_ids = train_lib.load_tokenizer_and_template(cfg)
     train_ds, *_ = train_lib.prepare_data(cfg, tokenizer, template)
     batch = dataset_lib.collator(tokenizer, True)([{k: r[k] for k in ("input_ids", "labels")}
