@@ -11,6 +11,9 @@
 #   bash bench/gpu_speed.sh long-stock          # stock's longest sequence within 80 GiB (bisection)
 #   SEQ=N bash bench/gpu_speed.sh long-fast     # the fast path, 3 steps at N tokens within 80 GiB
 #   SEQ=N bash bench/gpu_speed.sh long-fast-part  # the same one step per call, resumed (3 calls, warm machine)
+#   BUDGETS="8 12 16 24" ROWS2048=1 bash bench/gpu_speed.sh budgets  # issue 17: 8B QLoRA under memory
+#                                     #   budgets and Unsloth on the same rows, one call
+#   BUDGET=6 bash bench/gpu_speed.sh budgets-small  # the same for the 1.5B bf16 LoRA
 #   bash bench/gpu_speed.sh sdpa      # flash vs cuDNN attention on one 348k-token row (bench/sdpa_probe.py)
 # Needs .bench/chat_tokens.jsonl (here: python bench/speed.py prep .bench) and the .whl wheels
 # (trl, datasets, pydantic, liger-kernel, bitsandbytes cuda130); results: $OUT/speed.jsonl + logs.
@@ -40,7 +43,7 @@ peer() {  # Unsloth's SFTTrainer on the same rows: its own trl/datasets (.peer/w
     python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --target /tmp/su .peer/w/*.whl \
       $(ls .whl/*.whl | grep -v 'trl-\|datasets-\|transformers-\|liger') || return 1
   fi
-  PYTHONPATH=/tmp/su python3 .peer/unsloth_sft.py /tmp/m8b "$TOK" --label unsloth --out "$OUT/peer.jsonl" "$@" \
+  PYTHONPATH=/tmp/su python3 .peer/unsloth_sft.py "${PEER_MODEL:-/tmp/m8b}" "$TOK" --label unsloth --out "$OUT/peer.jsonl" "$@" \
     > "$LOGS/unsloth.log" 2>&1
   local rc=$?
   echo "unsloth rc=$rc $((SECONDS - t0))s $(grep -o '"non_pad_tokens_per_s": [0-9.]*\|"peak_device_used_gib": [0-9.]*' "$LOGS/unsloth.log" | tr '\n' ' ')"
@@ -82,15 +85,19 @@ case "$GROUP" in
   budgets)  # issue 17: 8B QLoRA chat rows under memory budgets (training.gpu_memory_gib), the
     # project and Unsloth (../shared/peers harness, carried as .peer/: its wheels in .peer/w) in
     # this one call; BUDGETS to pick (default 8 12 16 24), STEPS (default 30), PROFILE=1 adds torch
-    # profiler tables of the every-layer checkpointed step, ROWS2048=1 the 1 x 2048 rows in 7.5 GiB
+    # profiler tables of the every-layer checkpointed step, ROWS2048=1 the 1 x 2048 rows in 7.5 GiB;
+    # probes: REENTRANT=1 every layer non-reentrant, EMB="12 16" those budgets with embeddings kept on the GPU,
+    # ALLOC=1 no budget under the classic allocator
     python3 bench/make_random_model.py llama3.1-8b /tmp/m8b
     N=${STEPS:-30}; S=(--steps "$N" --warmup 5)
     M=(--model /tmp/m8b --side fast --method qlora)
     one warm-up "${M[@]}" --steps 6
     one fast "${M[@]}" "${S[@]}"
-    one gc-all "${M[@]}" --gc on "${S[@]}"
-    [ -z "${REENTRANT:-}" ] || one gc-all-reentrant "${M[@]}" --gc on --reentrant "${S[@]}"
+    [ -z "${ALLOC:-}" ] || PYTORCH_CUDA_ALLOC_CONF=expandable_segments:False one fast-classic-alloc "${M[@]}" "${S[@]}"
+    [ -n "${SKIP_GC:-}" ] || one gc-all "${M[@]}" --gc on "${S[@]}"
+    [ -z "${REENTRANT:-}" ] || one gc-all-nonreentrant "${M[@]}" --gc on --reentrant off "${S[@]}"
     for b in ${BUDGETS:-8 12 16 24}; do one budget-$b "${M[@]}" --gpu-mem "$b" "${S[@]}"; done
+    for b in ${EMB:-}; do one budget-$b-emb-gpu "${M[@]}" --gpu-mem "$b" --emb-cpu off "${S[@]}"; done
     [ -z "${PROFILE:-}" ] || one gc-all-profile "${M[@]}" --gc on --steps 11 --warmup 4 --profile 2
     peer "${S[@]}"
     if [ -n "${ROWS2048:-}" ]; then  # 1 x 2048 random rows: the project within 7.5 GiB, Unsloth as it is
@@ -98,6 +105,16 @@ case "$GROUP" in
       one 2048-budget-7.5 "${M[@]}" --gpu-mem 7.5 "${L[@]}"
       peer "${L[@]}" --label unsloth-2048
     fi
+    ;;
+  budgets-small)  # issue 17: Qwen2.5-1.5B shape, bf16 LoRA, chat rows: the project with no budget
+    # and within BUDGET GiB (default 6), Unsloth's LoRA path, this one call
+    python3 bench/make_random_model.py qwen2.5-1.5b /tmp/qwen2.5-1.5b
+    N=${STEPS:-30}; S=(--steps "$N" --warmup 5)
+    M=(--model /tmp/qwen2.5-1.5b --side fast --method lora)
+    one 1.5b-warm-up "${M[@]}" --steps 6
+    one 1.5b-fast "${M[@]}" "${S[@]}"
+    one 1.5b-budget-${BUDGET:-6} "${M[@]}" --gpu-mem "${BUDGET:-6}" "${S[@]}"
+    PEER_MODEL=/tmp/qwen2.5-1.5b peer --method lora "${S[@]}" --label unsloth-1.5b
     ;;
   tune)  # which row layout and allocator the fast path wants: padding-free rows padded to a
     # multiple of 1 (none), 8, 64 (the default), 256; the expandable-segments allocator; liger off.

@@ -155,10 +155,13 @@ def build_fast(a, tokenizer, ds, callbacks):
         training["fused_lora"] = a.fused == "on"
     if a.cudnn_fast != "default":
         training["cudnn_attention"] = a.cudnn_fast == "on"
+    if a.reentrant != "default":
+        training["checkpoint_reentrant"] = a.reentrant == "on"
     template = {"cutoff_len": 1 << 20}
     if a.pad:
         template["pad_to_multiple_of"] = a.pad
-    raw = {"model": {"name_or_path": a.model}, "method": a.method,
+    raw = {"model": {"name_or_path": a.model, **({} if a.emb_cpu == "default" else {"embeddings_on_cpu": a.emb_cpu == "on"})},
+           "method": a.method,
            "lora": {"r": 64, "alpha": 16, "dropout": a.dropout, "target_modules": TARGETS},
            "template": template, "training": training}
     if a.method == "qlora":
@@ -171,16 +174,12 @@ def build_fast(a, tokenizer, ds, callbacks):
         print("memory plan:", "; ".join(why), flush=True)
         plan_line = "; ".join(why)
     model = model_lib.load_for_training(cfg, tokenizer, [])
-    if a.reentrant and cfg.training.gradient_checkpointing is True:  # probe: reentrant checkpointing
-        # (the first forward under no_grad: no autograd graph to build for checkpointed layers)
-        model.get_base_model().gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": True})
-        model_lib._checkpoint_first(cfg, model)
     trainer = train_lib.build_trainer(cfg, Path(a.workdir), model, tokenizer, None, ds, None, callbacks=callbacks,
                                       budget_gib=budget if cfg.training.device == "cuda" else None)
     t = cfg.training
     return trainer, {"_cfg": cfg, "memory_plan": plan_line if t.device == "cuda" else None,
                      "optimizer": t.optimizer, "gradient_checkpointing": t.gradient_checkpointing,
-                     "checkpoint_layers": t.checkpoint_layers,
+                     "checkpoint_layers": t.checkpoint_layers, "checkpoint_reentrant": t.checkpoint_reentrant,
                      "embeddings_on_cpu": cfg.model.embeddings_on_cpu, "offload_activations": t.offload_activations,
                      "kernels": t.kernels, "fused_lora": t.fused_lora, "padding_free": cfg.template.padding_free,
                      "tiled_mlp": t.tiled_mlp, "cudnn_attention": t.cudnn_attention,
@@ -400,7 +399,10 @@ def main(argv=None) -> int:
     r.add_argument("--optim", default="auto", help="auto: the product's default; stock: the Trainer's default")
     r.add_argument("--gc", default="default", help="on/off/default (stock: on unless off)")
     r.add_argument("--gc-layers", type=int, default=-1, help="fast side: training.checkpoint_layers (-1: auto)")
-    r.add_argument("--reentrant", action="store_true", help="fast side probe: reentrant checkpointing")
+    r.add_argument("--reentrant", default="default", choices=["default", "on", "off"],
+                   help="fast side: training.checkpoint_reentrant (default: auto)")
+    r.add_argument("--emb-cpu", default="default", choices=["default", "on", "off"],
+                   help="fast side: model.embeddings_on_cpu (default: auto)")
     r.add_argument("--kernels", default="default", help="fast side: off/loss/all/default")
     r.add_argument("--fused", default="default", help="fast side: fused LoRA layers on/off/default")
     r.add_argument("--pad", type=int, default=0, help="fast side: template.pad_to_multiple_of (0: default)")
@@ -425,6 +427,10 @@ def main(argv=None) -> int:
         return 0
     if a.side == "stock" and a.optim == "auto":
         a.optim = "adamw_torch_fused"  # the Trainer's own default (torch >= 2.8)
+    if a.side == "fast":  # the training child's allocator (stock keeps torch's default)
+        from lorastudio.core import memory
+
+        memory.use_allocator()
     if a.bisect:
         res = bisect_stock(a)
     else:
