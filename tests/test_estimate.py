@@ -303,7 +303,8 @@ def test_reentrant_checkpointing_and_allocator_defaults(monkeypatch):
     assert gpu(multi).training.checkpoint_reentrant is False
     with pytest.raises(C.ConfigError, match="training.offload_activations: needs checkpoint_reentrant"):
         gpu(cfg(**{"training.offload_activations": "true", "training.checkpoint_reentrant": "false"}))
-    monkeypatch.delenv("PYTORCH_CUDA_ALLOC_CONF", raising=False)
+    monkeypatch.setenv("PYTORCH_CUDA_ALLOC_CONF", "")  # records the original, restored after the test
+    monkeypatch.delenv("PYTORCH_CUDA_ALLOC_CONF")
     assert M._fragmentation() == M.FRAGMENTATION_EXPANDABLE  # what the child will run with
     M.use_allocator()
     assert os.environ["PYTORCH_CUDA_ALLOC_CONF"] == M.ALLOC_CONF == "expandable_segments:True"
