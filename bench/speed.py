@@ -316,6 +316,8 @@ def run(a) -> dict:
     return {
         "largest_batch_tokens": largest[0], "predicted_peak_gib": predicted,
         "checkpointed_layers_by_step": dict(getattr(trainer, "checkpointed", None) or {}),
+        # model.embeddings_on_cpu: lookups that copied ids back from the GPU (a sync each)
+        "cpu_embedding_syncs": getattr(trainer.model.get_input_embeddings(), "synced", None),
         "resumed_from": resume, "global_step": trainer.state.global_step,
         "side": a.side, "method": a.method, "model": Path(a.model).name, "dropout": a.dropout,
         "micro_batch": a.mb, "seq": a.seq or "chat", "steps": len(steps), "timed_steps": len(timed),

@@ -193,14 +193,16 @@ def _checkpoint_first(cfg, model) -> None:
 
 
 def embeddings_on_cpu(model) -> None:
-    """Move the (frozen) input embedding table to CPU RAM: ids go to the CPU for the lookup and
-    the rows come back to the GPU (a few MB a step). Frees V x H x 2 bytes of GPU memory."""
+    """Move the (frozen) input embedding table to CPU RAM: the lookup runs on the CPU and the rows
+    go to the GPU (a few MB a step). Frees V x H x 2 bytes of GPU memory."""
     import torch
 
     class CPUEmbedding(torch.nn.Module):
         """A frozen embedding whose table lives in CPU RAM. The table is not a registered
         parameter, so `model.device` (the first parameter's device, which generation and the
-        samples use for their inputs) stays the GPU."""
+        samples use for their inputs) stays the GPU. The trainer hands over the batch's ids while
+        they are still on the CPU (`ids_from`): copying them back from the GPU would wait for the
+        GPU to drain its queue, every step, and a LoRA step is CPU-bound."""
 
         def __init__(self, emb, device):
             super().__init__()
@@ -208,13 +210,26 @@ def embeddings_on_cpu(model) -> None:
             self.num_embeddings, self.embedding_dim = emb.num_embeddings, emb.embedding_dim
             self.padding_idx = emb.padding_idx
             self.out_device = device
+            self._handed = None  # (ids on the device, the same ids on the CPU)
+            self.synced = 0  # lookups not handed their ids (tests, the bench: 0 in a training step)
 
         @property
         def weight(self):  # shape/dtype for code that inspects the input embedding
             return self._table["weight"]
 
+        def ids_from(self, on_device, on_cpu):
+            self._handed = (on_device, on_cpu)
+
         def forward(self, input_ids):
-            rows = torch.nn.functional.embedding(input_ids.to("cpu"), self._table["weight"], self.padding_idx)
+            handed, self._handed = self._handed, None
+            if handed is not None and handed[0] is input_ids:
+                ids = handed[1]
+            else:  # generation, samples, a model that rebuilt the ids: the copy waits for the GPU
+                ids = input_ids.to("cpu")
+                self.synced += 1
+            rows = torch.nn.functional.embedding(ids, self._table["weight"], self.padding_idx)
+            if torch.device(self.out_device).type == "cuda":
+                rows = rows.pin_memory()  # a pinned source makes the copy asynchronous
             return rows.to(self.out_device, non_blocking=True)
 
     emb = model.get_input_embeddings()

@@ -81,7 +81,24 @@ def trainer_class(offload_activations: bool):
             # loop's own dict: the count is read before or after the step, by version)
             if isinstance(inputs, dict) and "num_pad_tokens" in inputs:
                 self._num_pad = inputs.pop("num_pad_tokens")
-            return super()._prepare_inputs(inputs)
+            held = inputs.pop("cpu_input_ids", None) if isinstance(inputs, dict) else None
+            inputs = super()._prepare_inputs(inputs)
+            if held is not None and self._cpu_embedding() is not None:
+                self._cpu_embedding().ids_from(inputs["input_ids"], held.ids)
+            return inputs
+
+        _cpu_emb = None  # model.embeddings_on_cpu's module, looked up once; False: none
+
+        def _cpu_embedding(self):
+            if self._cpu_emb is None:
+                emb = self.model.get_input_embeddings() if hasattr(self.model, "get_input_embeddings") else None
+                self._cpu_emb = emb if hasattr(emb, "ids_from") else False
+            return self._cpu_emb or None
+
+        def __init__(self, *args, **kwargs):
+            super().__init__(*args, **kwargs)
+            if self._cpu_embedding() is not None:  # model.embeddings_on_cpu: the lookup needs no GPU sync
+                self.data_collator = _KeepCPUIds(self.data_collator)
 
         def _track_num_input_tokens(self, inputs):
             # padding-free rows: real tokens = the row's length less the collator's tail padding,
@@ -111,6 +128,26 @@ def trainer_class(offload_activations: bool):
                 return super().compute_loss(model, inputs, *args, **kwargs)
 
     return OffloadingTrainer
+
+
+class _KeepCPUIds:
+    """A collator whose batches also carry their ids as they were on the CPU, in a holder the
+    dataloader's device copy passes by (model.embeddings_on_cpu looks them up from there)."""
+
+    def __init__(self, base):
+        self.base = base
+
+    def __call__(self, examples):
+        out = self.base(examples)
+        out["cpu_input_ids"] = _Held(out["input_ids"])
+        return out
+
+
+class _Held:
+    __slots__ = ("ids",)  # no .to(): accelerate's send_to_device and pin_memory leave it be
+
+    def __init__(self, ids):
+        self.ids = ids
 
 
 def offload_saved_tensors():

@@ -154,7 +154,7 @@ def test_training_log_run_json_and_train_tab_name_the_speed_path(smoke_run, monk
     assert sp["cudnn_attention"] is False
     assert sp["optimizer"] == "adamw_torch" and sp["fp32_upcast"] is None  # lora on CPU
     # the child picks the expandable-segments allocator (memory.ALLOC_CONF) unless told otherwise
-    assert "PYTORCH_CUDA_ALLOC_CONF" not in os.environ and sp["cuda_alloc_conf"] == "expandable_segments:True"
+    assert sp["cuda_alloc_conf"] == os.environ.get("PYTORCH_CUDA_ALLOC_CONF", "expandable_segments:True")
     assert "CUDA allocator expandable_segments:True" in log
     monkeypatch.setenv("LORASTUDIO_ALLOW_DIRS", str(smoke_run.parent))  # what --allow-dir does
     md = train_view.status_markdown(train_view.run_view(str(smoke_run)))
@@ -393,6 +393,34 @@ def test_cpu_embedding_table_keeps_outputs_and_model_device():
         torch.testing.assert_close(m(input_ids=ids).logits, ref)
     m.enable_input_require_grads()
     assert m.get_input_embeddings()(ids).requires_grad
+
+
+def test_cpu_embedding_is_handed_its_ids_by_the_trainer(smoke_run, tmp_path):
+    """model.embeddings_on_cpu in training: each step's lookup uses the batch's ids as they were
+    on the CPU (copying them back from the GPU would wait for its queue to drain, every step),
+    with the losses of the table left in place; a lookup outside the trainer still works."""
+    torch.set_num_threads(1)
+    cfg = _cfg(smoke_run, "lora")
+    cfg.training.max_steps, cfg.training.logging_steps, cfg.training.micro_batch_size = 3, 1, 2
+    cfg.training.save_steps = 10 ** 6
+    tokenizer, template, _m, new_ids = train_lib.load_tokenizer_and_template(cfg)
+    train_ds, *_ = train_lib.prepare_data(cfg, tokenizer, template)
+    losses = {}
+    for on_cpu in (False, True):
+        torch.manual_seed(0)
+        model = model_lib.load_for_training(cfg, tokenizer, new_ids)
+        if on_cpu:  # (resolve allows it for QLoRA on CUDA only; the hand-over is the same code)
+            model_lib.embeddings_on_cpu(model.get_base_model())
+        trainer = train_lib.build_trainer(cfg, tmp_path / f"emb-{on_cpu}", model, tokenizer, template, train_ds, None)
+        trainer.train()
+        losses[on_cpu] = [h["loss"] for h in trainer.state.log_history if "loss" in h]
+    emb = model.get_input_embeddings()
+    assert type(emb).__name__ == "CPUEmbedding"
+    assert emb.synced == 0  # every training lookup was handed its ids
+    assert losses[True] == pytest.approx(losses[False], rel=1e-6) and len(losses[True]) == 3
+    with torch.no_grad():
+        model(input_ids=torch.tensor([[5, 6, 7]]))
+    assert emb.synced == 1
 
 
 def test_lean_trainer_steps_like_the_stock_trainer(smoke_run, tmp_path):
