@@ -230,6 +230,9 @@ def _get(cfg, key: str):
     return getattr(getattr(cfg, section), field)
 
 
+_BY_BATCH = "checkpointed layers by batch: each micro-batch checkpoints the fewest its length needs, at most the count above"
+
+
 def plan(cfg: RunConfig, arch: dict | None, max_tokens: int, budget_gib: float,
          host_gib: float | None = None, typical_tokens: int | None = None) -> tuple[dict, list[str]]:
     """The auto memory settings of a one-GPU CUDA run (cfg resolved for its machine), fastest
@@ -284,8 +287,7 @@ def plan(cfg: RunConfig, arch: dict | None, max_tokens: int, budget_gib: float,
             if t.checkpoint_per_batch == "auto":
                 out["training.checkpoint_per_batch"] = gc and arch is not None
                 if gc:
-                    why.append("checkpointed layers by batch: each micro-batch checkpoints the fewest its "
-                               "length needs, at most the count above")
+                    why.append(_BY_BATCH)
         why.append(f"gradient checkpointing {reason}")
     if arch is None:
         rest = unplanned(fill(cfg.model_copy(deep=True), out))
@@ -326,7 +328,7 @@ def plan(cfg: RunConfig, arch: dict | None, max_tokens: int, budget_gib: float,
                        f"{budget_gib:.1f} available")
             if out.get("training.checkpoint_per_batch"):  # offloading keeps every layer checkpointed
                 out["training.checkpoint_per_batch"] = False
-                why.remove(next(w for w in why if w.startswith("checkpointed layers by batch")))
+                why.remove(_BY_BATCH)
         out["training.offload_activations"] = off
     need = memory.total_gib(c, arch)
     why.append(f"estimated peak ~{need:.1f} GiB of {budget_gib:.1f} GiB" + ("" if need <= budget_gib else " (may not fit)"))

@@ -83,21 +83,15 @@ def trainer_class(offload_activations: bool):
                 self._num_pad = inputs.pop("num_pad_tokens")
             held = inputs.pop("cpu_input_ids", None) if isinstance(inputs, dict) else None
             inputs = super()._prepare_inputs(inputs)
-            if held is not None and self._cpu_embedding() is not None:
-                self._cpu_embedding().ids_from(inputs["input_ids"], held.ids)
+            if held is not None and self._cpu_emb is not None:
+                self._cpu_emb.ids_from(inputs["input_ids"], held.ids)
             return inputs
-
-        _cpu_emb = None  # model.embeddings_on_cpu's module, looked up once; False: none
-
-        def _cpu_embedding(self):
-            if self._cpu_emb is None:
-                emb = self.model.get_input_embeddings() if hasattr(self.model, "get_input_embeddings") else None
-                self._cpu_emb = emb if hasattr(emb, "ids_from") else False
-            return self._cpu_emb or None
 
         def __init__(self, *args, **kwargs):
             super().__init__(*args, **kwargs)
-            if self._cpu_embedding() is not None:  # model.embeddings_on_cpu: the lookup needs no GPU sync
+            emb = self.model.get_input_embeddings()
+            self._cpu_emb = emb if hasattr(emb, "ids_from") else None  # model.embeddings_on_cpu's module
+            if self._cpu_emb is not None:  # its lookup is handed the CPU ids: no GPU sync a step
                 self.data_collator = _KeepCPUIds(self.data_collator)
 
         def _track_num_input_tokens(self, inputs):
