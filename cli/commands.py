@@ -103,8 +103,15 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--format", default="auto", help="dataset format (default: detect)")
     p.add_argument("--custom-template", metavar="FILE", help="a Jinja chat template file (rendered in a sandbox)")
     p.add_argument("--cutoff", type=int, default=None, help="truncate samples to N tokens, as training would")
-    p.add_argument("-n", type=int, default=3)
-    p.add_argument("--json", action="store_true")
+    p.add_argument("-n", type=int, default=3, help="samples to show (a row split by answer gives several)")
+    p.add_argument("--train-on", choices=["all", "last"], default=None, help="train every answer or the last only")
+    p.add_argument("--reasoning", choices=["auto", "keep", "strip"], default=None,
+                   help="reasoning in earlier answers: as the template does, kept, or removed")
+    p.add_argument("--system", choices=["auto", "fold", "refuse"], default=None,
+                   help="a system message where the template has no system role: fold it or refuse the row")
+    p.add_argument("--trust-remote-code", action="store_true", default=None,
+                   help="run the model folder's own tokenizer code (only for folders you trust)")
+    p.add_argument("--json", action="store_true", help="one JSON list: row, messages, tools, text, trained_spans")
     p.set_defaults(func=cmd_preview)
 
     p = sub.add_parser("retry", help="start a failed run again with the suggested fix (e.g. after out-of-memory)")

@@ -60,11 +60,14 @@ def cmd_preview(a) -> int:
     try:
         custom = Path(a.custom_template).read_text(encoding="utf-8") if a.custom_template else None
         template = "custom" if custom and not a.template else a.template
-        samples, reports, warnings = preview.preview_with_reports(
+        if a.n < 1:
+            raise ValueError(f"-n must be at least 1, got {a.n}")
+        samples, reports, warnings, refused = preview.preview_with_reports(
             config=a.config, model=a.model, data=a.data, template=template, n=a.n, fmt=a.format,
-            custom_jinja=custom, cutoff_len=a.cutoff)
+            custom_jinja=custom, cutoff_len=a.cutoff, trust=a.trust_remote_code,
+            train_on=a.train_on, reasoning=a.reasoning, system=a.system)
     except Exception as e:  # noqa: BLE001 - bad input: one clear line, no traceback
-        return err(str(e), 2)
+        return err(" ".join(str(e).split()) or type(e).__name__, 2)
     # what was skipped and why goes to stderr, so --json output stays clean
     for r in reports:
         print(f"data: {r.summary()}", file=sys.stderr)
@@ -72,17 +75,18 @@ def cmd_preview(a) -> int:
             print(f"  skipped {sk.reason}", file=sys.stderr)
         if r.rows_skipped > 5:
             print(f"  ... and {r.rows_skipped - 5} more", file=sys.stderr)
+    for reason in refused[:5]:
+        print(f"template refused {reason}", file=sys.stderr)
     for w in warnings:
         print(f"template warning: {w}", file=sys.stderr)
     if a.json:
-        print(json.dumps([{k: s[k] for k in ("messages", "text", "trained_spans")}
-                          | ({"text_only": s["text_only"]} if "text_only" in s else {}) for s in samples],
-                         ensure_ascii=False, indent=1))
+        keys = ("row", "messages", "tools", "text", "trained_spans", "notes", "text_only")
+        print(json.dumps([{k: s[k] for k in keys if k in s} for s in samples], ensure_ascii=False, indent=1))
         return 0
     color = sys.stdout.isatty() and not os.environ.get("NO_COLOR")
     for i, s in enumerate(samples):
-        print(f"--- sample {i + 1}: {s['n_tokens']} tokens, {s['n_trained']} trained"
-              + (" (truncated)" if s["truncated"] else "") + " ---")
+        print(f"--- sample {i + 1} (row {s['row']}): {s['n_tokens']} tokens, {s['n_trained']} trained"
+              + (" (truncated)" if s["truncated"] else "") + "".join(f"; {note}" for note in s["notes"]) + " ---")
         print(preview.highlight(s["text"], s["trained_spans"], color=color))
     if samples and not color:
         print("(trained text is shown between [[ and ]])")

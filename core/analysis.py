@@ -116,8 +116,8 @@ def _token_table(rows: list[dict], tokenizer, tmpl) -> tuple[np.ndarray, np.ndar
     is tokenised."""
     from . import labels
 
-    def measure(chunk):
-        encs = labels.encode_examples(tokenizer, tmpl, chunk, max_length=None)
+    def measure(chunk):  # rows the template refuses are left out here; the preview names them
+        encs = labels.encode_examples(tokenizer, tmpl, chunk, max_length=None, refused=[])
         lengths = np.fromiter((len(e.input_ids) for e in encs), dtype=np.int64, count=len(encs))
         mask = np.fromiter(itertools.chain.from_iterable(e.mask for e in encs), dtype=np.int8,
                            count=int(lengths.sum()))
@@ -261,21 +261,26 @@ def own_template_source(model: str, trust: bool = False) -> str:
     return templates._own_source(tokenizer) or templates.NAMED["chatml"].source
 
 
+def _with_options(tmpl, options: dict | None):
+    """The cached template with the request's template options (train_on, reasoning, system)."""
+    import dataclasses
+
+    chosen = {k: v for k, v in (options or {}).items() if v}
+    return dataclasses.replace(tmpl, **chosen) if chosen else tmpl
+
+
 def preview(model: str, source: dict, template: str = "auto", custom_jinja: str = "", n: int = 3,
-            cutoff: int | None = 1024, trust: bool = False) -> dict:
-    """{"samples": [{"text", "trained_spans", "n_tokens", "n_trained", "truncated"}], "rows"}: the
-    first N rows of SOURCE as training encodes them (the core's encode_example)."""
-    from . import labels
+            cutoff: int | None = 1024, trust: bool = False, options: dict | None = None) -> dict:
+    """{"samples": [{"row", "text", "trained_spans", "n_tokens", "n_trained", "truncated", "notes"}],
+    "refused": ["row R: reason"], "rows"}: the first N training samples of SOURCE, by the function
+    `lorastudio preview` uses (core.preview.samples)."""
+    from . import preview as preview_lib
 
     tokenizer, tmpl = tokenizer_and_template(model or "builtin:tiny", template or "auto", custom_jinja or "",
                                              bool(trust))
-    rows, _ = load_source(source["path"], source.get("format") or "auto")
-    samples = []
-    for ex in rows[:n]:
-        enc = labels.encode_example(tokenizer, tmpl, ex, max_length=cutoff)
-        samples.append({"text": enc.text, "trained_spans": [list(s) for s in labels.trained_spans_chars(enc)],
-                        "n_tokens": len(enc.input_ids), "n_trained": enc.n_trained, "truncated": enc.truncated})
-    return {"samples": samples, "rows": len(rows)}
+    rows, report = load_source(source["path"], source.get("format") or "auto")
+    found, refused = preview_lib.samples(tokenizer, _with_options(tmpl, options), rows, report.used_rows, n, cutoff)
+    return {"samples": found, "refused": refused, "rows": len(rows)}
 
 
 # what core.worker may run for the web app, by name

@@ -93,6 +93,14 @@ class TemplateSection(_Section):
     name: str = Field("auto", pattern=r"^[A-Za-z0-9_.\-]{1,64}$")
     custom_jinja: str | None = Field(None, max_length=256 * 1024)  # with name: custom; rendered in a sandbox
     cutoff_len: int = Field(1024, gt=0, le=MAX_TOKENS)  # tokens per sample; longer samples are truncated and counted
+    # which answers are trained: all of a conversation's assistant turns, or the last only (earlier ones as context)
+    train_on: Literal["all", "last"] = "all"
+    # reasoning (<think>, reasoning_content) in earlier answers: auto = as the template renders it (a template that
+    # strips it trains each answer in its own row, with its reasoning), keep = kept in one row, strip = removed
+    reasoning: Literal["auto", "keep", "strip"] = "auto"
+    # a system message with a template that has no system role (Gemma, Mistral): auto/fold = written into the first
+    # user turn (counted in train.log), refuse = such rows are skipped with their reason
+    system: Literal["auto", "fold", "refuse"] = "auto"
     packing: bool = False  # pack samples into cutoff_len rows (no cross-sample attention)
     # one row per micro-batch: samples concatenated with restarting position_ids, no pad tokens
     # (same samples per step, same loss, no cross-sample attention); auto: on unless the model

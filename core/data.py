@@ -13,7 +13,7 @@ import collections
 import hashlib
 import json
 import random
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from .data_files import DataError, Skipped, read_file
@@ -35,6 +35,7 @@ class LoadReport:
     rows_used: int
     skipped: list[Skipped]
     rows_skipped: int
+    used_rows: list[int] = field(default_factory=list, repr=False)  # the 1-based source row of each used example
 
     def reasons(self) -> str:
         counts = collections.Counter(s.kind or s.reason for s in self.skipped)
@@ -71,15 +72,16 @@ def load_file(path, fmt: str = "auto", columns: dict | None = None,
             errors.append(e)
     # One file feeds one kind of training: keep its majority kind (chat or text), report the rest.
     keep_text = 2 * sum("text" in ex for _, ex in examples) > len(examples)
-    used = []
+    used, used_rows = [], []
     for n, ex in examples:
         if ("text" in ex) == keep_text:
             used.append(ex)
+            used_rows.append(n)
         else:
             what = ("chat", "text") if keep_text else ("text", "chat")
             skipped.append(Skipped(n, f"{unit} {n}: {what[0]} row in a {what[1]} file", "mixed chat/text"))
     skipped.sort(key=lambda s: s.row)
-    report = LoadReport(str(path), fmt, enc, rows_total, len(used), skipped, len(skipped))
+    report = LoadReport(str(path), fmt, enc, rows_total, len(used), skipped, len(skipped), used_rows)
 
     if not used:
         missing = {e.field for e in errors}
@@ -100,7 +102,8 @@ def _source(src) -> dict:
 
 
 def load_mixture(sources: list[dict], seed: int = 0):
-    """Load, resample by ratio, shuffle -> (datasets.Dataset with one column "messages" or "text", reports)."""
+    """Load, resample by ratio, shuffle -> (datasets.Dataset with one column: "chat" (each example as
+    JSON, read back with core.dataset.example_of) or "text", reports)."""
     import datasets  # lazy: importing core.data stays cheap for the CLI and UI
 
     sources = [_source(s) for s in sources]
@@ -128,7 +131,11 @@ def load_mixture(sources: list[dict], seed: int = 0):
     if not picked:
         raise DataError("the mixture is empty (every ratio rounds to 0 rows)")
     random.Random(seed).shuffle(picked)
-    return datasets.Dataset.from_list(picked), reports
+    if "text" in picked[0]:
+        return datasets.Dataset.from_dict({"text": [ex["text"] for ex in picked]}), reports
+    # chat examples as JSON text: tool calls, tools and reasoning keep their exact shape (Arrow would
+    # give every message every key, None-filled, and refuse arguments whose types differ by row)
+    return datasets.Dataset.from_dict({"chat": [json.dumps(ex, ensure_ascii=False) for ex in picked]}), reports
 
 
 def dataset_hash(sources) -> str:

@@ -16,13 +16,16 @@ import collections
 import re
 from typing import Any
 
+from . import data_messages as parts
 from .data_files import DataError, tname
 
 FORMATS = ("openai", "sharegpt", "alpaca", "guanaco", "xtuner", "text")
 DETECT_ROWS = 50  # format detection looks at this many leading rows
-OPENAI_ROLES = {"system": "system", "user": "user", "human": "user",
-                "assistant": "assistant", "gpt": "assistant", "bot": "assistant", "model": "assistant"}
-SHAREGPT_ROLES = {"system": "system", "human": "user", "user": "user", "gpt": "assistant", "assistant": "assistant"}
+OPENAI_ROLES = {"system": "system", "developer": "system", "user": "user", "human": "user",
+                "assistant": "assistant", "gpt": "assistant", "bot": "assistant", "model": "assistant",
+                "tool": "tool", "function": "tool", "ipython": "tool"}
+SHAREGPT_ROLES = {"system": "system", "human": "user", "user": "user", "gpt": "assistant", "assistant": "assistant",
+                  "function_call": "function_call", "observation": "tool", "tool": "tool"}
 
 
 class RowError(ValueError):
@@ -38,6 +41,8 @@ def _is_guanaco(text: str) -> bool:
 
 
 def _guess(raw: Any, col) -> str | None:
+    if parts.preference_kind(raw):
+        return parts.preference_kind(raw)
     if isinstance(raw, list):
         return "openai" if raw and all(isinstance(m, dict) and "role" in m for m in raw) else None
     if isinstance(raw, str):
@@ -62,6 +67,9 @@ def detect_format(rows: list[Any], columns: dict | None = None) -> str:
     col = lambda key: (columns or {}).get(key, key)  # noqa: E731
     votes = collections.Counter(_guess(r, col) for r in rows[:DETECT_ROWS])
     votes.pop(None, None)
+    top = votes.most_common(1)[0][0] if votes else None
+    if top in parts.PREFERENCE_MESSAGE:
+        raise DataError(parts.PREFERENCE_MESSAGE[top])
     if not votes:
         keys = sorted({str(k) for r in rows[:DETECT_ROWS] if isinstance(r, dict) for k in r})
         raise DataError(f"no format detected (keys seen: {', '.join(keys) or 'none'}); "
@@ -114,45 +122,43 @@ def _text(text: Any, where: str) -> dict:
     return {"text": text}
 
 
-def _chat(turns: list[tuple[str, str, Any]], field: str) -> dict:
-    """(where, role, content) turns -> {"messages": [...]} or RowError. `where` names the content field."""
+def _turn(where: str, role: str, content: Any, **extra) -> tuple[str, dict]:
+    """(where, message): `where` names the content field for messages."""
+    return where, {"role": role, "content": content, **{k: v for k, v in extra.items() if v is not None}}
+
+
+def _chat(turns: list[tuple[str, dict]], field: str, tools: list | None = None) -> dict:
+    """(where, message) turns -> {"messages": [...], "tools"?} or RowError. Tool results follow a
+    tool call; an assistant turn may hold only tool calls."""
     msgs = []
-    for i, (where, role, content) in enumerate(turns):
+    for i, (where, m) in enumerate(turns):
+        role, content = m["role"], m["content"]
+        if content is None and (m.get("tool_calls") or role == "tool"):
+            content = m["content"] = ""
         if not isinstance(content, str):
             raise RowError(f"field {where}: expected a string, got {tname(content)}", "non-string content")
         if role == "system":
             if i > 0:
                 raise RowError(f"field {where}: system message is not first", "system not first")
             if content.strip():  # an empty system prompt carries nothing
-                msgs.append({"role": "system", "content": content})
+                msgs.append(m)
             continue
-        prev = msgs[-1]["role"] if msgs else "system"
-        if role == prev:
+        prev = msgs[-1] if msgs else {"role": "system"}
+        if role == "tool":
+            if not (prev.get("tool_calls") or prev["role"] == "tool"):
+                raise RowError(f"field {where}: a tool result without a tool call before it", "tool result without call")
+        elif role == prev["role"]:
             raise RowError(f"field {where}: two consecutive {role} turns (not merged)", "consecutive turns")
-        if prev == "system" and role == "assistant":
-            raise RowError(f"field {where}: conversation starts with an assistant turn", "starts with assistant")
-        if role == "assistant" and not content.strip():
+        if prev["role"] == "system" and role != "user":
+            raise RowError(f"field {where}: conversation starts with an {role} turn", f"starts with {role}")
+        if role == "assistant" and not content.strip() and not m.get("tool_calls"):
             raise RowError(f"field {where}: empty assistant turn", "empty assistant turn")
-        msgs.append({"role": role, "content": content})
+        msgs.append(m)
     while msgs and msgs[-1]["role"] != "assistant":  # trailing prompts have no answer to train on
         msgs.pop()
     if not msgs:
         raise RowError(f"field '{field}': no assistant turn", "no assistant turn")
-    return {"messages": msgs}
-
-
-def _join_parts(parts: list, where: str) -> str:
-    """OpenAI content parts [{"type": "text", "text": ...}] -> one string (text parts only)."""
-    texts = []
-    for j, p in enumerate(parts):
-        if isinstance(p, str):
-            texts.append(p)
-        elif isinstance(p, dict) and p.get("type", "text") == "text" and isinstance(p.get("text"), str):
-            texts.append(p["text"])
-        else:
-            kind = p.get("type") if isinstance(p, dict) else tname(p)
-            raise RowError(f"field {where}[{j}]: unsupported content part {kind!r}", "non-text content")
-    return "\n".join(texts)
+    return {"messages": msgs, **({"tools": tools} if tools else {})}
 
 
 def _openai(raw: Any, col) -> dict:
@@ -164,13 +170,25 @@ def _openai(raw: Any, col) -> dict:
         m = _item(m, where)
         content = m.get(content_key)
         if isinstance(content, list):
-            content = _join_parts(content, f"{where}.{content_key}")
-        turns.append((where, m.get(role_key), content))
-    if turns and all(isinstance(r, str) and r.lower() == "pretrain" for _, r, _ in turns):
-        if not all(isinstance(c, str) for _, _, c in turns):
+            content = parts.join_parts(content, f"{where}.{content_key}")
+        turns.append((where, m.get(role_key), content, m))
+    if turns and all(isinstance(r, str) and r.lower() == "pretrain" for _, r, _, _ in turns):
+        if not all(isinstance(c, str) for _, _, c, _ in turns):
             raise RowError(f"field '{key}': pretrain content must be strings", "non-string content")
-        return _text("\n".join(c for _, _, c in turns), f"'{key}'")
-    return _chat([(f"{w}.{content_key}", _role(r, OPENAI_ROLES, f"{w}.{role_key}"), c) for w, r, c in turns], key)
+        return _text("\n".join(c for _, _, c, _ in turns), f"'{key}'")
+    out = []
+    for where, r, content, m in turns:
+        role = _role(r, OPENAI_ROLES, f"{where}.{role_key}")
+        calls = parts.tool_calls(m["tool_calls"], f"{where}.tool_calls") if m.get("tool_calls") else None
+        if m.get("function_call") and role == "assistant":  # OpenAI's older single call
+            calls = parts.tool_calls(m["function_call"], f"{where}.function_call")
+        if role == "tool":
+            extra = {k: m[k] for k in ("tool_call_id", "name") if isinstance(m.get(k), str)}
+        else:
+            extra = {"tool_calls": calls, "reasoning_content": parts.reasoning(m, where) if role == "assistant" else None}
+        out.append(_turn(f"{where}.{content_key}", role, content, **extra))
+    tools = parts.tools(raw.get(col("tools")), f"'{col('tools')}'") if isinstance(raw, dict) else None
+    return _chat(out, key, tools)
 
 
 def _sharegpt(raw: Any, col, columns: dict) -> dict:
@@ -183,13 +201,18 @@ def _sharegpt(raw: Any, col, columns: dict) -> dict:
     turns = []
     system = _optional(raw, col("system"))
     if system.strip():
-        turns.append((f"'{col('system')}'", "system", system))
+        turns.append(_turn(f"'{col('system')}'", "system", system))
     for i, m in enumerate(conv):
         where = f"'{key}'[{i}]"
         m = _item(m, where)
         fk, vk = (from_key, value_key) if from_key in m or "role" not in m else ("role", "content")
-        turns.append((f"{where}.{vk}", _role(m.get(fk), roles, f"{where}.{fk}"), m.get(vk)))
-    return _chat(turns, key)
+        role, value = _role(m.get(fk), roles, f"{where}.{fk}"), m.get(vk)
+        if role == "function_call":  # glaive / LLaMA-Factory: the value is the call as JSON
+            turns.append(_turn(f"{where}.{vk}", "assistant", "", tool_calls=parts.tool_calls(value, f"{where}.{vk}")))
+        else:
+            turns.append(_turn(f"{where}.{vk}", role, value,
+                               reasoning_content=parts.reasoning(m, where) if role == "assistant" else None))
+    return _chat(turns, key, parts.tools(raw.get(col("tools")), f"'{col('tools')}'"))
 
 
 def _alpaca(raw: Any, col) -> dict:
@@ -199,28 +222,28 @@ def _alpaca(raw: Any, col) -> dict:
     history = raw.get(hk) or []
     if not isinstance(history, list):
         raise RowError(f"field '{hk}': expected a list of [user, assistant] pairs, got {tname(history)}", "wrong type")
-    turns = [(f"'{col('system')}'", "system", system)] if system.strip() else []
+    turns = [_turn(f"'{col('system')}'", "system", system)] if system.strip() else []
     for i, pair in enumerate(history):
         if not (isinstance(pair, (list, tuple)) and len(pair) == 2):
             raise RowError(f"field '{hk}'[{i}]: expected a [user, assistant] pair", "wrong type")
-        turns += [(f"'{hk}'[{i}][0]", "user", pair[0]), (f"'{hk}'[{i}][1]", "assistant", pair[1])]
+        turns += [_turn(f"'{hk}'[{i}][0]", "user", pair[0]), _turn(f"'{hk}'[{i}][1]", "assistant", pair[1])]
     # As LLaMA-Factory: the input, when present, follows the instruction on a new line.
     user = instruction + "\n" + inp if inp.strip() else instruction
-    turns += [(f"'{ik}'", "user", user), (f"'{ok}'", "assistant", output)]
+    turns += [_turn(f"'{ik}'", "user", user), _turn(f"'{ok}'", "assistant", output)]
     return _chat(turns, ok)
 
 
 def _guanaco(raw: Any, col) -> dict:
     key = col("text")
     text = raw if isinstance(raw, str) else _field(raw, key, str)
-    parts = re.split(r"###\s*(Human|Assistant)\s*:", text)
-    # parts = [preamble, speaker, text, speaker, text, ...]; a preamble becomes the system prompt.
-    if len(parts) < 3:
+    pieces = re.split(r"###\s*(Human|Assistant)\s*:", text)
+    # pieces = [preamble, speaker, text, speaker, text, ...]; a preamble becomes the system prompt.
+    if len(pieces) < 3:
         raise RowError(f"field '{key}': no '### Human:' / '### Assistant:' markers", "not guanaco")
-    turns = [(f"'{key}'", "system", parts[0].strip())] if parts[0].strip() else []
-    for j in range(1, len(parts), 2):
-        role = "user" if parts[j] == "Human" else "assistant"
-        turns.append((f"'{key}' turn {j // 2}", role, parts[j + 1].strip()))
+    turns = [_turn(f"'{key}'", "system", pieces[0].strip())] if pieces[0].strip() else []
+    for j in range(1, len(pieces), 2):
+        role = "user" if pieces[j] == "Human" else "assistant"
+        turns.append(_turn(f"'{key}' turn {j // 2}", role, pieces[j + 1].strip()))
     return _chat(turns, key)
 
 
@@ -234,11 +257,12 @@ def _xtuner(raw: Any, col) -> dict:
         if "output" not in t:
             raise RowError(f"field {where}.output: missing", "missing field")
         if i == 0 and t.get("system"):  # XTuner reads the system prompt from the first turn only
-            turns.append((f"{where}.system", "system", t["system"]))
-        turns += [(f"{where}.input", "user", t.get("input") or ""), (f"{where}.output", "assistant", t["output"])]
+            turns.append(_turn(f"{where}.system", "system", t["system"]))
+        turns += [_turn(f"{where}.input", "user", t.get("input") or ""),
+                  _turn(f"{where}.output", "assistant", t["output"])]
     # XTuner incremental pretraining: no system, every input empty -> the outputs are plain text.
-    if conv and all(r != "system" and (r != "user" or c == "") for _, r, c in turns):
-        outputs = [c for _, r, c in turns if r == "assistant"]
+    if conv and all(m["role"] != "system" and (m["role"] != "user" or m["content"] == "") for _, m in turns):
+        outputs = [m["content"] for _, m in turns if m["role"] == "assistant"]
         if all(isinstance(c, str) for c in outputs):
             return _text("\n".join(outputs), f"'{key}'")
     return _chat(turns, key)
@@ -255,7 +279,7 @@ def _fill(ex: dict, placeholders: dict | None) -> dict:
 
     if "text" in ex:
         return {"text": sub(ex["text"])}
-    return {"messages": [{"role": m["role"], "content": sub(m["content"])} for m in ex["messages"]]}
+    return {**ex, "messages": [{**m, "content": sub(m["content"])} for m in ex["messages"]]}
 
 
 def normalise_row(raw: Any, fmt: str, columns: dict | None = None, placeholders: dict | None = None) -> dict:

@@ -5,6 +5,7 @@ labelling function `labels.encode_example` (the same one the preview shows), bat
 from __future__ import annotations
 
 import itertools
+import json
 from dataclasses import asdict, dataclass, field
 
 from . import labels
@@ -15,9 +16,13 @@ CHUNK = 1000  # rows per encode_examples call
 @dataclass
 class TokenStats:
     samples: int = 0  # examples in
-    kept: int = 0  # examples with at least one trained token
+    kept: int = 0  # rows with at least one trained token
     truncated: int = 0  # longer than cutoff_len (head kept)
     no_trained_tokens: int = 0  # dropped: nothing left to learn after truncation
+    rows: int = 0  # training rows made (a conversation is split into one row per answer where its template needs it)
+    refused: int = 0  # examples the template refused (e.g. a system message under template.system: refuse)
+    refusals: list[str] = field(default_factory=list)  # the first few reasons
+    notes: dict = field(default_factory=dict)  # what core.turns did -> how many rows
     tokens: int = 0
     trained_tokens: int = 0
     lengths: list[int] = field(default_factory=list)
@@ -32,16 +37,29 @@ class TokenStats:
         return d
 
 
+def example_of(row: dict) -> dict:
+    """A dataset row -> the normalised example (core.data stores chat examples as JSON, so tool
+    arguments of any shape survive Arrow's column types)."""
+    return json.loads(row["chat"]) if "chat" in row else row
+
+
 def tokenize(dataset, tokenizer, template, cutoff_len: int):
     """datasets.Dataset of {messages}|{text} -> Dataset(input_ids, labels) and TokenStats."""
     from datasets import Dataset
 
     stats = TokenStats()
     ids_col, labels_col = [], []
-    rows = iter(dataset)
+    rows = map(example_of, dataset)
     while chunk := list(itertools.islice(rows, CHUNK)):
-        for enc in labels.encode_examples(tokenizer, template, chunk, max_length=cutoff_len):
-            stats.samples += 1
+        refused = []
+        encoded = labels.encode_examples(tokenizer, template, chunk, max_length=cutoff_len, refused=refused)
+        stats.samples += len(chunk)
+        stats.refused += len(refused)
+        stats.refusals += [reason for _, reason in refused][: max(0, 5 - len(stats.refusals))]
+        for enc in encoded:
+            stats.rows += 1
+            for note in enc.notes:
+                stats.notes[note] = stats.notes.get(note, 0) + 1
             stats.truncated += int(enc.truncated)
             if enc.n_trained == 0:
                 stats.no_trained_tokens += 1

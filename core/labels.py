@@ -10,11 +10,11 @@ import contextlib
 import gc
 import itertools
 import threading
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import numpy as np
 
-from .render import ChatTemplate, TemplateError, render_batch, trim_spans
+from .render import ChatTemplate, TemplateError
 
 @dataclass
 class Encoded:
@@ -24,6 +24,8 @@ class Encoded:
     spans: list[tuple[int, int]]  # trained character spans in text (clipped at truncation)
     truncated: bool
     n_trained: int
+    notes: list[str] = field(default_factory=list)  # what core.turns did (system folded, split by answer...)
+    source: int = field(default=0, compare=False)  # in encode_examples: the index of the example this row came from
 
 
 def _no_trained_tokens(template: ChatTemplate) -> TemplateError:
@@ -53,40 +55,44 @@ def _eos_appended(tokenizer, ids) -> list[int]:
     return ids
 
 
-def encode_example(tokenizer, template: ChatTemplate | None, example: dict, max_length: int | None = None) -> Encoded:
-    """THE labelling function: a normalised example -> input_ids + trained-token mask.
+def _tokenize_row(tokenizer, template, text, spans, max_length, notes) -> Encoded:
+    # The template already wrote BOS where it wants one, as apply_chat_template(tokenize=True).
+    try:
+        enc = tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)
+    except NotImplementedError as e:  # slow (pure Python) tokenizers have no offsets
+        raise TemplateError(f"tokenizer {type(tokenizer).__name__} can't map tokens to characters: {e}") from e
+    ids, offsets = list(enc["input_ids"]), list(enc["offset_mapping"])
+    mask = [int(any(s < se and e > ss for ss, se in spans)) for s, e in offsets]
+    if not any(mask):
+        raise _no_trained_tokens(template)
+    out = _finish(ids, mask, text, spans, max_length, lambda n: max((e for _, e in offsets[:n]), default=0))
+    out.notes = notes
+    return out
+
+
+def encode_rows(tokenizer, template: ChatTemplate | None, example: dict, max_length: int | None = None) -> list[Encoded]:
+    """THE labelling function: a normalised example -> the rows it trains as (input_ids + trained-
+    token mask each): one row, or one per answer where the template needs that (core.turns).
     (`encode_examples` is the batched twin: same results, one tokenizer call for many rows.)"""
     if "messages" in example:
         if template is None:
             raise TemplateError("a chat example needs a chat template")
-        text, spans = template.render_with_spans(example["messages"], tokenizer)
-        # The template already wrote BOS where it wants one, as apply_chat_template(tokenize=True).
-        try:
-            enc = tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)
-        except NotImplementedError as e:  # slow (pure Python) tokenizers have no offsets
-            raise TemplateError(f"tokenizer {type(tokenizer).__name__} can't map tokens to characters: {e}") from e
-        ids, offsets = list(enc["input_ids"]), list(enc["offset_mapping"])
-        mask = [int(any(s < se and e > ss for ss, se in spans)) for s, e in offsets]
-        if not any(mask):
-            raise _no_trained_tokens(template)
-        return _finish(ids, mask, text, spans, max_length,
-                       lambda n: max((e for _, e in offsets[:n]), default=0))
+        return [_tokenize_row(tokenizer, template, r.text, r.spans, max_length, r.notes)
+                for r in template.rows(example, tokenizer)]
     elif "text" in example:
         text = example["text"]
         ids = _eos_appended(tokenizer, tokenizer(text, add_special_tokens=True)["input_ids"])
-        return _finish(ids, [1] * len(ids), text, [(0, len(text))] if text else [], max_length, None)
+        return [_finish(ids, [1] * len(ids), text, [(0, len(text))] if text else [], max_length, None)]
     else:
         raise TemplateError("example has neither 'messages' nor 'text'")
 
 
-def _render_many(template: ChatTemplate, conversations: list, tokenizer) -> list[tuple[str, list[tuple[int, int]]]]:
-    """template.render_with_spans for many conversations: a marked template renders them all in one
-    render_jinja_template call (compiled once, the same sandbox and kwargs, so the same texts and
-    generation spans); an unmarked one needs its per-conversation prefix diff."""
-    if not template.has_markers:
-        return [template.render_with_spans(m, tokenizer) for m in conversations]
-    texts, indices = render_batch(template.source, conversations, False, tokenizer, track=True)
-    return [(text, trim_spans(text, spans)) for text, spans in zip(texts, indices)]
+def encode_example(tokenizer, template: ChatTemplate | None, example: dict, max_length: int | None = None) -> Encoded:
+    """encode_rows for an example that trains as one row (raises where it is split by answer)."""
+    found = encode_rows(tokenizer, template, example, max_length)
+    if len(found) != 1:
+        raise TemplateError(f"template {template.name!r} trains this conversation as {len(found)} rows, one per answer")
+    return found[0]
 
 
 def _masks_from_offsets(offsets: list, spans: list) -> tuple[np.ndarray, np.ndarray]:
@@ -154,52 +160,88 @@ def gc_paused():
                 gc.enable()
 
 
-def encode_examples(tokenizer, template: ChatTemplate | None, examples, max_length: int | None = None) -> list[Encoded]:
-    """`[encode_example(tokenizer, template, x, max_length) for x in examples]`, batched: the same
-    results and the same error (the first failing example's). Every chat row is rendered as
-    encode_example renders it (a marked template: one render call for all), all of them are
+def encode_examples(tokenizer, template: ChatTemplate | None, examples, max_length: int | None = None,
+                    refused: list | None = None) -> list[Encoded]:
+    """Every example's encode_rows, flattened in order (each Encoded's `source` is its example's
+    index), batched: every chat row is split and rendered as encode_rows does, all of them are
     tokenised in ONE fast-tokenizer call (with offsets), spans become masks with numpy, and
-    truncation is encode_example's. Call it on chunks (e.g. 1000 rows). Any failure in the batch
-    (a bad row, a slow tokenizer) reruns the chunk through encode_example, which raises the error."""
+    truncation is encode_rows'. Call it on chunks (e.g. 1000 rows). REFUSED: a list that collects
+    (index, reason) of the examples the template refuses, which are left out; without it the first
+    refusal is raised. Any other failure (a slow tokenizer) reruns the chunk through encode_rows."""
     examples = list(examples)
     try:
         with gc_paused():
-            return _encode_batch(tokenizer, template, examples, max_length)
+            return _encode_batch(tokenizer, template, examples, max_length, refused)
     except Exception:  # noqa: BLE001 - the per-example path raises the first failing example's error
         pass
-    return [encode_example(tokenizer, template, x, max_length) for x in examples]
+    out = []
+    for k, x in enumerate(examples):
+        try:
+            found = encode_rows(tokenizer, template, x, max_length)
+        except TemplateError as e:
+            if refused is None:
+                raise
+            refused.append((k, str(e)))
+            continue
+        for enc in found:
+            enc.source = k
+        out += found
+    return out
 
 
-def _encode_batch(tokenizer, template, examples: list, max_length) -> list[Encoded]:
-    chat = [i for i, x in enumerate(examples) if "messages" in x]
-    plain = [i for i, x in enumerate(examples) if "messages" not in x]
-    out: list[Encoded | None] = [None] * len(examples)
-    if plain:
-        if any("text" not in examples[i] for i in plain):
+def _encode_batch(tokenizer, template, examples: list, max_length, refused=None) -> list[Encoded]:
+    out: list[Encoded] = []
+    if any("messages" in x for x in examples) and template is None:
+        raise TemplateError("a chat example needs a chat template")
+    texts_of: list = []  # per example: [("text", ids)] for text rows, or its Rows
+    chat_rows, errors = [], []
+    for k, x in enumerate(examples):
+        if "messages" in x:
+            try:
+                found = template.rows(x, tokenizer)
+            except TemplateError as e:
+                if refused is None:
+                    raise
+                errors.append((k, str(e)))
+                found = []
+            texts_of.append(found)
+            chat_rows += found
+        elif "text" in x:
+            texts_of.append(None)
+        else:
             raise TemplateError("example has neither 'messages' nor 'text'")
-        texts = [examples[i]["text"] for i in plain]
-        for i, text, ids in zip(plain, texts, tokenizer(texts, add_special_tokens=True)["input_ids"]):
-            ids = _eos_appended(tokenizer, ids)
-            out[i] = _finish(ids, [1] * len(ids), text, [(0, len(text))] if text else [], max_length, None)
-    if chat:
-        if template is None:
-            raise TemplateError("a chat example needs a chat template")
-        rendered = _render_many(template, [examples[i]["messages"] for i in chat], tokenizer)
-        texts = [text for text, _ in rendered]
-        spans = [row_spans for _, row_spans in rendered]
-        enc = tokenizer(texts, add_special_tokens=False, return_offsets_mapping=True,
+    plain = [k for k, x in enumerate(examples) if "messages" not in x]
+    plain_ids = dict(zip(plain, tokenizer([examples[k]["text"] for k in plain], add_special_tokens=True)["input_ids"])) \
+        if plain else {}
+    encoded_chat = []
+    if chat_rows:
+        enc = tokenizer([r.text for r in chat_rows], add_special_tokens=False, return_offsets_mapping=True,
                         return_attention_mask=False, return_token_type_ids=False)
         ids_rows, offsets = enc["input_ids"], enc["offset_mapping"]
-        mask, bounds = _masks_from_offsets(offsets, spans)
+        mask, bounds = _masks_from_offsets(offsets, [r.spans for r in chat_rows])
         trained = np.concatenate(([0], np.cumsum(mask, dtype=np.int64)))
         if (trained[bounds[1:]] == trained[bounds[:-1]]).any():
             raise _no_trained_tokens(template)
         mask_list = mask.tolist()
-        for k, i in enumerate(chat):
-            a, b = int(bounds[k]), int(bounds[k + 1])
-            row_offsets = offsets[k]
-            out[i] = _finish(list(ids_rows[k]), mask_list[a:b], texts[k], spans[k], max_length,
-                             lambda n, o=row_offsets: max((e for _, e in o[:n]), default=0))
+        for j, r in enumerate(chat_rows):
+            a, b = int(bounds[j]), int(bounds[j + 1])
+            e = _finish(list(ids_rows[j]), mask_list[a:b], r.text, r.spans, max_length,
+                        lambda n, o=offsets[j]: max((end for _, end in o[:n]), default=0))
+            e.notes = r.notes
+            encoded_chat.append(e)
+    chat_iter = iter(encoded_chat)
+    for k, found in enumerate(texts_of):
+        if found is None:
+            text = examples[k]["text"]
+            ids = _eos_appended(tokenizer, plain_ids[k])
+            rows_k = [_finish(ids, [1] * len(ids), text, [(0, len(text))] if text else [], max_length, None)]
+        else:
+            rows_k = [next(chat_iter) for _ in found]
+        for e in rows_k:
+            e.source = k
+        out += rows_k
+    if refused is not None:
+        refused += errors
     return out
 
 

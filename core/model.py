@@ -32,12 +32,16 @@ def _check_local(path: str) -> None:
 
 
 def _needs_remote_code(path: str) -> bool:
-    cfg = Path(path) / "config.json"
-    if cfg.exists():
-        try:
-            return "auto_map" in json.loads(cfg.read_text())
-        except json.JSONDecodeError:
-            return False
+    """An auto_map in config.json or tokenizer_config.json (InternLM2, ChatGLM3 tokenizers) means
+    the folder's own Python code would run."""
+    for name in ("config.json", "tokenizer_config.json"):
+        cfg = Path(path) / name
+        if cfg.exists():
+            try:
+                if "auto_map" in json.loads(cfg.read_text()):
+                    return True
+            except (json.JSONDecodeError, UnicodeDecodeError):
+                continue
     return False
 
 
@@ -47,7 +51,7 @@ def load_tokenizer(name_or_path: str, revision: str | None = None, trust_remote_
     path = resolve_path(name_or_path)
     _check_local(path)
     if _needs_remote_code(path) and not trust_remote_code:
-        raise ModelError(f"model.name_or_path: {name_or_path} ships its own code (auto_map in config.json); "
+        raise ModelError(f"model.name_or_path: {name_or_path} ships its own tokenizer or model code (auto_map); "
                          "tick trust_remote_code (model.trust_remote_code: true) only if you trust its author")
     try:
         tok = AutoTokenizer.from_pretrained(path, revision=revision, trust_remote_code=trust_remote_code)

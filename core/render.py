@@ -10,7 +10,8 @@ found in one of two ways:
   character spans). Every NAMED template is marked; TRL ships marked variants of several models'
   own templates, which "auto" reuses.
 * Prefix diff, for unmarked templates: the answer to assistant turn i is
-  render(messages[:i+1]) minus render(messages[:i], add_generation_prompt=True).
+  render(messages[:i+1]) minus render(messages[:i], add_generation_prompt=True) (core.turns, which
+  also splits a conversation into one row per answer where a template needs that).
 
 Spans are trimmed of whitespace at both ends: whitespace around a turn is template layout (the
 "\\n" after "assistant" or after "<|im_end|>" in ChatML), not something the model should learn to
@@ -55,15 +56,18 @@ def _plain(conversation):
     return _alias_reasoning_fields(_plain_template_data(conversation))
 
 
-def render_batch(source, conversations, add_generation_prompt=False, tokenizer=None, track=False):
+def render_batch(source, conversations, add_generation_prompt=False, tokenizer=None, track=False, tools_per_row=None):
     """Render conversations in the bounded sandbox (core.sandbox: transformers' environment, with
-    bounds on work and size); returns (texts, generation spans per text)."""
+    bounds on work and size); returns (texts, generation spans per text). TOOLS_PER_ROW: each
+    conversation's tool schemas (None where it has none), as apply_chat_template(tools=...)."""
     compile_source(source)  # syntax errors get a line number before anything else
     kwargs = _plain_template_data(_template_kwargs(tokenizer))
     texts, indices = [], []
-    for conversation in conversations:
+    for k, conversation in enumerate(conversations):
+        row_tools = tools_per_row[k] if tools_per_row else None
         try:
             text, spans = sandbox.render(source, _plain(conversation), track=track,
+                                         tools=_plain_template_data(row_tools) if row_tools else None,
                                          add_generation_prompt=add_generation_prompt, **kwargs)
         except sandbox.TemplateLimit as e:
             raise TemplateError(f"chat template stopped: {e}") from e
@@ -76,9 +80,9 @@ def render_batch(source, conversations, add_generation_prompt=False, tokenizer=N
     return texts, indices
 
 
-def render_source(source, messages, add_generation_prompt=False, tokenizer=None, track=False):
+def render_source(source, messages, add_generation_prompt=False, tokenizer=None, track=False, tools=None):
     """Render one conversation; returns (text, generation spans)."""
-    texts, indices = render_batch(source, [messages], add_generation_prompt, tokenizer, track)
+    texts, indices = render_batch(source, [messages], add_generation_prompt, tokenizer, track, [tools])
     return texts[0], indices[0]
 
 
@@ -101,6 +105,10 @@ class ChatTemplate:
     special_tokens: list[str] = field(default_factory=list)  # must be single tokens in the vocab
     eot_token: str | None = None  # None: the tokenizer's eos_token ends a turn
     stop_strings: list[str] = field(default_factory=list)  # extra stops for generate(stop_strings=...)
+    train_on: str = "all"  # template.train_on: every assistant answer, or the "last" only
+    reasoning: str = "auto"  # template.reasoning: auto (as the template does), keep, strip
+    system: str = "auto"  # template.system: auto (fold where it has no system role), fold, refuse
+    probed: dict = field(default_factory=dict, repr=False, compare=False)  # core.turns' per-template probes
 
     @property
     def has_markers(self) -> bool:
@@ -110,31 +118,18 @@ class ChatTemplate:
         """The token generation must stop at: our own, else the tokenizer's EOS."""
         return self.eot_token or (tokenizer.eos_token if tokenizer is not None else None)
 
-    def render(self, messages, add_generation_prompt=False, tokenizer=None) -> str:
-        return render_source(self.source, messages, add_generation_prompt, tokenizer)[0]
+    def render(self, messages, add_generation_prompt=False, tokenizer=None, tools=None) -> str:
+        return render_source(self.source, messages, add_generation_prompt, tokenizer, tools=tools)[0]
 
-    def render_with_spans(self, messages, tokenizer=None) -> tuple[str, list[tuple[int, int]]]:
-        if self.has_markers:
-            text, spans = render_source(self.source, messages, False, tokenizer, track=True)
-        else:
-            text, spans = self._prefix_diff(messages, tokenizer)
-        return text, trim_spans(text, spans)
+    def rows(self, example: dict, tokenizer=None) -> list:
+        """The rows one conversation {"messages", "tools"?} trains as (core.turns.rows)."""
+        from . import turns
 
-    def _prefix_diff(self, messages, tokenizer):
-        full = self.render(messages, tokenizer=tokenizer)
-        spans = []
-        for i, message in enumerate(messages):
-            if message["role"] != "assistant" or i == 0:
-                continue
-            prompt = self.render(messages[:i], add_generation_prompt=True, tokenizer=tokenizer)
-            upto = self.render(messages[: i + 1], tokenizer=tokenizer)
-            # Both must be prefixes of the full render, otherwise the template rewrites earlier
-            # turns as the conversation grows and the difference is not "the answer".
-            if not (upto.startswith(prompt) and full.startswith(upto)):
-                raise TemplateError(
-                    f"template {self.name!r} renders earlier turns differently as the conversation "
-                    "grows, so the assistant answers can't be located; pick a named template "
-                    "(e.g. chatml) instead"
-                )
-            spans.append((len(prompt), len(upto)))
-        return full, spans
+        return turns.rows(self, example, tokenizer)
+
+    def render_with_spans(self, messages, tokenizer=None, tools=None) -> tuple[str, list[tuple[int, int]]]:
+        """(text, trained spans) of a conversation that trains as one row."""
+        found = self.rows({"messages": messages, **({"tools": tools} if tools else {})}, tokenizer)
+        if len(found) != 1:
+            raise TemplateError(f"template {self.name!r} trains this conversation as {len(found)} rows, one per answer")
+        return found[0].text, found[0].spans

@@ -305,16 +305,17 @@ def budget_for(*values) -> budget.Budget:
                          deadline=time.monotonic() + budget.TIMEOUT_S)
 
 
-def render(source: str, messages: list, track: bool = False, **kwargs) -> tuple[str, list[tuple[int, int]]]:
+def render(source: str, messages: list, track: bool = False, tools: list | None = None,
+           **kwargs) -> tuple[str, list[tuple[int, int]]]:
     """(text, generation spans) of one conversation. Raises jinja2 errors (TemplateLimit for a
     bound) and whatever a template's own code raises (TypeError, ValueError, ...)."""
     template = compile_template(source)
-    token = budget.BUDGET.set(budget_for(messages, kwargs))
+    token = budget.BUDGET.set(budget_for(messages, tools, kwargs))
     tracking = {"pos": 0, "spans": []}
     tracker = _TRACKING.set(tracking if track else None)
     try:
         pieces = []
-        for piece in template.generate(messages=messages, tools=None, documents=None, **kwargs):
+        for piece in template.generate(messages=messages, tools=tools, documents=None, **kwargs):
             pieces.append(piece)
             tracking["pos"] += len(piece)
         return "".join(pieces), tracking["spans"]

@@ -219,7 +219,58 @@ _PLAIN = r"""
 {%- endif %}
 """
 
+# Llama 3.1 / 3.3 as shipped, tools left out: a system header always, with the knowledge cut-off and a
+# date (date_string, "26 Jul 2024" unless given). 3.2 stamps today's date instead.
+def _llama31(today: bool = False) -> str:
+    date = ("{%- if strftime_now is defined %}{%- set date_string = strftime_now('%d %b %Y') %}"
+            "{%- else %}{%- set date_string = '26 Jul 2024' %}{%- endif %}") if today else \
+        "{%- set date_string = '26 Jul 2024' %}"
+    return r"""
+{{- bos_token }}
+{%- if not date_string is defined %}""" + date + r"""{%- endif %}
+{%- if messages[0].role == 'system' %}
+    {%- set system_message = messages[0].content | trim %}
+    {%- set messages = messages[1:] %}
+{%- else %}
+    {%- set system_message = '' %}
+{%- endif %}
+{{- '<|start_header_id|>system<|end_header_id|>\n\nCutting Knowledge Date: December 2023\nToday Date: ' + date_string + '\n\n' }}
+{{- system_message + '<|eot_id|>' }}
+{%- for message in messages %}
+    {%- if message.role == 'assistant' %}
+        {{- '<|start_header_id|>assistant<|end_header_id|>\n\n' }}
+        {%- generation %}{{- message.content | trim + '<|eot_id|>' }}{%- endgeneration %}
+    {%- else %}
+        {{- '<|start_header_id|>' + message.role + '<|end_header_id|>\n\n' + message.content | trim + '<|eot_id|>' }}
+    {%- endif %}
+{%- endfor %}
+{%- if add_generation_prompt %}
+    {{- '<|start_header_id|>assistant<|end_header_id|>\n\n' }}
+{%- endif %}
+"""
+
+
+# Mistral-7B-Instruct v0.1 as shipped: no system role (it raises), "[INST] q [/INST]" and the
+# answer straight after, then EOS and a space.
+_MISTRAL_V01 = r"""
+{{- bos_token }}
+{%- for message in messages %}
+    {%- if (message.role == 'user') != (loop.index0 % 2 == 0) %}
+        {{- raise_exception('Conversation roles must alternate user/assistant/user/assistant/...') }}
+    {%- endif %}
+    {%- if message.role == 'user' %}
+        {{- '[INST] ' + message.content + ' [/INST]' }}
+    {%- elif message.role == 'assistant' %}
+        {%- generation %}{{- message.content }}{{- eos_token }}{%- endgeneration %}
+        {{- ' ' }}
+    {%- else %}
+        {{- raise_exception('Only user and assistant roles are supported!') }}
+    {%- endif %}
+{%- endfor %}
+"""
+
 _IM = ["<|im_start|>", "<|im_end|>"]
+_LLAMA3 = ["<|start_header_id|>", "<|end_header_id|>", "<|eot_id|>"]
 
 NAMED: dict[str, ChatTemplate] = {
     "chatml": ChatTemplate("chatml", _chatml(), _IM, "<|im_end|>"),
@@ -234,7 +285,10 @@ NAMED: dict[str, ChatTemplate] = {
         ["<|start_header_id|>", "<|end_header_id|>", "<|eot_id|>"],
         "<|eot_id|>",
     ),
+    "llama3.1": ChatTemplate("llama3.1", _llama31(), _LLAMA3, "<|eot_id|>"),
+    "llama3.2": ChatTemplate("llama3.2", _llama31(today=True), _LLAMA3, "<|eot_id|>"),
     "mistral": ChatTemplate("mistral", _MISTRAL, ["[INST]", "[/INST]"], None, ["[INST]"]),
+    "mistral-v0.1": ChatTemplate("mistral-v0.1", _MISTRAL_V01, ["[INST]", "[/INST]"], None, ["[INST]"]),
     "gemma": ChatTemplate("gemma", _GEMMA, ["<start_of_turn>", "<end_of_turn>"], "<end_of_turn>"),
     "phi3": ChatTemplate(
         "phi3",
@@ -253,8 +307,9 @@ ALIASES = {
     "qwen2": "qwen", "qwen2.5": "qwen", "qwen2_5": "qwen", "im_start": "chatml",
     "smollm2": "smollm", "internlm": "internlm2",
     "llama-2": "llama2", "llama2-chat": "llama2",
-    "llama-3": "llama3", "llama3.1": "llama3", "llama3.2": "llama3",
-    "mistral-v0.3": "mistral", "mistral-instruct": "mistral",
+    "llama-3": "llama3", "llama3.0": "llama3", "llama-3.1": "llama3.1", "llama3.3": "llama3.1", "llama-3.3": "llama3.1",
+    "llama-3.2": "llama3.2",
+    "mistral-v0.3": "mistral", "mistral-instruct": "mistral", "mistral-v0.1": "mistral-v0.1", "mixtral": "mistral-v0.1",
     "gemma2": "gemma", "gemma3": "gemma", "phi-3": "phi3", "phi3-mini": "phi3",
     "tinyllama": "zephyr", "tinyllama-chat": "zephyr", "vicuna_v1.1": "vicuna",
     "deepseek-llm": "deepseek", "raw": "plain", "none": "plain",

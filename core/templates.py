@@ -11,6 +11,7 @@ from dataclasses import replace
 import jinja2
 from trl import chat_template_utils as trl_templates
 
+from . import turns
 from .labels import encode_example
 from .render import ChatTemplate, TemplateError, compile_source, has_markers, render_source
 from .template_names import ALIASES, NAMED
@@ -38,7 +39,7 @@ def _probe_conversations() -> list[tuple[list[dict], bool]]:
 
 def _copy(template: ChatTemplate, **changes) -> ChatTemplate:
     # Callers get their own lists, so nothing they do can change the NAMED registry.
-    lists = {"special_tokens": list(template.special_tokens), "stop_strings": list(template.stop_strings)}
+    lists = {"special_tokens": list(template.special_tokens), "stop_strings": list(template.stop_strings), "probed": {}}
     return replace(template, **{**lists, **changes})
 
 
@@ -49,14 +50,42 @@ def _own_source(tokenizer) -> str | None:
     return own
 
 
-def _renders_like(source_a: str, source_b: str, tokenizer) -> bool:
-    try:
-        return all(
-            render_source(source_a, m, g, tokenizer)[0] == render_source(source_b, m, g, tokenizer)[0]
-            for m, g in _probe_conversations()
-        )
-    except TemplateError:
-        return False
+_TOOL = {"type": "function", "function": {"name": "get_weather", "description": "The weather in a city",
+                                          "parameters": {"type": "object", "properties": {"city": {"type": "string"}}}}}
+
+
+def _twin_probes(kinds=("plain", "reasoning", "tools")) -> list[tuple[list[dict], bool, list | None]]:
+    """The probes ("plain") plus the shapes a named twin must also render alike: reasoning in
+    earlier answers (as <think> text and as reasoning_content), tools offered, a tool call and its
+    result."""
+    u1, u2 = {"role": "user", "content": "What is the capital of France?"}, {"role": "user", "content": "And of Italy?"}
+    a1 = {"role": "assistant", "content": "Paris."}
+    call = {"role": "assistant", "content": "", "tool_calls": [
+        {"type": "function", "function": {"name": "get_weather", "arguments": {"city": "Paris"}}}]}
+    extra = [
+        ([u1, {**a1, "content": "<think>Easy.</think>Paris."}, u2, {"role": "assistant", "content": "Rome."}], False),
+        ([u1, {**a1, "reasoning_content": "Easy."}, u2, {"role": "assistant", "content": "Rome."}], False),
+    ]
+    tools = [([u1, a1], False), ([u1], True), ([u1, call, {"role": "tool", "content": "21 C"}, a1], False)]
+    return ([(m, g, None) for m, g in _probe_conversations() if "plain" in kinds]
+            + [(m, g, None) for m, g in extra if "reasoning" in kinds]
+            + [(m, g, [_TOOL]) for m, g in tools if "tools" in kinds])
+
+
+def _renders_like(source_a: str, source_b: str, tokenizer, kinds=("plain", "reasoning", "tools")) -> bool:
+    """Do two templates render every probe alike? A probe both refuse counts as alike."""
+    for m, g, tools in _twin_probes(kinds):
+        try:
+            a = render_source(source_a, m, g, tokenizer, tools=tools)[0]
+        except TemplateError:
+            a = None
+        try:
+            b = render_source(source_b, m, g, tokenizer, tools=tools)[0]
+        except TemplateError:
+            b = None
+        if a != b:
+            return False
+    return True
 
 
 def _used_special_tokens(source: str, tokenizer) -> list[str]:
@@ -68,17 +97,28 @@ def _used_special_tokens(source: str, tokenizer) -> list[str]:
 
 
 def _infer_eot(template: ChatTemplate, tokenizer) -> str | None:
-    """The added token the first trained span ends with (e.g. <|im_end|>), else None (= EOS)."""
+    """The token that ends an answer (e.g. <|im_end|>), else None (= EOS): the special token the
+    template writes right after the first answer of a two-turn conversation, else the one the first
+    trained span ends with."""
     if tokenizer is None:
         return None
+    specials = set(tokenizer.added_tokens_encoder) | ({tokenizer.eos_token} if tokenizer.eos_token else set())
+    probe = _probe_conversations()[2][0]
     try:
-        text, spans = template.render_with_spans(_probe_conversations()[0][0], tokenizer)
+        text = template.render(probe, tokenizer=tokenizer)
+        after = text.find(probe[1]["content"], text.find(probe[0]["content"]) + 1)
+        rest = text[after + len(probe[1]["content"]):].lstrip() if after >= 0 else ""
+        found = [t for t in specials if rest.startswith(t)]
+        if found:
+            return max(found, key=len)
+        text, spans = render_source(template.source, probe[:2], False, tokenizer, track=True) \
+            if template.has_markers else template.render_with_spans(probe[:2], tokenizer)
     except TemplateError:
         return None
     if not spans:
         return None
-    answer = text[spans[0][0] : spans[0][1]]
-    candidates = [t for t in tokenizer.added_tokens_encoder if answer.endswith(t)]
+    answer = text[spans[0][0] : spans[0][1]].rstrip()
+    candidates = [t for t in specials if answer.endswith(t)]
     return max(candidates, key=len) if candidates else None
 
 
@@ -95,7 +135,7 @@ def _auto(tokenizer) -> ChatTemplate:
             trl_source = trl_templates.get_training_chat_template(tokenizer)
         except (ValueError, TypeError, jinja2.TemplateError):
             trl_source = None
-        if trl_source:
+        if trl_source and _renders_like(trl_source, own, tokenizer):  # some differ (GLM's adds a token)
             template = ChatTemplate("auto", trl_source)
         else:
             for named in NAMED.values():  # a named twin that renders identically
@@ -109,25 +149,35 @@ def _auto(tokenizer) -> ChatTemplate:
 
 
 def _check_prefix_diff(template: ChatTemplate, tokenizer) -> None:
-    for messages, generation_prompt in _probe_conversations():
-        if generation_prompt:
-            continue
-        try:
-            _, spans = template.render_with_spans(messages, tokenizer)
-        except TemplateError as e:
-            raise TemplateError(
-                f"the model's own chat template can't be split into prompt and answer ({e}); "
-                "pick a named template (e.g. chatml)"
-            ) from e
-        if not spans:
-            raise TemplateError(
-                "the model's own chat template shows no assistant answer to train on; "
-                "pick a named template (e.g. chatml)"
-            )
+    """The simplest conversation must show an answer; other shapes (a system turn, tools...) are
+    checked on the data's own rows, each refusal naming its reason."""
+    try:
+        found = template.rows({"messages": _probe_conversations()[0][0]}, tokenizer)
+    except TemplateError as e:
+        raise TemplateError(
+            f"the model's own chat template can't be split into prompt and answer ({e}); "
+            "pick a named template (e.g. chatml)"
+        ) from e
+    if not any(r.spans for r in found):
+        raise TemplateError(
+            "the model's own chat template shows no assistant answer to train on; "
+            "pick a named template (e.g. chatml)"
+        )
 
 
-def resolve_template(tokenizer, template: str | None = "auto", custom_jinja: str | None = None) -> ChatTemplate:
-    """Turn a user's choice ("auto", a family name or alias, or "custom") into a ChatTemplate."""
+def resolve_template(tokenizer, template: str | None = "auto", custom_jinja: str | None = None,
+                     **options) -> ChatTemplate:
+    """Turn a user's choice ("auto", a family name or alias, or "custom") into a ChatTemplate;
+    OPTIONS: train_on, reasoning, system (config.TemplateSection says what each does)."""
+    chosen = _resolve(tokenizer, template, custom_jinja)
+    for key, value in options.items():
+        if key not in ("train_on", "reasoning", "system"):
+            raise TypeError(f"unknown template option {key!r}")
+        setattr(chosen, key, value)
+    return chosen
+
+
+def _resolve(tokenizer, template: str | None, custom_jinja: str | None) -> ChatTemplate:
     name = (template or "auto").strip().lower()
     if name == "auto":
         return _auto(tokenizer)
@@ -146,13 +196,14 @@ def resolve_template(tokenizer, template: str | None = "auto", custom_jinja: str
     return _copy(NAMED[name])
 
 
-def with_template(tokenizer, name: str | None = "auto", custom_jinja: str | None = None, copy: bool = False):
+def with_template(tokenizer, name: str | None = "auto", custom_jinja: str | None = None, copy: bool = False,
+                  **options):
     """The one builder of tokenizer + template + added tokens, as training has them (the preview
     and the web app's token views use the same): the resolved template, and the template's special
     tokens the tokenizer lacks added to it (in place, or to a copy with COPY: a cached tokenizer
     serves other templates unchanged) -> (tokenizer, template, added tokens, their ids; their
-    embedding rows get trained)."""
-    template = resolve_template(tokenizer, name or "auto", custom_jinja or None)
+    embedding rows get trained). OPTIONS: template.train_on / reasoning / system."""
+    template = resolve_template(tokenizer, name or "auto", custom_jinja or None, **options)
     missing = missing_special_tokens(tokenizer, template)
     if not missing:
         return tokenizer, template, [], []
@@ -199,13 +250,12 @@ def template_warnings(tokenizer, template: ChatTemplate) -> list[str]:
     u = {"role": "user", "content": "What is the capital of France?"}
     a = {"role": "assistant", "content": "Paris."}
     try:
-        text = template.render([{"role": "system", "content": _PROBE_SYSTEM}, u, a], tokenizer=tokenizer)
-        if _PROBE_SYSTEM not in text:
-            warnings.append(
-                f"Template {template.name!r} drops the system prompt from conversations that end "
-                "with an assistant answer (Mistral v0.3 does this): system messages in your data "
-                "will not be seen in training."
-            )
+        if not turns.supports(template, tokenizer, "system"):
+            what = ("rows with a system message are refused (template.system: refuse)" if template.system == "refuse"
+                    else "system messages are folded into the first user turn (template.system: "
+                         f"{template.system}; refuse skips such rows instead)")
+            warnings.append(f"Template {template.name!r} has no system role in a conversation that ends with an "
+                            f"answer (it raises, or drops the message as Mistral v0.3 does): {what}.")
         default = _injected_default_system(template, tokenizer)
         if default:
             warnings.append(
@@ -227,10 +277,15 @@ def template_warnings(tokenizer, template: ChatTemplate) -> list[str]:
     except TemplateError as e:
         warnings.append(f"Template {template.name!r} fails on a simple conversation: {e}")
     own = _own_source(tokenizer)
-    if template.name != "auto" and own and not _renders_like(template.source, own, tokenizer):
+    if template.name != "auto" and own and not _renders_like(template.source, own, tokenizer, ("plain",)):
         warnings.append(
             f"Template {template.name!r} formats conversations differently from the model's own "
             "chat template; the model will have to learn the new format (use 'auto' to keep its own)."
+        )
+    elif template.name != "auto" and own and not _renders_like(template.source, own, tokenizer, ("reasoning", "tools")):
+        warnings.append(
+            f"Template {template.name!r} renders reasoning or tool calls differently from the model's own chat "
+            "template: for data with <think> blocks, tools or tool calls use 'auto'."
         )
     missing = missing_special_tokens(tokenizer, template)
     if missing:

@@ -38,7 +38,9 @@ def load_tokenizer_and_template(cfg):
     from . import templates
 
     tokenizer = model_lib.load_tokenizer(cfg.model.name_or_path, cfg.model.revision, cfg.model.trust_remote_code)
-    return templates.with_template(tokenizer, cfg.template.name, cfg.template.custom_jinja)
+    t = cfg.template
+    return templates.with_template(tokenizer, t.name, t.custom_jinja, train_on=t.train_on, reasoning=t.reasoning,
+                                   system=t.system)
 
 
 def prepare_data(cfg, tokenizer, template):
@@ -53,6 +55,8 @@ def prepare_data(cfg, tokenizer, template):
     ds, reports = data_lib.load_mixture(sources, seed=cfg.data.seed)
     _check_steps(cfg, round(len(ds) * (1 - cfg.data.eval_split)))  # before tokenising a typo's worth of rows
     tokenized, stats = dataset_lib.tokenize(ds, tokenizer, template, cfg.template.cutoff_len)
+    if stats.kept == 0 and stats.refused == stats.samples:
+        raise data_lib.DataError(f"the chat template refused every row; the first: {stats.refusals[0]}")
     if stats.kept == 0:
         raise data_lib.DataError("no sample has a trained token after truncation: raise template.cutoff_len "
                                  f"(now {cfg.template.cutoff_len})")
@@ -225,6 +229,10 @@ def train(cfg, run_dir: Path, resume: bool) -> int:
     summary = stats.summary()
     for r in reports:
         log(f"data: {r.summary()}")
+    for note, n in stats.notes.items():
+        log(f"template: {note}: {n} rows")
+    if stats.refused:
+        log(f"template refused {stats.refused} rows; the first: {stats.refusals[0]}")
     log(f"tokens: {summary}" + (f"; packed into {len(train_ds)} rows" if cfg.template.packing else ""))
     write_json(run_dir, dataset_hash=data_hash, template=template.name, template_warnings=warnings,
                     added_tokens=missing,

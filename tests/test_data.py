@@ -7,6 +7,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
+from lorastudio.core.dataset import example_of
 from lorastudio.core.data import (FORMATS, DataError, RowError, dataset_hash, detect_format, load_file, load_mixture,
                                   normalise_row)
 from lorastudio.core.data_files import read_rows
@@ -183,7 +184,9 @@ def test_unknown_role(tmp_path):
                              {"from": "bot", "value": "?"}]}
     _, report = load_file(jsonl(tmp_path / "r.jsonl", [SAMPLES["sharegpt"][1], SAMPLES["sharegpt"][1], bad]))
     assert report.skipped[0].reason == "line 3: field 'conversations'[2].from: unknown role 'bot'"
-    with pytest.raises(RowError, match=r"'messages'\[0\]\.role: unknown role 'tool'"):
+    with pytest.raises(RowError, match=r"'messages'\[0\]\.role: unknown role 'narrator'"):
+        normalise_row({"messages": [{"role": "narrator", "content": "x"}]}, "openai")
+    with pytest.raises(RowError, match=r"'messages'\[0\]\.content: a tool result without a tool call"):
         normalise_row({"messages": [{"role": "tool", "content": "x"}]}, "openai")
 
 
@@ -294,8 +297,8 @@ def test_mixture_ratios_exact_and_deterministic(tmp_path):
     b = jsonl(tmp_path / "b.jsonl", [chat(f"b{i}", "y") for i in range(4)])
     sources = [{"path": str(a), "ratio": 0.5}, {"path": str(b), "ratio": 2.5}]
     ds, reports = load_mixture(sources, seed=1)
-    assert ds.column_names == ["messages"] and len(ds) == 5 + 10 and len(reports) == 2
-    users = Counter(ex["messages"][0]["content"] for ex in ds)
+    assert ds.column_names == ["chat"] and len(ds) == 5 + 10 and len(reports) == 2
+    users = Counter(example_of(ex)["messages"][0]["content"] for ex in ds)
     assert sum(n for k, n in users.items() if k.startswith("a")) == 5 and max(users[f"a{i}"] for i in range(10)) == 1
     b_counts = sorted(users[f"b{i}"] for i in range(4))
     assert b_counts == [2, 2, 3, 3]  # two whole copies + a seeded remainder of 2

@@ -5,7 +5,7 @@ from functools import lru_cache
 import pytest
 from conftest import shared_assets
 
-from lorastudio.core.labels import encode_example, labels_from, trained_spans_chars
+from lorastudio.core.labels import encode_example, encode_rows, labels_from, trained_spans_chars
 from lorastudio.core.template_names import NAMED, QWEN_DEFAULT_SYSTEM, SMOLLM_DEFAULT_SYSTEM
 from lorastudio.core.templates import (
     TemplateError,
@@ -63,6 +63,11 @@ def split_decode(tok, enc):
     return trained, untrained
 
 
+def folded(msgs):
+    """A system message written into the first user turn, as template.system: fold does."""
+    return [{"role": "user", "content": msgs[0]["content"] + "\n\n" + msgs[1]["content"]}, *msgs[2:]]
+
+
 def test_every_template_folder_is_covered():
     import json
 
@@ -82,8 +87,10 @@ def test_auto_matches_apply_chat_template_and_trains_only_answers(family, conv):
     tok = load(family)
     msgs = CONVERSATIONS[conv]
     template = resolve_template(tok, "auto")
-    assert template.has_markers
     enc = encode_example(tok, template, {"messages": msgs})
+    if family == "mistral-instruct-v0.3" and msgs[0]["role"] == "system":
+        msgs = folded(msgs)  # no system role in training conversations: folded, and said so
+        assert enc.notes == ["system message folded into the first user turn (the template has no system role)"]
 
     assert enc.text == tok.apply_chat_template(msgs, tokenize=False)
     assert enc.input_ids == ids_of(tok.apply_chat_template(msgs, tokenize=True))
@@ -144,9 +151,9 @@ def test_mask_equals_transformers_assistant_masks(name, family, extra_tokens):
             tok.add_special_tokens({"bos_token": "<|begin_of_text|>"})
     template = resolve_template(tok, name)
     for msgs in CONVERSATIONS.values():
-        if name == "gemma" and msgs[0]["role"] == "system":
-            msgs = msgs[1:]  # gemma has no system role
         enc = encode_example(tok, template, {"messages": msgs})
+        if name == "mistral" and msgs[0]["role"] == "system":
+            msgs = folded(msgs)  # v0.3 drops a system message from a conversation ending with an answer
         out = tok.apply_chat_template(
             msgs, tokenize=True, return_dict=True, return_assistant_tokens_mask=True, chat_template=template.source
         )
@@ -164,12 +171,18 @@ def test_aliases_and_unknown_names():
 
 # --- warnings and special tokens ---------------------------------------------------------------
 
-def test_mistral_warns_system_dropped():
+def test_mistral_folds_the_system_message_or_refuses_the_row():
     tok = load("mistral-instruct-v0.3")
-    assert any("drops the system prompt" in w for w in template_warnings(tok, resolve_template(tok, "auto")))
-    # and it really is gone from the training text
-    enc = encode_example(tok, resolve_template(tok, "mistral"), {"messages": WITH_SYSTEM})
-    assert SYSTEM["content"] not in enc.text
+    template = resolve_template(tok, "auto")
+    assert any("no system role" in w and "folded into the first user turn" in w for w in template_warnings(tok, template))
+    # folded, as v0.3 itself renders a system prompt at inference: before the (last) user turn
+    enc = encode_example(tok, template, {"messages": WITH_SYSTEM})
+    assert enc.text.startswith("<s>[INST] " + SYSTEM["content"] + "\n\n")
+    refusing = resolve_template(tok, "mistral")
+    refusing.system = "refuse"
+    with pytest.raises(TemplateError, match="no system role, so this row's system message would be lost"):
+        encode_example(tok, refusing, {"messages": WITH_SYSTEM})
+    assert encode_example(tok, refusing, {"messages": SINGLE}).n_trained > 0  # rows without one are fine
 
 
 @pytest.mark.parametrize("family, default", [("qwen2.5", QWEN_DEFAULT_SYSTEM), ("smollm", SMOLLM_DEFAULT_SYSTEM)])
@@ -184,7 +197,10 @@ def test_default_system_prompt_warning(family, default):
 def test_other_template_than_the_models_own_warns():
     tok = load("qwen2.5")
     assert any("differently from the model's own" in w for w in template_warnings(tok, resolve_template(tok, "chatml")))
-    assert not any("differently" in w for w in template_warnings(tok, resolve_template(tok, "qwen")))
+    qwen = template_warnings(tok, resolve_template(tok, "qwen"))
+    assert not any("differently from the model's own chat template;" in w for w in qwen)
+    # Qwen2.5's own template renders tools; the named one does not
+    assert any("renders reasoning or tool calls differently" in w for w in qwen)
 
 
 def test_gpt2_has_no_template_and_lacks_chatml_tokens():
@@ -282,12 +298,31 @@ def test_auto_falls_back_to_prefix_diff_or_asks_for_a_named_template():
     trained, untrained = split_decode(tok, enc)
     assert trained == "A strawberry is red.<|im_end|>Bananas are yellow.<|im_end|>Limes are green.<|im_end|>"
 
-    # system moved to the last user turn with "  " (so no NAMED twin): not prefix-preserving
-    tok.chat_template = NAMED["mistral"].source.replace("'\\n\\n'", "'\\n \\n'").replace("{%- generation %}", "").replace(
-        "{%- endgeneration %}", ""
+    # reasoning stripped from earlier answers (as Qwen3, DeepSeek-R1, GLM do): not prefix-preserving,
+    # so each answer is trained in its own row, rendered as the template renders it then
+    tok.chat_template = (
+        "{%- for m in messages %}{%- if m.role == 'assistant' and not loop.last %}"
+        "{{ '<|im_start|>assistant\\n' + m.content.split('</think>')[-1].lstrip() + '<|im_end|>\\n' }}"
+        "{%- else %}{{ '<|im_start|>' + m.role + '\\n' + m.content + '<|im_end|>\\n' }}{%- endif %}{%- endfor %}"
+        "{%- if add_generation_prompt %}{{ '<|im_start|>assistant\\n' }}{%- endif %}"
     )
-    with pytest.raises(TemplateError, match="pick a named template"):
-        resolve_template(tok, "auto")
+    template = resolve_template(tok, "auto")
+    convo = [m if m["role"] == "user" else {**m, "content": f"<think>why {k}</think>" + m["content"]}
+             for k, m in enumerate(MULTI)]
+    found = encode_rows(tok, template, {"messages": convo})
+    answers = [i for i, m in enumerate(convo) if m["role"] == "assistant"]
+    assert len(found) == len(answers) == 3
+    for enc, i in zip(found, answers):
+        assert enc.text == tok.apply_chat_template(convo[: i + 1], tokenize=False)
+        trained, _ = split_decode(tok, enc)
+        assert trained == convo[i]["content"] + "<|im_end|>"  # that answer (its reasoning too) only
+        assert enc.notes == ["one row per answer (the template renders earlier turns differently as the "
+                             "conversation grows)"]
+    template.train_on = "last"
+    assert [e.text for e in encode_rows(tok, template, {"messages": convo})] == [found[-1].text]
+    template.train_on, template.reasoning = "all", "strip"  # no reasoning left: one row, every answer
+    (enc,) = encode_rows(tok, template, {"messages": convo})
+    assert split_decode(tok, enc)[0] == "".join(m["content"] + "<|im_end|>" for m in MULTI if m["role"] == "assistant")
 
 
 # --- pretraining text and truncation -----------------------------------------------------------
@@ -450,4 +485,4 @@ def test_dataset_tokenize_batches_as_encode_example_does():
     assert stats == dataset_lib.TokenStats(
         samples=len(rows), kept=len(kept), truncated=sum(e.truncated for e in encs),
         no_trained_tokens=len(encs) - len(kept), tokens=sum(len(e.input_ids) for e in kept),
-        trained_tokens=sum(e.n_trained for e in kept), lengths=[len(e.input_ids) for e in kept])
+        trained_tokens=sum(e.n_trained for e in kept), lengths=[len(e.input_ids) for e in kept], rows=len(encs))

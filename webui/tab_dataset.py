@@ -146,8 +146,10 @@ def upload(path: str | None, current: str = ""):
     return str(dest), f"uploaded to `{dest}`"
 
 
-def preview_view(model, data, template, custom_jinja, fmt, n, cutoff, trust):
-    """Highlighted samples with the current format/template/cutoff (the core's encode_example)."""
+def preview_view(model, data, template, custom_jinja, fmt, n, cutoff, trust, train_on="all", reasoning="auto",
+                 system_role="auto"):
+    """Highlighted samples with the current format/template/cutoff/template options, by the function
+    `lorastudio preview` uses (core.preview.samples)."""
     from lorastudio.core import worker
 
     try:
@@ -155,15 +157,22 @@ def preview_view(model, data, template, custom_jinja, fmt, n, cutoff, trust):
         model = readable(model or "builtin:tiny")
         r = worker.call("preview", tokenizer=(model, bool(trust)), model=model, source=_sources(data, fmt)[0],
                         template=template or "auto", custom_jinja=custom_jinja or "", n=n,
-                        cutoff=whole(cutoff or 1024, "Cutoff length", 1, MAX_TOKENS), trust=bool(trust))
+                        cutoff=whole(cutoff or 1024, "Cutoff length", 1, MAX_TOKENS), trust=bool(trust),
+                        options={"train_on": train_on, "reasoning": reasoning, "system": system_role})
     except Exception as e:  # noqa: BLE001
         return [], err_md(e)
     pieces = []
     for i, smp in enumerate(r["samples"]):
-        pieces.append((f"\n--- sample {i + 1} ({smp['n_tokens']} tokens, {smp['n_trained']} trained"
-                       + (", truncated" if smp["truncated"] else "") + ") ---\n", None))
+        pieces.append((f"\n--- sample {i + 1} (row {smp['row']}, {smp['n_tokens']} tokens, {smp['n_trained']} trained"
+                       + (", truncated" if smp["truncated"] else "") + "".join(f"; {x}" for x in smp["notes"])
+                       + ") ---\n", None))
         pieces += highlight_pieces(smp["text"], smp["trained_spans"])
-    return pieces, f"{len(r['samples'])} samples rendered"
+    status = f"{len(r['samples'])} samples rendered"
+    if r["refused"]:
+        status += f"; the template refused {len(r['refused'])} rows (first: {r['refused'][0]})"
+    if not r["samples"] and r["refused"]:
+        return [], err_md(ValueError(f"the template refused every row ({r['refused'][0]})"))
+    return pieces, status
 
 
 def build(ui: dict) -> None:
@@ -226,7 +235,8 @@ def wire(ui: dict, demo) -> None:
                                                  [ui["rows_df"], ui["page_md"]], api_visibility="private")
     ui["upload"].upload(upload, [ui["upload"], ui["data"]], [ui["data"], ui["upload_md"]], api_name="upload")
     ui["preview_btn"].click(preview_view, [ui["model"], ui["data"], ui["template"], ui["custom_jinja"], ui["fmt"],
-                                           ui["preview_n"], ui["cutoff"], ui["trust_remote_code"]],
+                                           ui["preview_n"], ui["cutoff"], ui["trust_remote_code"], ui["form"]["train_on"],
+                                           ui["form"]["reasoning"], ui["form"]["system_role"]],
                             [ui["preview_out"], ui["preview_status"]], api_name="preview_full")
     # the original endpoint, signature kept (tests and scripts call it): model, data, template, n
     ui["api_preview_btn"].click(preview_highlight, [ui["model"], ui["data"], ui["template"], ui["preview_n"]],

@@ -58,6 +58,12 @@ FORM: tuple[Field, ...] = (
     Field("offload", "training.offload", "Offload params/optimizer to CPU RAM (fsdp/zero only)", "bool", 4),
     Field("gpu_memory", "training.gpu_memory_gib", "GPU memory budget (GiB; 0 = the card's free memory; auto "
           "settings trade speed for memory to fit it)", "optional_float", 4),
+    Field("train_on", "template.train_on", "Train on (every assistant answer, or the last only)", "choice", 6,
+          ("all", "last")),
+    Field("reasoning", "template.reasoning", "Reasoning in earlier answers (auto: as the template does; keep; strip)",
+          "choice", 6, ("auto", "keep", "strip")),
+    Field("system_role", "template.system", "System message where the template has none (auto/fold: into the "
+          "first user turn; refuse: skip the row)", "choice", 6, ("auto", "fold", "refuse")),
 )
 FORM_NAMES = [f.name for f in FORM]
 FIELDS = {f.name: f for f in FORM}
