@@ -169,6 +169,13 @@ class TrainingSection(_Section):
     # graph (a QLoRA step is CPU-bound: 1.25x the non-reentrant step, 8B, H200). auto: on for one
     # GPU and for offloaded activations; off for several (DDP/FSDP/ZeRO-3 want the non-reentrant one)
     checkpoint_reentrant: Literal["auto", True, False] = "auto"
+    # decoder layers (the last N not checkpointed) whose gated MLP keeps only its input for
+    # backward and recomputes gate and up there, inside one autograd node (core/fused_lora.py
+    # LoRAMLP): ~56% of a plain layer's activations (8B) for a second gate/up matmul on the GPU and
+    # no second forward's Python. 0: off; all: every layer not checkpointed. auto: on one CUDA GPU
+    # with fused LoRA, the memory plan's fewest, before any layer is checkpointed (by batch with
+    # checkpoint_per_batch)
+    mlp_recompute: Annotated[int, Field(ge=0, le=100_000, strict=True)] | Literal["auto", "all"] = "auto"
     # with checkpointing: each layer's saved input goes to CPU RAM during forward and comes back
     # for its recompute (layers x tokens x hidden x 2 bytes less; slower). auto: only when the
     # run would not fit otherwise (CUDA); the long-context setting

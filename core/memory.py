@@ -153,10 +153,17 @@ def breakdown(cfg, arch: dict) -> dict:
         per_layer += EAGER_SCORE_BYTES * d["nh"] * cfg.template.cutoff_len
     offload = r["offload_activations"]  # saved tensors in CPU RAM: only the layer being recomputed stays
     k = r["checkpointed_layers"] = checkpointed_layers(cfg, L)
+    tiled = r["tiled_mlp"] and tokens > tile  # the tiles already keep only the MLP's input
+    m = r["mlp_recompute_layers"] = 0 if (offload or tiled) else mlp_layers(cfg, L, k)
     if offload:
         act = tokens * per_layer + (tokens * 2 * b * H if k else 0)
-    else:  # k layers keep only their input; the others everything; one is recomputed at a time
-        act = tokens * (k * resid * H + (L - k) * per_layer + ((per_layer + 2 * b * H) if k else 0))
+    else:
+        # k layers keep only their input; m keep everything but their MLP's intermediates
+        # (core.fused_lora.LoRAMLP); the others everything. In backward one layer at a time is
+        # recomputed (a whole layer, or an MLP's gate, up, product and its gradient: 4 x bI with
+        # liger's in-place SiLU-mul, 6 x bI with torch's)
+        extra = max((per_layer + 2 * b * H) if k else 0, ((4 if liger else 6) * b * I) if m else 0)
+        act = tokens * (k * resid * H + m * (per_layer - mlp) + (L - k - m) * per_layer + extra)
     comp["activations"] = act
 
     logit_bytes = LOGITS_BYTES + (SOFTCAP_LOGITS_BYTES if arch.get("final_logit_softcapping") else 0)
@@ -201,6 +208,25 @@ def checkpointed_layers(cfg, n_layers: int) -> int:
     return n_layers if isinstance(t.checkpoint_layers, str) else min(t.checkpoint_layers, n_layers)
 
 
+def mlp_layers(cfg, n_layers: int, k: int | None = None) -> int:
+    """Decoder layers whose MLP recomputes its intermediates in backward (training.mlp_recompute)
+    beside the k checkpointed ones: at most the n_layers - k others; 0 and auto (unplanned): none."""
+    v = cfg.training.mlp_recompute
+    if v in ("auto", 0) or cfg.method == "full":
+        return 0
+    k = checkpointed_layers(cfg, n_layers) if k is None else k
+    return n_layers - k if v == "all" else min(v, n_layers - k)
+
+
+def mlp_recompute_possible(cfg, arch: dict) -> bool:
+    """Whether this run's MLPs can recompute (core.fused_lora.LoRAMLP): LoRA or 4-bit QLoRA with
+    fused LoRA layers (dropout 0, no DoRA), gated MLPs (gate/up/down), no tiled MLP."""
+    t = cfg.training
+    bits = cfg.quantization.bits if cfg.method == "qlora" else None
+    return (cfg.method in ("lora", "qlora") and bits != 8 and t.fused_lora is True and t.tiled_mlp is not True
+            and all(p in linear_shapes(arch) for p in ("gate_proj", "up_proj", "down_proj")))
+
+
 def total_gib(cfg, arch) -> float:
     return sum(breakdown(cfg, arch)["components"].values()) / GIB
 
@@ -209,7 +235,9 @@ def round_gib(x: float) -> float:
     return round(x, 1)
 
 
-CHECKPOINTING_HEADROOM = 0.9  # a layer skips recompute only while the estimate uses <= 90% of free memory
+# a layer skips recompute only while the estimate uses <= 95% of free memory (the estimate was
+# 1% under to 6% over the measured peak in every budgeted 8B/1.5B run on the H200, docs/BENCHMARKS.md)
+CHECKPOINTING_HEADROOM = 0.95
 
 
 def at_tokens(cfg, max_tokens: int):
@@ -219,76 +247,143 @@ def at_tokens(cfg, max_tokens: int):
     return c
 
 
-def checkpointing_decision(cfg, arch: dict | None, max_tokens: int, free_gib: float) -> tuple[bool, int | str, str]:
-    """gradient_checkpointing and checkpoint_layers at auto on CUDA, decided once the data is
-    known: the fewest checkpointed layers (0: checkpointing off) with which the largest
-    micro-batch of this dataset (max_tokens) fits in free_gib by this estimate, with headroom.
-    Each checkpointed layer runs its forward twice: ~1/3 more of that layer's compute. Every
-    layer when even that does not fit or the architecture is unknown (the rest of the plan then
-    finds memory elsewhere). Returns (checkpointing, layers, reason)."""
+def _mlp_cost(arch: dict) -> float:
+    """One MLP's recompute (gate and up again) as a share of its layer's forward + backward matmuls."""
+    shapes = linear_shapes(arch)
+    layer = sum(i * o for i, o in shapes.values())
+    return sum(shapes[p][0] * shapes[p][1] for p in ("gate_proj", "up_proj")) / (3 * layer)
+
+
+def checkpointing_decision(cfg, arch: dict | None, max_tokens: int,
+                           free_gib: float) -> tuple[bool, int | str, int | str, str]:
+    """gradient_checkpointing, checkpoint_layers and mlp_recompute at auto on CUDA, decided once
+    the data is known: the cheapest recompute with which the largest micro-batch of this dataset
+    (max_tokens) fits in free_gib by this estimate, with headroom (fewest_recompute). Each
+    checkpointed layer runs its forward twice (~1/3 more of that layer's compute, and a second
+    forward's Python: the step is CPU-bound); each recomputing MLP its gate and up matmuls (GPU
+    work alone). Every layer when even that does not fit or the architecture is unknown (the rest
+    of the plan then finds memory elsewhere). An explicit count or mlp_recompute is kept.
+    Returns (checkpointing, layers, MLPs recomputing, reason)."""
+    mlp_set = cfg.training.mlp_recompute
     if arch is None:
-        return True, "all", "on: unknown architecture"
+        return True, "all", 0 if mlp_set == "auto" else mlp_set, "on: unknown architecture"
     L = dims(arch)["L"]
     layers = cfg.training.checkpoint_layers  # an explicit count is kept; auto is searched
     need = _need(cfg, arch, max_tokens)
-    if need(0) <= CHECKPOINTING_HEADROOM * free_gib:
-        k = 0
+    light = _light(cfg, arch)
+    if need(0, 0 if light else None) <= CHECKPOINTING_HEADROOM * free_gib:
+        k, m = 0, 0
     elif layers == "auto":
-        k = fewest_layers(cfg, arch, max_tokens, free_gib)
+        k, m = fewest_recompute(cfg, arch, max_tokens, free_gib)
     else:
         k = L if layers == "all" else min(layers, L)
-    gib = need(k)
+        m = L - k if light else 0
+    gib = need(k, m if light else None)
+    # checkpointed layers: every other layer's MLP recomputes ("all", which also lets each batch
+    # choose its own under checkpoint_per_batch, layers_by_batch); none: the fewest MLPs
+    mlps = (m if k == 0 else "all") if light else (0 if mlp_set == "auto" else mlp_set)
     batch = f"the largest micro-batch ({max_tokens} tokens)"
+    plain = need(0, 0 if light else None)
+    if k == 0 and not (light and m):
+        return False, layers if isinstance(layers, int) else "all", mlps, (
+            f"off: {batch} needs ~{gib:.1f} GiB without it, {free_gib:.1f} GiB free")
+    mlp_cost = f"~{m / L * _mlp_cost(arch):.0%} more compute, on the GPU alone" if light and m else ""
     if k == 0:
-        return False, layers if isinstance(layers, int) else "all", f"off: {batch} needs ~{gib:.1f} GiB without it, {free_gib:.1f} GiB free"
-    cost = f"recompute adds ~{k / L / 3:.0%} compute a step"
+        return False, layers if isinstance(layers, int) else "all", mlps, (
+            f"off; the MLPs of the last {m} of {L} layers recompute gate and up in backward, the fewest that fit: "
+            f"{batch} needs ~{gib:.1f} GiB of {free_gib:.1f} GiB free ({mlp_cost}; without it ~{plain:.1f} GiB)")
+    mlp_words = f"the MLPs of the {m} other layers recompute gate and up ({mlp_cost})" if mlp_cost else ""
+    cost = f"recompute adds ~{k / L / 3:.0%} compute a step" + (f"; {mlp_words}" if mlp_words else "")
     value = k if isinstance(layers, int) or k < L else "all"
     if k == L:
-        return True, value, (f"on, every layer: without it {batch} would need ~{need(0):.1f} GiB of "
-                             f"{free_gib:.1f} GiB free ({cost})")
-    return True, value, (f"on for {k} of {L} layers, the fewest that fit: {batch} needs ~{gib:.1f} GiB "
-                         f"of {free_gib:.1f} GiB free ({cost}; without checkpointing ~{need(0):.1f} GiB)")
+        return True, value, mlps, (f"on, every layer: without it {batch} would need ~{plain:.1f} GiB of "
+                                   f"{free_gib:.1f} GiB free ({cost})")
+    return True, value, mlps, (f"on for {k} of {L} layers, the fewest that fit: {batch} needs ~{gib:.1f} GiB "
+                               f"of {free_gib:.1f} GiB free ({cost}; without checkpointing ~{plain:.1f} GiB)")
+
+
+def _light(cfg, arch: dict) -> bool:
+    """The plan may make MLPs recompute: training.mlp_recompute at auto, and this run's MLPs can."""
+    return cfg.training.mlp_recompute == "auto" and mlp_recompute_possible(cfg, arch)
 
 
 def _need(cfg, arch: dict, tokens: int):
-    """GiB as a function of the checkpointed layers, at tokens a micro-batch."""
+    """GiB as a function of the checkpointed layers k (0: checkpointing off) and the MLPs that
+    recompute m (None: the config's own mlp_recompute), at tokens a micro-batch."""
     c = at_tokens(cfg, tokens)
 
-    def need(k: int) -> float:  # 0: checkpointing off
+    def need(k: int, m: int | None = None) -> float:
         c.training.gradient_checkpointing = k > 0
         if k:
             c.training.checkpoint_layers = k
+        if m is not None:
+            c.training.mlp_recompute = m
         return total_gib(c, arch)
 
     return need
 
 
-def fewest_layers(cfg, arch: dict, tokens: int, free_gib: float) -> int:
-    """The fewest checkpointed layers with which a micro-batch of tokens fits free_gib with
-    headroom (0: none needed); every layer when none fits. Memory falls with each layer
-    checkpointed from the second on (the first only adds the recompute buffer)."""
+def fewest_recompute(cfg, arch: dict, tokens: int, free_gib: float) -> tuple[int, int]:
+    """(checkpointed layers, recomputing MLPs): the cheapest with which a micro-batch of tokens
+    fits free_gib with headroom. None when it fits; where the plan may make MLPs recompute
+    (mlp_recompute auto), the fewest MLPs alone, else the fewest checkpointed layers with every
+    other layer's MLP recomputing (an MLP's recompute is a second gate/up matmul on the GPU; a
+    checkpointed layer's is a second forward with its Python, and a QLoRA step is CPU-bound);
+    without MLP recompute, the fewest checkpointed layers. Every layer when none fits. Memory
+    falls with each layer checkpointed from the second on (the first only adds the recompute
+    buffer)."""
     need, fit, L = _need(cfg, arch, tokens), CHECKPOINTING_HEADROOM * free_gib, dims(arch)["L"]
-    if need(0) <= fit:
-        return 0
-    lo, hi = 2, L  # the smallest k with need(k) <= fit, else L
-    while lo < hi:
-        mid = (lo + hi) // 2
-        lo, hi = (lo, mid) if need(mid) <= fit else (mid + 1, hi)
-    return lo
+    light = _light(cfg, arch)
+    if need(0, 0 if light else None) <= fit:
+        return 0, 0
+
+    def smallest(lo: int, fits) -> int:  # the smallest n in [lo, L] that fits, else L
+        hi = L
+        while lo < hi:
+            mid = (lo + hi) // 2
+            lo, hi = (lo, mid) if fits(mid) else (mid + 1, hi)
+        return lo
+
+    if light and need(0, L) <= fit:
+        return 0, smallest(1, lambda m: need(0, m) <= fit)
+    if light:
+        k = smallest(1, lambda k: need(k, L - k) <= fit)
+        return k, L - k
+    return smallest(2, lambda k: need(k) <= fit), 0
+
+
+def fewest_layers(cfg, arch: dict, tokens: int, free_gib: float) -> int:
+    """The checkpointed layers of fewest_recompute."""
+    return fewest_recompute(cfg, arch, tokens, free_gib)[0]
 
 
 def layers_by_batch(cfg, arch: dict, free_gib: float, most: int):
     """training.checkpoint_per_batch: a function of a micro-batch's tokens giving the fewest
     checkpointed layers that batch needs, at most `most` (the plan's count for the longest):
-    short batches skip the recompute the longest one needs. Memoised (rows come padded to a
-    multiple of 64, so few lengths recur)."""
-    cache: dict[int, int] = {}
+    short batches skip the recompute the longest one needs. Where MLPs may recompute (the plan
+    chose some, or mlp_recompute auto), its `mlp` attribute gives the MLPs that recompute for
+    that batch (fewest_recompute: these first, layers only when they are not enough). Memoised
+    (rows come padded to a multiple of 64, so few lengths recur)."""
+    cache: dict[int, tuple[int, int]] = {}
+    L = dims(arch)["L"]
+    light = cfg.training.mlp_recompute != 0 and mlp_recompute_possible(cfg, arch)
+    if light:
+        cfg = cfg.model_copy(deep=True)
+        cfg.training.mlp_recompute = "auto"  # searched per batch
 
-    def layers(tokens: int) -> int:
+    def plan(tokens: int) -> tuple[int, int]:
         if tokens not in cache:
-            cache[tokens] = min(most, fewest_layers(cfg, arch, tokens, free_gib))
+            k, m = fewest_recompute(cfg, arch, tokens, free_gib)
+            if k > most:
+                k, m = most, (L - most if light else 0)
+            cache[tokens] = (k, m)
         return cache[tokens]
 
+    def layers(tokens: int) -> int:
+        return plan(tokens)[0]
+
+    if light:
+        layers.mlp = lambda tokens: plan(tokens)[1]
     return layers
 
 

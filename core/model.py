@@ -173,13 +173,20 @@ def load_for_training(cfg: RunConfig, tokenizer, new_token_ids: list[int] | None
 
 
 def _layer_options(cfg, model):
-    """training.tiled_mlp (core/tiled_mlp.py): MLPs over tiles of long rows; and
-    training.checkpoint_layers: the decoder layers past the first N keep their activations."""
+    """training.tiled_mlp (core/tiled_mlp.py): MLPs over tiles of long rows;
+    training.checkpoint_layers: the decoder layers past the first N keep their activations; and
+    training.mlp_recompute: the MLPs of the last N of those keep only their input
+    (core.fused_lora.LoRAMLP; the trainer varies N by batch under checkpoint_per_batch)."""
     _checkpoint_first(cfg, model)
     if cfg.training.tiled_mlp is True:
         from . import memory, tiled_mlp
 
         tiled_mlp.install(model, memory.tiled_mlp_tile(model.config.get_text_config().hidden_size))
+    if cfg.training.mlp_recompute not in ("auto", 0) and cfg.method != "full":
+        from . import fused_lora, memory
+
+        mlps = fused_lora.install_mlp(model)
+        fused_lora.set_mlp_recompute(mlps, memory.mlp_layers(cfg, len(mlps)))
     return model
 
 

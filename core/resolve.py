@@ -131,6 +131,12 @@ def resolve(cfg: RunConfig, machine: Machine | None = None) -> RunConfig:
     if t.fused_lora == "auto":
         t.fused_lora = (device == "cuda" and cfg.method in ("lora", "qlora") and cfg.lora.dropout == 0
                         and not cfg.lora.use_dora and not sharded)
+    if t.mlp_recompute not in ("auto", 0) and not (cfg.method in ("lora", "qlora") and t.fused_lora is True
+                                                   and not (cfg.method == "qlora" and cfg.quantization.bits == 8)):
+        raise ConfigError("training.mlp_recompute: needs fused LoRA layers (training.fused_lora: LoRA or 4-bit "
+                          "QLoRA, dropout 0, no DoRA); use 0 (or auto)")
+    if t.mlp_recompute == "auto" and (device != "cuda" or t.gpus > 1 or t.fused_lora is not True):
+        t.mlp_recompute = 0  # one CUDA GPU with fused LoRA: stage 3
     dropout = cfg.method != "full" and cfg.lora.dropout > 0
     if t.tiled_mlp is True and dropout:
         raise ConfigError("training.tiled_mlp: needs lora.dropout 0 (the backward recomputes each tile, "
@@ -207,7 +213,7 @@ def unplanned(cfg: RunConfig) -> dict:
                 "training.checkpoint_layers": "all", "training.checkpoint_per_batch": False,
                 "training.optimizer": "adamw_torch_fused",
                 "model.embeddings_on_cpu": False, "training.offload_activations": False,
-                "training.tiled_mlp": False, "training.cudnn_attention": False}
+                "training.tiled_mlp": False, "training.cudnn_attention": False, "training.mlp_recompute": 0}
     return {k: v for k, v in defaults.items() if _get(cfg, k) == "auto"}
 
 
@@ -280,8 +286,10 @@ def plan(cfg: RunConfig, arch: dict | None, max_tokens: int, budget_gib: float,
                        f"without checkpointing with them on the GPU, {budget_gib:.1f} available")
         t = cfg.training
     if t.gradient_checkpointing == "auto":
-        gc, layers, reason = memory.checkpointing_decision(cfg, arch, max_tokens, budget_gib)
+        gc, layers, mlps, reason = memory.checkpointing_decision(cfg, arch, max_tokens, budget_gib)
         out["training.gradient_checkpointing"] = gc
+        if t.mlp_recompute == "auto":
+            out["training.mlp_recompute"] = mlps
         if t.checkpoint_layers == "auto":
             out["training.checkpoint_layers"] = layers
             if t.checkpoint_per_batch == "auto":
@@ -292,7 +300,10 @@ def plan(cfg: RunConfig, arch: dict | None, max_tokens: int, budget_gib: float,
     if arch is None:
         rest = unplanned(fill(cfg.model_copy(deep=True), out))
         return {**out, **rest}, why
-    c = fill(memory.at_tokens(cfg, max_tokens), {k: v for k, v in out.items() if "checkpoint" in k})
+    if t.mlp_recompute == "auto" and "training.mlp_recompute" not in out:
+        out["training.mlp_recompute"] = 0  # checkpointing set by hand: MLP recompute only when asked for
+    c = fill(memory.at_tokens(cfg, max_tokens),
+             {k: v for k, v in out.items() if "checkpoint" in k or k == "training.mlp_recompute"})
     if cfg.model.embeddings_on_cpu == "auto":
         c.model.embeddings_on_cpu = False
     if t.optimizer == "auto":
@@ -329,6 +340,8 @@ def plan(cfg: RunConfig, arch: dict | None, max_tokens: int, budget_gib: float,
             if out.get("training.checkpoint_per_batch"):  # offloading keeps every layer checkpointed
                 out["training.checkpoint_per_batch"] = False
                 why.remove(_BY_BATCH)
+            if out.get("training.mlp_recompute"):
+                out["training.mlp_recompute"] = 0  # (no layer is left to recompute only its MLP)
         out["training.offload_activations"] = off
     need = memory.total_gib(c, arch)
     why.append(f"estimated peak ~{need:.1f} GiB of {budget_gib:.1f} GiB" + ("" if need <= budget_gib else " (may not fit)"))

@@ -56,6 +56,9 @@ def _tiled_forward(self, x, *args, **kwargs):
     return TiledMLPFunction.apply(fn, x, self._tile_tokens, *params)
 
 
+_tiled_forward.lorastudio_wrapper = True
+
+
 def install(model, tile_tokens: int) -> int:
     """Tile the forward of every gated MLP (gate_proj/up_proj/down_proj: Llama, Qwen, Mistral,
     Gemma...) over rows longer than tile_tokens. Returns how many MLPs it covers."""
@@ -64,6 +67,20 @@ def install(model, tile_tokens: int) -> int:
         if name.split(".")[-1] == "mlp" and all(hasattr(m, p) for p in ("gate_proj", "up_proj", "down_proj")):
             m._untiled_forward = m.forward
             m._tile_tokens = tile_tokens
+            m.forward = types.MethodType(_tiled_forward, m)
+            n += 1
+    return n
+
+
+def reinstall(model) -> int:
+    """Put the tiles back on the MLPs that had them, where something rebound their forward since
+    (liger-kernel binds its SwiGLU forward to each MLP when the Trainer's train() starts, which
+    drops the tiled one): the rebound forward goes under the tiles. Returns how many."""
+    n = 0
+    for m in model.modules():
+        # still under a wrapper of ours (this one, core.fused_lora's MLP recompute): nothing rebound it
+        if hasattr(m, "_tile_tokens") and not getattr(getattr(m.forward, "__func__", None), "lorastudio_wrapper", False):
+            m._untiled_forward = m.forward
             m.forward = types.MethodType(_tiled_forward, m)
             n += 1
     return n

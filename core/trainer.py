@@ -45,13 +45,26 @@ def trainer_class(offload_activations: bool):
 
             self._ckpt = [m for m in self.model.modules() if isinstance(m, GradientCheckpointingLayer)]
             self._layers_for, self.checkpointed = layers_for, collections.Counter()
+            # layers_for.mlp (training.mlp_recompute): the MLPs that recompute, the last ones
+            self._mlp_for = getattr(layers_for, "mlp", None)
+            self._mlps = [getattr(m, "mlp", None) for m in self._ckpt]
+            if self._mlp_for is not None and not all(hasattr(m, "recompute_mlp") for m in self._mlps):
+                self._mlp_for = None  # (not installed: core.model installs it with mlp_recompute set)
 
         def training_step(self, model, inputs, num_items_in_batch=None):
             if self._layers_for is not None and "input_ids" in inputs:
-                k = self._layers_for(inputs["input_ids"].numel())
+                n = inputs["input_ids"].numel()
+                k = self._layers_for(n)
                 for i, m in enumerate(self._ckpt):
                     m.gradient_checkpointing = i < k
-                self.checkpointed[k] += 1  # steps by checkpointed layers (tests, the bench)
+                if self._mlp_for is None:
+                    self.checkpointed[k] += 1  # steps by checkpointed layers (tests, the bench)
+                else:
+                    light = self._mlp_for(n)
+                    first = len(self._mlps) - light
+                    for i, m in enumerate(self._mlps):
+                        m.recompute_mlp = i >= first
+                    self.checkpointed[f"{k}+{light}m"] += 1  # checkpointed layers + recomputing MLPs
             if self._trainable is None or not model.training:
                 # the full walk: at the first step (from_pretrained leaves the base model in eval
                 # mode under a PeftModel in train mode) and after a switch to eval (eval, samples)
@@ -62,6 +75,14 @@ def trainer_class(offload_activations: bool):
                 return super().training_step(model, inputs, num_items_in_batch)
             finally:
                 del model.__dict__["train"]
+
+        def _inner_training_loop(self, *args, **kwargs):
+            # train() has just applied liger-kernel, which binds its SwiGLU forward to each MLP
+            # over ours: the tiled MLP and the MLP recompute go back on top
+            from . import fused_lora
+
+            fused_lora.rewrap(self.model)
+            return super()._inner_training_loop(*args, **kwargs)
 
         def floating_point_ops(self, inputs):
             main = getattr(self.model, "main_input_name", "input_ids")

@@ -166,27 +166,29 @@ def test_checkpointing_auto_decision_follows_the_card_and_the_data():
     card's free memory without it (the Llama-3.1-8B QLoRA preset: on for an 8 GiB card, off on 80 GiB)."""
     c = cfg(method="qlora", **{"training.micro_batch_size": 1})
     arch = E.arch_for(LLAMA)
-    on, layers, why = M.checkpointing_decision(gpu(c), arch, max_tokens=2048, free_gib=7.5)
-    assert on is True and layers == "all" and why.startswith("on, every layer:") and "33%" in why
-    off, layers, why = M.checkpointing_decision(gpu(c), arch, max_tokens=2048, free_gib=79.0)
-    assert off is False and layers == "all" and why.startswith("off:") and "2048 tokens" in why
+    on, layers, mlps, why = M.checkpointing_decision(gpu(c), arch, max_tokens=2048, free_gib=7.5)
+    assert on is True and layers == "all" and mlps == "all" and why.startswith("on, every layer:") and "33%" in why
+    off, layers, mlps, why = M.checkpointing_decision(gpu(c), arch, max_tokens=2048, free_gib=79.0)
+    assert off is False and layers == "all" and mlps == 0 and why.startswith("off:") and "2048 tokens" in why
     # a long batch on the same 80 GiB card keeps it on
     assert M.checkpointing_decision(gpu(c), arch, max_tokens=200_000, free_gib=79.0)[0] is True
-    assert M.checkpointing_decision(gpu(c), None, max_tokens=10, free_gib=79.0) == (True, "all", "on: unknown architecture")
+    assert M.checkpointing_decision(gpu(c), None, max_tokens=10, free_gib=79.0) == (True, "all", 0,
+                                                                                    "on: unknown architecture")
 
 
 def test_checkpoint_layers_the_fewest_that_fit():
     """Between "fits without" and "needs every layer" the plan checkpoints the fewest layers that
     fit: the estimate falls with each checkpointed layer, the chosen count fits with headroom and
-    one fewer does not; an explicit count or `all` is kept; an explicit `true` means every layer."""
-    c = gpu(cfg(method="qlora", **{"training.micro_batch_size": 1}))
+    one fewer does not; an explicit count or `all` is kept; an explicit `true` means every layer.
+    (MLP recompute off here: tests/test_estimate.py::test_mlp_recompute_comes_before_checkpointed_layers.)"""
+    c = gpu(cfg(method="qlora", **{"training.micro_batch_size": 1, "training.mlp_recompute": 0}))
     arch = E.arch_for(LLAMA)
     tokens, budget = 4096, 30.0
     need = [M._need(c, arch, tokens)(k) for k in range(33)]  # 0: checkpointing off
     # from the second layer on, each one checkpointed saves memory (the first only pays for the
     # buffer of the layer being recomputed)
     assert need[1] > need[0] and all(a > b for a, b in zip(need[1:], need[2:]))
-    on, k, why = M.checkpointing_decision(c, arch, tokens, budget)
+    on, k, _mlps, why = M.checkpointing_decision(c, arch, tokens, budget)
     assert on is True and isinstance(k, int) and 0 < k < 32, why
     assert need[k] <= M.CHECKPOINTING_HEADROOM * budget < need[k - 1]
     assert f"on for {k} of 32 layers" in why and f"~{need[k]:.1f} GiB" in why
@@ -208,7 +210,8 @@ def test_checkpoint_layers_the_fewest_that_fit():
     assert short["model.embeddings_on_cpu"] is False and short["training.checkpoint_layers"] == k_gpu, short_why
     assert out["training.checkpoint_per_batch"] is True and any("layers by batch" in w for w in why)
     assert why[-1] == f"estimated peak ~{need[k]:.1f} GiB of {budget:.1f} GiB"
-    kept = gpu(cfg(method="qlora", **{"training.micro_batch_size": 1, "training.checkpoint_layers": 3}))
+    kept = gpu(cfg(method="qlora", **{"training.micro_batch_size": 1, "training.checkpoint_layers": 3,
+                                      "training.mlp_recompute": 0}))
     assert M.checkpointing_decision(kept, arch, tokens, budget)[:2] == (True, 3)
     assert M.checkpointing_decision(kept, arch, 512, 79.0)[:2] == (False, 3)  # fits without: off
     every = gpu(cfg(method="qlora", **{"training.gradient_checkpointing": "true"}))
@@ -228,13 +231,15 @@ def test_memory_plan_picks_speed_when_it_fits_and_savings_when_not():
                    "training.checkpoint_per_batch": False,
                    "training.optimizer": "adamw_torch_fused",
                    "model.embeddings_on_cpu": False, "training.offload_activations": False,
-                   "training.tiled_mlp": False, "training.cudnn_attention": False}, why
+                   "training.tiled_mlp": False, "training.cudnn_attention": False,
+                   "training.mlp_recompute": 0}, why
     small, why = R.plan(gpu(c), arch, max_tokens=2048, budget_gib=7.5, host_gib=16)  # "an 8 GB card"
     assert small == {"training.gradient_checkpointing": True, "training.checkpoint_layers": "all",
                      "training.checkpoint_per_batch": False,  # offloaded: every layer, every batch
                      "training.optimizer": "paged_adamw_8bit",
                      "model.embeddings_on_cpu": True, "training.offload_activations": True,
-                     "training.tiled_mlp": False, "training.cudnn_attention": False}, why
+                     "training.tiled_mlp": False, "training.cudnn_attention": False,
+                     "training.mlp_recompute": 0}, why
     assert any("embeddings in CPU RAM" in w for w in why) and "of 7.5 GiB" in why[-1]
     assert not any("layers by batch" in w for w in why), why
     # inputs of 2048 tokens (32 layers + final norm + loss): 16 MiB each, pinned
@@ -258,7 +263,8 @@ def test_memory_plan_picks_speed_when_it_fits_and_savings_when_not():
     fixed = cfg(method="qlora", **{"training.micro_batch_size": 1, "training.optimizer": "adamw_torch",
                                     "training.gradient_checkpointing": "true"})
     assert set(R.plan(gpu(fixed), arch, 2048, 7.5, host_gib=16)[0]) == {
-        "model.embeddings_on_cpu", "training.offload_activations", "training.tiled_mlp", "training.cudnn_attention"}
+        "model.embeddings_on_cpu", "training.offload_activations", "training.tiled_mlp", "training.cudnn_attention",
+        "training.mlp_recompute"}  # (at auto: 0, checkpointing was set by hand)
 
 
 def test_preflight_shows_the_memory_plan_for_the_card():
@@ -312,3 +318,71 @@ def test_reentrant_checkpointing_and_allocator_defaults(monkeypatch):
     M.use_allocator()  # the user's own setting is kept
     assert os.environ["PYTORCH_CUDA_ALLOC_CONF"] == "max_split_size_mb:128"
     assert M._fragmentation() == M.FRAGMENTATION
+
+
+def test_mlp_recompute_comes_before_checkpointed_layers():
+    """training.mlp_recompute (auto, one CUDA GPU, fused LoRA): where the plain layers do not fit,
+    the plan first makes the fewest MLPs recompute (a second gate/up matmul on the GPU), and only
+    when every MLP is not enough checkpoints the fewest layers, every other MLP recomputing; each
+    recomputing MLP saves its intermediates (3 x bI a token with liger) of the estimate, and the
+    search's choice fits with headroom where one fewer does not."""
+    c = gpu(cfg(method="qlora", **{"training.micro_batch_size": 1}))
+    assert c.training.fused_lora is True and c.training.mlp_recompute == "auto"
+    arch = E.arch_for(LLAMA)
+    need = M._need(c, arch, 2048)
+    liger = c.training.kernels == "all"
+    mlp, buffer = (3 if liger else 4) * 2 * 14336, (4 if liger else 6) * 2 * 14336  # bytes a token
+    frag = 1 + M.FRAGMENTATION_EXPANDABLE
+    # the first recomputing MLP saves its intermediates less the buffer of its backward (once)
+    assert (need(0, 0) - need(0, 1)) * 2 ** 30 == pytest.approx(2048 * (mlp - buffer) * frag, rel=0.01)
+    assert (need(0, 1) - need(0, 2)) * 2 ** 30 == pytest.approx(2048 * mlp * frag, rel=0.01)
+    tokens = 2048
+    budget = (need(0, 0) + need(0, 32)) / 2 / M.CHECKPOINTING_HEADROOM  # between: MLPs alone are enough
+    on, layers, mlps, why = M.checkpointing_decision(c, arch, tokens, budget)
+    assert on is False and isinstance(mlps, int) and 0 < mlps < 32, why
+    assert need(0, mlps) <= M.CHECKPOINTING_HEADROOM * budget < need(0, mlps - 1)
+    assert f"the MLPs of the last {mlps} of 32 layers recompute" in why and "on the GPU alone" in why
+    budget = need(8, 24) / M.CHECKPOINTING_HEADROOM + 0.01  # below every MLP: layers too
+    on, k, mlps, why = M.checkpointing_decision(c, arch, tokens, budget)
+    assert on is True and k == 8 and mlps == "all", why
+    assert M.fewest_recompute(c, arch, tokens, budget) == (8, 24)
+    assert "on for 8 of 32 layers" in why and "the MLPs of the 24 other layers" in why
+    out, why = R.plan(c, arch, tokens, budget, typical_tokens=tokens)
+    assert out["training.mlp_recompute"] == "all" and out["training.checkpoint_per_batch"] is True
+    # by batch: short batches recompute MLPs alone, long ones checkpoint layers too
+    planned = R.fill(c.model_copy(deep=True), out)
+    layers = M.layers_by_batch(planned, arch, budget, planned.training.checkpoint_layers)
+    assert (layers(256), layers.mlp(256)) == (0, 0)
+    searched = planned.model_copy(deep=True)
+    searched.training.mlp_recompute = "auto"  # (the plan put the embeddings in CPU RAM: fewer layers now)
+    k, m = layers(tokens), layers.mlp(tokens)
+    assert (k, m) == M.fewest_recompute(searched, arch, tokens, budget) and 0 < k <= 8 and k + m == 32
+    by_length = [(layers(n), layers.mlp(n)) for n in range(256, tokens + 1, 64)]
+    assert [k for k, _m in by_length] == sorted(k for k, _m in by_length)
+    assert any(k == 0 and 0 < m < 32 for k, m in by_length), by_length  # MLPs alone for middle lengths
+    # off: the layers alone, as before; and the plan's estimate matches the static config
+    off = gpu(cfg(method="qlora", **{"training.micro_batch_size": 1, "training.mlp_recompute": 0}))
+    assert M.checkpointing_decision(off, arch, tokens, budget)[2] == 0
+    assert M.fewest_recompute(off, arch, tokens, budget)[1] == 0
+    static = gpu(cfg(method="qlora", **{"training.micro_batch_size": 1, "training.mlp_recompute": 5,
+                                         "template.cutoff_len": 2048}))
+    static = R.fill(static, R.unplanned(static))
+    static.training.gradient_checkpointing = False
+    assert M.breakdown(static, arch)["resolved"]["mlp_recompute_layers"] == 5
+    assert M.total_gib(static, arch) == pytest.approx(need(0, 5))
+
+
+def test_mlp_recompute_auto_and_refusals():
+    """auto: 0 on CPU, on several GPUs and without fused LoRA (dropout, DoRA); asked for, it needs
+    fused LoRA layers; tiled MLPs (long rows) leave the plan no MLP to recompute."""
+    assert R.resolve(C.from_dict({"training": {"device": "cpu"}})).training.mlp_recompute == 0
+    assert gpu(cfg(**{"lora.dropout": 0.1})).training.mlp_recompute == 0
+    assert gpu(cfg(**{"training.gpus": 2})).training.mlp_recompute == 0
+    assert gpu(cfg()).training.mlp_recompute == "auto"
+    with pytest.raises(C.ConfigError, match="training.mlp_recompute: needs fused LoRA"):
+        gpu(cfg(**{"training.mlp_recompute": "all", "lora.dropout": 0.1}))
+    with pytest.raises(C.ConfigError, match="training.mlp_recompute: needs fused LoRA"):
+        gpu(cfg(method="full", **{"training.mlp_recompute": "4"}))
+    arch = E.arch_for(LLAMA)
+    long, why = R.plan(gpu(cfg(method="qlora")), arch, max_tokens=65_536, budget_gib=40, host_gib=200)
+    assert long["training.tiled_mlp"] is True and long["training.mlp_recompute"] == 0, why

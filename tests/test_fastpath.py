@@ -678,3 +678,164 @@ def test_layers_by_batch_grow_with_the_batch_up_to_the_plan():
     ks = [layers(n) for n in (256, 1024, 2048, 4096, 8192, 32768)]
     assert ks == sorted(ks) and ks[0] == 0 and ks[-1] == 24, ks  # capped at the plan's count
     assert 0 < layers(4096) < 24 and layers(4096) == memory.fewest_layers(cfg, arch, 4096, 30.0)
+
+
+@pytest.mark.parametrize("method,layers", [("lora", 0), ("qlora", 0), ("lora", 2), ("qlora", 1)])
+def test_mlp_recompute_same_loss_and_grads_less_memory(smoke_run, method, layers):
+    """training.mlp_recompute: the MLPs of the last N layers keep only their input for backward and
+    recompute gate and up there (core.fused_lora.LoRAMLP, one autograd node): the plain path's
+    loss and every LoRA gradient, MLP adapters included, alone and beside checkpointed layers;
+    what the forward keeps falls by at least gate, up and their product a recomputing MLP."""
+    from peft import set_peft_model_state_dict
+
+    from lorastudio.core import fused_lora
+
+    torch.set_num_threads(1)
+    cfg = _cfg(smoke_run, method)
+    cfg.training.fused_lora = True  # its auto default is CUDA only; the maths is the same here
+    cfg.training.gradient_checkpointing = layers != 0
+    cfg.training.checkpoint_layers = layers or "all"
+    tokenizer, template, _m, new_ids = train_lib.load_tokenizer_and_template(cfg)
+    train_ds, *_ = train_lib.prepare_data(cfg, tokenizer, template)
+    batch = dataset_lib.collator(tokenizer, True)([{k: r[k] for k in ("input_ids", "labels")}
+                                                   for r in train_ds.select(range(4))])
+    adapter = load_file(str(smoke_run / "adapter" / "adapter_model.safetensors"))
+    calls = []
+    apply = fused_lora.LoRAMLP.apply
+    out, saved = {}, {}
+    for mlps in (0, "all"):
+        cfg.training.mlp_recompute = mlps
+        model = model_lib.load_for_training(cfg, tokenizer, new_ids)
+        set_peft_model_state_dict(model, adapter)
+        model.train()
+        total = [0]
+
+        def pack(t):
+            if not isinstance(t, torch.nn.Parameter):
+                total[0] += t.numel() * t.element_size()
+            return t
+
+        fused_lora.LoRAMLP.apply = lambda *a: calls.append(1) or apply(*a)
+        try:
+            with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+                loss = model(**batch, use_cache=False).loss
+            loss.backward()
+        finally:
+            fused_lora.LoRAMLP.apply = apply
+        saved[mlps] = total[0]
+        out[mlps] = (loss.detach(), {n: p.grad.clone() for n, p in model.named_parameters() if p.requires_grad})
+    n_layers = model.config.num_hidden_layers
+    assert len(calls) == n_layers - layers  # the checkpointed layers keep their plain MLP
+    torch.testing.assert_close(out["all"][0], out[0][0], rtol=1e-6, atol=1e-6)
+    mlp_grads = [n for n in out[0][1] if "mlp" in n]
+    assert mlp_grads and all(out["all"][1][n].abs().sum() > 0 for n in mlp_grads)
+    for name, g in out[0][1].items():
+        torch.testing.assert_close(out["all"][1][name], g, rtol=1e-5, atol=1e-7, msg=name)
+    L, c = batch["input_ids"].shape[1], model.config
+    assert saved[0] - saved["all"] >= (n_layers - layers) * 3 * L * c.intermediate_size * 4, saved
+
+
+def test_mlp_recompute_falls_back_outside_plain_training(smoke_run):
+    """The recompute is for training alone: eval, no_grad (a reentrant checkpoint's first pass) and
+    a disabled adapter run the plain MLP; the flag off does too."""
+    from lorastudio.core import fused_lora
+
+    torch.set_num_threads(1)
+    cfg = _cfg(smoke_run, "lora")
+    cfg.training.fused_lora = True
+    cfg.training.mlp_recompute = "all"
+    tokenizer, *_ = train_lib.load_tokenizer_and_template(cfg)
+    model = model_lib.load_for_training(cfg, tokenizer, [])
+    mlps = fused_lora.install_mlp(model)  # idempotent
+    assert len(mlps) == model.config.num_hidden_layers and all(m.recompute_mlp for m in mlps)
+    calls = []
+    apply = fused_lora.LoRAMLP.apply
+    fused_lora.LoRAMLP.apply = lambda *a: calls.append(1) or apply(*a)
+    ids = torch.tensor([[1, 2, 3, 4, 5]])
+    try:
+        model.eval()
+        model(input_ids=ids)
+        model.train()
+        with torch.no_grad():
+            model(input_ids=ids)
+        with model.disable_adapter():
+            model(input_ids=ids)
+        fused_lora.set_mlp_recompute(mlps, 0)
+        model(input_ids=ids).logits.sum().backward()
+        assert calls == []
+        fused_lora.set_mlp_recompute(mlps, 1)
+        model(input_ids=ids).logits.sum().backward()
+        assert len(calls) == 1
+    finally:
+        fused_lora.LoRAMLP.apply = apply
+
+
+def test_mlp_wrappers_go_back_on_top_after_a_rebind(smoke_run):
+    """liger-kernel binds its SwiGLU forward to each MLP when Trainer.train() starts, over the
+    tiled MLP and the MLP recompute: fused_lora.rewrap (the trainer's first act in the loop) puts
+    both back, the rebound forward beneath them."""
+    import types
+
+    from lorastudio.core import fused_lora, tiled_mlp
+
+    cfg = _cfg(smoke_run, "lora")
+    cfg.training.fused_lora = True
+    cfg.training.mlp_recompute = "all"
+    cfg.training.tiled_mlp = True
+    tokenizer, *_ = train_lib.load_tokenizer_and_template(cfg)
+    model = model_lib.load_for_training(cfg, tokenizer, [])
+    mlp = model.get_base_model().model.layers[0].mlp
+    assert mlp.forward.__func__ is fused_lora._recompute_forward
+    assert mlp._mlp_inner_forward.__func__ is tiled_mlp._tiled_forward
+
+    def rebound(self, x):
+        return self.down_proj(self.act_fn(self.gate_proj(x)) * self.up_proj(x))
+
+    mlp.__dict__["forward"] = types.MethodType(rebound, mlp)  # what liger's _bind_method_to_module does
+    fused_lora.rewrap(model)
+    assert mlp.forward.__func__ is fused_lora._recompute_forward
+    assert mlp._mlp_inner_forward.__func__ is tiled_mlp._tiled_forward
+    assert mlp._untiled_forward.__func__ is rebound
+    fused_lora.rewrap(model)  # idempotent
+    assert mlp._untiled_forward.__func__ is rebound and mlp._mlp_inner_forward.__func__ is tiled_mlp._tiled_forward
+
+
+def test_recomputing_mlps_follow_each_batch(smoke_run, tmp_path):
+    """checkpoint_per_batch with MLP recompute: the plan's function carries `mlp`, the MLPs that
+    recompute for a batch of that length (the last ones); the trainer sets them before each step
+    and counts steps by (layers, MLPs); losses and gradient norms equal a run without."""
+    from lorastudio.core import fused_lora
+
+    torch.set_num_threads(1)
+    cfg = _cfg(smoke_run, "lora")
+    cfg.training.fused_lora = True
+    cfg.training.max_steps, cfg.training.logging_steps, cfg.training.micro_batch_size = 6, 1, 2
+    cfg.training.grad_accum, cfg.training.save_steps = 1, 10 ** 6
+    tokenizer, template, _m, new_ids = train_lib.load_tokenizer_and_template(cfg)
+    train_ds, *_ = train_lib.prepare_data(cfg, tokenizer, template)
+    sizes = sorted(len(r["input_ids"]) for r in train_ds)
+    cut = sizes[len(sizes) // 2] * 2
+    out, calls = {}, []
+    apply = fused_lora.LoRAMLP.apply
+    fused_lora.LoRAMLP.apply = lambda *a: calls.append(1) or apply(*a)
+    try:
+        for by_batch in (False, True):
+            torch.manual_seed(0)
+            cfg.training.gradient_checkpointing = by_batch
+            cfg.training.mlp_recompute = "all" if by_batch else 0
+            model = model_lib.load_for_training(cfg, tokenizer, new_ids)
+            trainer = train_lib.build_trainer(cfg, tmp_path / f"mlp-{by_batch}", model, tokenizer, template,
+                                              train_ds, None)
+            if by_batch:
+                layers = lambda n: 1 if n > 2 * cut else 0  # noqa: E731
+                layers.mlp = lambda n: 3 if n > cut else 0
+                trainer.checkpoint_by_batch(layers)
+            trainer.train()
+            hist = [h for h in trainer.state.log_history if "loss" in h]
+            out[by_batch] = ([h["loss"] for h in hist], [h["grad_norm"] for h in hist])
+    finally:
+        fused_lora.LoRAMLP.apply = apply
+    assert set(trainer.checkpointed) <= {"0+0m", "0+3m", "1+3m"} and "0+0m" in trainer.checkpointed
+    assert sum(trainer.checkpointed.values()) == 6 and len(calls) % 3 == 0 and calls, trainer.checkpointed
+    assert out[True][0] == pytest.approx(out[False][0], rel=1e-6)
+    assert out[True][1] == pytest.approx(out[False][1], rel=1e-5)
