@@ -13,6 +13,7 @@
 #   SEQ=N bash bench/gpu_speed.sh long-fast-part  # the same one step per call, resumed (3 calls, warm machine)
 #   BUDGETS="8 12 16 24" ROWS2048=1 bash bench/gpu_speed.sh budgets  # issue 17: 8B QLoRA under memory
 #                                     #   budgets and Unsloth on the same rows, one call
+#   CHECK=1 BUDGETS="12 16 24" MLPOFF=12 AGAIN=12 bash bench/gpu_speed.sh budgets  # + MLP recompute probes
 #   BUDGET=6 bash bench/gpu_speed.sh budgets-small  # the same for the 1.5B bf16 LoRA
 #   bash bench/gpu_speed.sh sdpa      # flash vs cuDNN attention on one 348k-token row (bench/sdpa_probe.py)
 # Needs .bench/chat_tokens.jsonl (here: python bench/speed.py prep .bench) and the .whl wheels
@@ -87,7 +88,16 @@ case "$GROUP" in
     # this one call; BUDGETS to pick (default 8 12 16 24), STEPS (default 30), PROFILE=1 adds torch
     # profiler tables of the every-layer checkpointed step, ROWS2048=1 the 1 x 2048 rows in 7.5 GiB;
     # probes: REENTRANT=1 every layer non-reentrant, EMB="12 16" those budgets with embeddings kept on the GPU,
-    # ALLOC=1 no budget under the classic allocator
+    # ALLOC=1 no budget under the classic allocator; MLP recompute (training.mlp_recompute):
+    # CHECK=1 first checks it against the plain MLP on a 0.5B under liger (bench/mlp_check.py),
+    # MLPOFF="12" those budgets with it off (after the peer), MLPALL=1 no budget with every MLP
+    # recomputing (its cost where nothing needs it), AGAIN="12" those budgets once more after the
+    # peer (the spread within the call), PROFILE_BUDGET=12 profiler tables of that budget's step
+    if [ -n "${CHECK:-}" ]; then
+      python3 bench/make_random_model.py qwen2.5-0.5b /tmp/q05 > /dev/null 2>&1
+      python3 bench/mlp_check.py /tmp/q05 > "$LOGS/mlp-check.log" 2>&1; echo "mlp-check rc=$?"
+      grep '^{' "$LOGS/mlp-check.log" || tail -25 "$LOGS/mlp-check.log"
+    fi
     python3 bench/make_random_model.py llama3.1-8b /tmp/m8b
     N=${STEPS:-30}; S=(--steps "$N" --warmup 5)
     M=(--model /tmp/m8b --side fast --method qlora)
@@ -100,6 +110,11 @@ case "$GROUP" in
     for b in ${EMB:-}; do one budget-$b-emb-gpu "${M[@]}" --gpu-mem "$b" --emb-cpu off "${S[@]}"; done
     [ -z "${PROFILE:-}" ] || one gc-all-profile "${M[@]}" --gc on --steps 11 --warmup 4 --profile 2
     peer "${S[@]}"
+    for b in ${MLPOFF:-}; do one budget-$b-mlp-off "${M[@]}" --gpu-mem "$b" --mlp-recompute 0 "${S[@]}"; done
+    [ -z "${MLPALL:-}" ] || one fast-mlp-all "${M[@]}" --mlp-recompute all "${S[@]}"
+    for b in ${AGAIN:-}; do one budget-$b-again "${M[@]}" --gpu-mem "$b" "${S[@]}"; done
+    [ -z "${PROFILE_BUDGET:-}" ] || one budget-$PROFILE_BUDGET-profile "${M[@]}" --gpu-mem "$PROFILE_BUDGET" \
+        --steps 11 --warmup 4 --profile 2
     if [ -n "${ROWS2048:-}" ]; then  # 1 x 2048 random rows: the project within 7.5 GiB, Unsloth as it is
       L=(--seq 2048 --mb 1 --steps 12 --warmup 4)
       one 2048-budget-7.5 "${M[@]}" --gpu-mem 7.5 "${L[@]}"

@@ -157,6 +157,8 @@ def build_fast(a, tokenizer, ds, callbacks):
         training["cudnn_attention"] = a.cudnn_fast == "on"
     if a.reentrant != "default":
         training["checkpoint_reentrant"] = a.reentrant == "on"
+    if a.mlp_recompute != "default":
+        training["mlp_recompute"] = a.mlp_recompute if a.mlp_recompute == "all" else int(a.mlp_recompute)
     template = {"cutoff_len": 1 << 20}
     if a.pad:
         template["pad_to_multiple_of"] = a.pad
@@ -180,6 +182,7 @@ def build_fast(a, tokenizer, ds, callbacks):
     return trainer, {"_cfg": cfg, "memory_plan": plan_line if t.device == "cuda" else None,
                      "optimizer": t.optimizer, "gradient_checkpointing": t.gradient_checkpointing,
                      "checkpoint_layers": t.checkpoint_layers, "checkpoint_reentrant": t.checkpoint_reentrant,
+                     "mlp_recompute": t.mlp_recompute,
                      "embeddings_on_cpu": cfg.model.embeddings_on_cpu, "offload_activations": t.offload_activations,
                      "kernels": t.kernels, "fused_lora": t.fused_lora, "padding_free": cfg.template.padding_free,
                      "tiled_mlp": t.tiled_mlp, "cudnn_attention": t.cudnn_attention,
@@ -304,12 +307,14 @@ def run(a) -> dict:
 
         arch, by_batch = arch_lib.arch_for(a.model), getattr(trainer, "_layers_for", None)
 
-        def at(n):  # the memory model for the batch of n tokens as it ran (its checkpointed layers)
+        def at(n):  # the memory model for the batch of n tokens as it ran (its checkpointed layers, MLPs)
             c = memory.at_tokens(cfg, n)
             if by_batch and by_batch(n):
                 c.training.checkpoint_layers = by_batch(n)
             elif by_batch:
                 c.training.gradient_checkpointing = False
+            if by_batch and hasattr(by_batch, "mlp"):
+                c.training.mlp_recompute = by_batch.mlp(n)
             return memory.total_gib(c, arch)
 
         predicted = round(max(at(n) for n in lengths), 2)
@@ -403,6 +408,8 @@ def main(argv=None) -> int:
     r.add_argument("--gc-layers", type=int, default=-1, help="fast side: training.checkpoint_layers (-1: auto)")
     r.add_argument("--reentrant", default="default", choices=["default", "on", "off"],
                    help="fast side: training.checkpoint_reentrant (default: auto)")
+    r.add_argument("--mlp-recompute", default="default",
+                   help="fast side: training.mlp_recompute (0 off, all, a count; default: auto)")
     r.add_argument("--emb-cpu", default="default", choices=["default", "on", "off"],
                    help="fast side: model.embeddings_on_cpu (default: auto)")
     r.add_argument("--kernels", default="default", help="fast side: off/loss/all/default")
