@@ -23,6 +23,14 @@ class DataError(ValueError):
     """A file-level problem; the message names the file (and row/field where it applies)."""
 
 
+class RowError(ValueError):
+    """One unusable row. `kind` is a short category for summaries; `field` a missing top-level column."""
+
+    def __init__(self, reason: str, kind: str = "invalid row", field: str | None = None):
+        super().__init__(reason)
+        self.reason, self.kind, self.field = reason, kind, field
+
+
 @dataclass
 class Skipped:
     row: int  # 1-based line number (JSONL/txt) or row index (JSON list/CSV/parquet)

@@ -17,7 +17,7 @@ import re
 from typing import Any
 
 from . import data_messages as parts
-from .data_files import DataError, tname
+from .data_files import DataError, RowError, tname
 
 FORMATS = ("openai", "sharegpt", "alpaca", "guanaco", "xtuner", "text")
 DETECT_ROWS = 50  # format detection looks at this many leading rows
@@ -28,12 +28,6 @@ SHAREGPT_ROLES = {"system": "system", "human": "user", "user": "user", "gpt": "a
                   "function_call": "function_call", "observation": "tool", "tool": "tool"}
 
 
-class RowError(ValueError):
-    """One unusable row. `kind` is a short category for summaries; `field` a missing top-level column."""
-
-    def __init__(self, reason: str, kind: str = "invalid row", field: str | None = None):
-        super().__init__(reason)
-        self.reason, self.kind, self.field = reason, kind, field
 
 
 def _is_guanaco(text: str) -> bool:

@@ -15,15 +15,13 @@ from __future__ import annotations
 import json
 from typing import Any
 
-from .data_files import tname
+from .data_files import RowError, tname
 
 REASONING_KEYS = ("reasoning_content", "reasoning", "thinking")  # what data calls an answer's reasoning
 MEDIA_PARTS = {"image", "image_url", "input_image", "audio", "input_audio", "video", "video_url", "file"}
 
 
-def _error(reason: str, kind: str):
-    from .data_formats import RowError
-
+def _error(reason: str, kind: str) -> RowError:
     return RowError(reason, kind)
 
 

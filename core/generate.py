@@ -37,6 +37,9 @@ def build_prompt(tokenizer, template, messages: list[dict], system: str | None =
     msgs = ([{"role": "system", "content": system}] if system else []) + list(messages)
     if template is None:
         return "\n".join(m["content"] for m in msgs)
+    from . import turns
+
+    msgs, _notes = turns.prepare(template, msgs, tokenizer)  # a system prompt goes where training put it
     return template.render(msgs, add_generation_prompt=True, tokenizer=tokenizer)
 
 

@@ -14,6 +14,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
+from . import turns
 from .render import ChatTemplate, TemplateError
 
 @dataclass
@@ -78,7 +79,7 @@ def encode_rows(tokenizer, template: ChatTemplate | None, example: dict, max_len
         if template is None:
             raise TemplateError("a chat example needs a chat template")
         return [_tokenize_row(tokenizer, template, r.text, r.spans, max_length, r.notes)
-                for r in template.rows(example, tokenizer)]
+                for r in turns.rows(template, example, tokenizer)]
     elif "text" in example:
         text = example["text"]
         ids = _eos_appended(tokenizer, tokenizer(text, add_special_tokens=True)["input_ids"])
@@ -198,7 +199,7 @@ def _encode_batch(tokenizer, template, examples: list, max_length, refused=None)
     for k, x in enumerate(examples):
         if "messages" in x:
             try:
-                found = template.rows(x, tokenizer)
+                found = turns.rows(template, x, tokenizer)
             except TemplateError as e:
                 if refused is None:
                     raise

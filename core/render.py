@@ -120,16 +120,3 @@ class ChatTemplate:
 
     def render(self, messages, add_generation_prompt=False, tokenizer=None, tools=None) -> str:
         return render_source(self.source, messages, add_generation_prompt, tokenizer, tools=tools)[0]
-
-    def rows(self, example: dict, tokenizer=None) -> list:
-        """The rows one conversation {"messages", "tools"?} trains as (core.turns.rows)."""
-        from . import turns
-
-        return turns.rows(self, example, tokenizer)
-
-    def render_with_spans(self, messages, tokenizer=None, tools=None) -> tuple[str, list[tuple[int, int]]]:
-        """(text, trained spans) of a conversation that trains as one row."""
-        found = self.rows({"messages": messages, **({"tools": tools} if tools else {})}, tokenizer)
-        if len(found) != 1:
-            raise TemplateError(f"template {self.name!r} trains this conversation as {len(found)} rows, one per answer")
-        return found[0].text, found[0].spans

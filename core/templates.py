@@ -112,7 +112,7 @@ def _infer_eot(template: ChatTemplate, tokenizer) -> str | None:
         if found:
             return max(found, key=len)
         text, spans = render_source(template.source, probe[:2], False, tokenizer, track=True) \
-            if template.has_markers else template.render_with_spans(probe[:2], tokenizer)
+            if template.has_markers else turns.render_with_spans(template, probe[:2], tokenizer)
     except TemplateError:
         return None
     if not spans:
@@ -152,7 +152,7 @@ def _check_prefix_diff(template: ChatTemplate, tokenizer) -> None:
     """The simplest conversation must show an answer; other shapes (a system turn, tools...) are
     checked on the data's own rows, each refusal naming its reason."""
     try:
-        found = template.rows({"messages": _probe_conversations()[0][0]}, tokenizer)
+        found = turns.rows(template, {"messages": _probe_conversations()[0][0]}, tokenizer)
     except TemplateError as e:
         raise TemplateError(
             f"the model's own chat template can't be split into prompt and answer ({e}); "

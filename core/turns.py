@@ -220,3 +220,11 @@ def _rows(template, example: dict, tokenizer, inline: bool) -> list[Row]:
         span = _answer(template, part, i, tokenizer, tools, None)
         out.append(Row(part, text, _finish_spans(text, [span], eot), notes + [SPLIT_NOTE]))
     return out
+
+
+def render_with_spans(template, messages, tokenizer=None, tools=None) -> tuple[str, list[tuple[int, int]]]:
+    """(text, trained spans) of a conversation that trains as one row."""
+    found = rows(template, {"messages": messages, **({"tools": tools} if tools else {})}, tokenizer)
+    if len(found) != 1:
+        raise TemplateError(f"template {template.name!r} trains this conversation as {len(found)} rows, one per answer")
+    return found[0].text, found[0].spans

@@ -183,6 +183,13 @@ def test_preview_n_counts_samples_of_split_rows(tmp_path, qwen_like):
                                               "U: q1<|im_end|>\nA: a1<|im_end|>\nU: q2<|im_end|>\nA: <think>r2</think>a2<|im_end|>\n"]
     assert ["".join(i["text"][s:e] for s, e in i["trained_spans"]) for i in items[:2]] == [
         "<think>r1</think>a1<|im_end|>", "<think>r2</think>a2<|im_end|>"]
+    # the Dataset tab's preview (core.analysis.preview, run by the web app's worker) gives the same
+    from lorastudio.core import analysis
+
+    tab = analysis.preview(str(folder), {"path": str(data)}, "custom", strip.read_text(), n=3, cutoff=1024)
+    assert [(i["row"], i["text"], i["trained_spans"]) for i in tab["samples"]] == \
+        [(i["row"], i["text"], i["trained_spans"]) for i in items]
+    assert tab["samples"][0]["notes"] == items[0]["notes"] and "one row per answer" in items[0]["notes"][0]
 
 
 def test_remote_code_tokenizer_through_the_opt_in(tmp_path):
@@ -212,3 +219,18 @@ def test_remote_code_tokenizer_through_the_opt_in(tmp_path):
     out = preview("--model", str(folder), "--data", str(data), "--json", "--trust-remote-code", env=env)
     assert out.returncode == 0, out.stderr
     assert mark.read_text() == "ProbeTokenizer" and "Hello." in json.loads(out.stdout)[0]["text"]
+
+
+def test_chat_prompt_folds_the_system_message_as_training_did():
+    """Chat uses the training template: a system prompt with a template that has no system role
+    lands in the first user turn, as it did in training, instead of failing."""
+    from lorastudio.core import generate, templates
+    from lorastudio.core import model as model_lib
+
+    tok = model_lib.load_tokenizer("builtin:tiny")
+    gemma = templates.resolve_template(tok, "custom", custom_jinja=(
+        "{%- for m in messages %}{%- if m.role == 'system' %}{{ raise_exception('System role not supported') }}"
+        "{%- endif %}{{ '<start_of_turn>' + m.role + '\\n' + m.content + '<end_of_turn>\\n' }}{%- endfor %}"
+        "{%- if add_generation_prompt %}{{ '<start_of_turn>model\\n' }}{%- endif %}"))
+    prompt = generate.build_prompt(tok, gemma, [{"role": "user", "content": "Hi"}], system="Be brief.")
+    assert prompt == "<start_of_turn>user\nBe brief.\n\nHi<end_of_turn>\n<start_of_turn>model\n"

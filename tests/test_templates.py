@@ -241,7 +241,7 @@ def test_every_named_template_with_qwen_tokenizer(name):
     assert len(eot_ids) == 1
     trained = [i for i, m in zip(enc.input_ids, enc.mask) if m]
     assert trained.count(eot_ids[0]) == 2
-    assert template.render(msgs[:2], add_generation_prompt=True, tokenizer=tok)
+    assert template.render(msgs[1:2] if name == "mistral-v0.1" else msgs[:2], add_generation_prompt=True, tokenizer=tok)
 
 
 # --- custom templates: sandbox and errors ------------------------------------------------------
@@ -323,6 +323,21 @@ def test_auto_falls_back_to_prefix_diff_or_asks_for_a_named_template():
     template.train_on, template.reasoning = "all", "strip"  # no reasoning left: one row, every answer
     (enc,) = encode_rows(tok, template, {"messages": convo})
     assert split_decode(tok, enc)[0] == "".join(m["content"] + "<|im_end|>" for m in MULTI if m["role"] == "assistant")
+    template.reasoning = "keep"  # it strips reasoning even when written into the answer: refused, saying why
+    with pytest.raises(TemplateError, match="removes the reasoning of earlier answers even when it is written"):
+        encode_rows(tok, template, {"messages": convo})
+
+
+@pytest.mark.parametrize("family", ["qwen2.5", "llama2-chat"])  # a marked template, and prefix diff
+def test_train_on_last_trains_only_the_final_answer(family):
+    tok = load(family)
+    template = resolve_template(tok, "auto", train_on="last")
+    (enc,) = encode_rows(tok, template, {"messages": MULTI})
+    trained, untrained = split_decode(tok, enc)
+    answers = [m["content"] for m in MULTI if m["role"] == "assistant"]
+    assert answers[-1] in trained and not any(a in trained for a in answers[:-1])
+    assert all(a in untrained for a in answers[:-1])
+    assert enc.text == tok.apply_chat_template(MULTI, tokenize=False)
 
 
 # --- pretraining text and truncation -----------------------------------------------------------

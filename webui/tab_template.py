@@ -10,8 +10,8 @@ from .helpers import err_md, error_text, highlight_pieces, parse_sources, readab
 
 # core.template_names.NAMED, spelled out: importing it loads transformers, and building the
 # app must not (tests/test_webui_handlers.py checks the two lists agree)
-NAMED = ["chatml", "qwen", "llama2", "llama3", "mistral", "gemma", "phi3", "zephyr", "vicuna", "alpaca",
-         "deepseek", "internlm2", "smollm", "plain"]
+NAMED = ["chatml", "qwen", "llama2", "llama3", "llama3.1", "llama3.2", "mistral", "mistral-v0.1", "gemma", "phi3",
+         "zephyr", "vicuna", "alpaca", "deepseek", "internlm2", "smollm", "plain"]
 
 
 def template_choices() -> list[str]:
