@@ -92,7 +92,8 @@ case "$GROUP" in
     # CHECK=1 first checks it against the plain MLP on a 0.5B under liger (bench/mlp_check.py),
     # MLPOFF="12" those budgets with it off (after the peer), MLPALL=1 no budget with every MLP
     # recomputing (its cost where nothing needs it), AGAIN="12" those budgets once more after the
-    # peer (the spread within the call), PROFILE_BUDGET=12 profiler tables of that budget's step
+    # peer (the spread within the call), PROFILE_BUDGET=12 profiler tables of that budget's step,
+    # OPT8="12" those budgets with 8-bit AdamW forced (core.optim's: is it cheaper than recompute?)
     if [ -n "${CHECK:-}" ]; then
       python3 bench/make_random_model.py qwen2.5-0.5b /tmp/q05 > /dev/null 2>&1
       python3 bench/mlp_check.py /tmp/q05 > "$LOGS/mlp-check.log" 2>&1; echo "mlp-check rc=$?"
@@ -120,6 +121,7 @@ case "$GROUP" in
       one 2048-budget-7.5 "${M[@]}" --gpu-mem 7.5 "${L[@]}"
       peer "${L[@]}" --label unsloth-2048
     fi
+    for b in ${OPT8:-}; do one budget-$b-adamw8bit "${M[@]}" --gpu-mem "$b" --optim adamw_bnb_8bit "${S[@]}"; done
     ;;
   budgets-small)  # issue 17: Qwen2.5-1.5B shape, bf16 LoRA, chat rows: the project with no budget
     # and within BUDGET GiB (default 6), Unsloth's LoRA path, this one call

@@ -152,7 +152,7 @@ class TrainingSection(_Section):
     warmup_ratio: float = Field(0.03, ge=0, lt=1)
     weight_decay: float = Field(0.0, ge=0, le=10)
     max_grad_norm: float = Field(1.0, gt=0, le=1e6)
-    # auto: adamw_torch_fused on one GPU (paged_adamw_8bit when the run would not fit otherwise), else adamw_torch
+    # auto: adamw_torch_fused on one GPU (adamw_bnb_8bit, 8-bit state, when the run would not fit otherwise), else adamw_torch
     optimizer: str = Field("auto", pattern=r"^[a-z0-9_]{1,64}$")
     neftune_alpha: float | None = Field(None, gt=0, le=1000)  # noisy embeddings (5 is common); None = off
     # recompute activations in backward: less memory, slower steps. auto: off on CPU (12x slower

@@ -152,9 +152,8 @@ def resolve(cfg: RunConfig, machine: Machine | None = None) -> RunConfig:
         t.cudnn_attention = False  # CUDA: stage 3
     if t.optimizer == "auto" and (device != "cuda" or sharded):
         # sharded runs: plain torch AdamW (state sharded with the params). One GPU: stage 3 picks
-        # torch's fused AdamW, one kernel for every LoRA tensor (bitsandbytes' paged AdamW steps
-        # tensor by tensor through managed memory: 0.58 vs 0.38 s a step on an 8B QLoRA, H200,
-        # docs/BENCHMARKS.md), or paged_adamw_8bit when memory is short.
+        # torch's fused AdamW, one kernel for every LoRA tensor, or bitsandbytes' 8-bit AdamW
+        # (adamw_bnb_8bit, stepped by core.optim without a sync per tensor) when memory is short.
         t.optimizer = "adamw_torch"
     if device != "cuda" or cfg.method != "qlora":
         cfg.model.embeddings_on_cpu = bool(cfg.model.embeddings_on_cpu is True)
@@ -244,7 +243,7 @@ def plan(cfg: RunConfig, arch: dict | None, max_tokens: int, budget_gib: float,
     """The auto memory settings of a one-GPU CUDA run (cfg resolved for its machine), fastest
     first, given its largest micro-batch (max_tokens) and the memory it may use (budget_gib):
     checkpointing off if that fits with headroom (else QLoRA embeddings in CPU RAM first, then the
-    fewest checkpointed layers that fit); fused AdamW if it fits, else paged_adamw_8bit; QLoRA
+    fewest checkpointed layers that fit); fused AdamW if it fits, else adamw_bnb_8bit; QLoRA
     embeddings in CPU RAM if still short; activations in CPU RAM only if still short and
     the host's available RAM (host_gib, read from the OS when None) holds them; tiled MLP and cuDNN
     attention from memory.LONG_ROW_TOKENS. typical_tokens (a typical micro-batch; default
@@ -309,7 +308,7 @@ def plan(cfg: RunConfig, arch: dict | None, max_tokens: int, budget_gib: float,
     if t.optimizer == "auto":
         c.training.optimizer = "adamw_torch_fused"
     # the cheaper saving first: the (frozen) embedding table in CPU RAM costs a gather and a few
-    # MB copied a step; paged 8-bit AdamW steps tensor by tensor (0.58 vs 0.38 s a step, 8B)
+    # MB copied a step; 8-bit AdamW launches a kernel per tensor (448 on the 8B's LoRA)
     if cfg.model.embeddings_on_cpu == "auto":  # (not decided above)
         need = memory.total_gib(c, arch)
         cpu = cfg.method == "qlora" and need > budget_gib and not arch.get("tie_word_embeddings")
@@ -320,8 +319,8 @@ def plan(cfg: RunConfig, arch: dict | None, max_tokens: int, budget_gib: float,
     if t.optimizer == "auto":
         need = memory.total_gib(c, arch)
         if need > budget_gib:
-            c.training.optimizer = "paged_adamw_8bit"
-            why.append(f"optimizer paged_adamw_8bit: fused AdamW would need ~{need:.1f} GiB of {budget_gib:.1f}")
+            c.training.optimizer = "adamw_bnb_8bit"
+            why.append(f"optimizer adamw_bnb_8bit: fused AdamW would need ~{need:.1f} GiB of {budget_gib:.1f}")
         out["training.optimizer"] = c.training.optimizer
     if t.offload_activations == "auto":
         need = memory.total_gib(c, arch)

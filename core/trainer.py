@@ -84,6 +84,14 @@ def trainer_class(offload_activations: bool):
             fused_lora.rewrap(self.model)
             return super()._inner_training_loop(*args, **kwargs)
 
+        @staticmethod
+        def get_optimizer_cls_and_kwargs(args, model=None):
+            # bitsandbytes' 8-bit AdamW without its device sync after every tensor (core.optim)
+            from . import optim
+
+            cls, kwargs = Trainer.get_optimizer_cls_and_kwargs(args, model)
+            return optim.without_syncs(cls), kwargs
+
         def floating_point_ops(self, inputs):
             main = getattr(self.model, "main_input_name", "input_ids")
             if self._n_params is None:

@@ -236,7 +236,7 @@ def test_memory_plan_picks_speed_when_it_fits_and_savings_when_not():
     small, why = R.plan(gpu(c), arch, max_tokens=2048, budget_gib=7.5, host_gib=16)  # "an 8 GB card"
     assert small == {"training.gradient_checkpointing": True, "training.checkpoint_layers": "all",
                      "training.checkpoint_per_batch": False,  # offloaded: every layer, every batch
-                     "training.optimizer": "paged_adamw_8bit",
+                     "training.optimizer": "adamw_bnb_8bit",
                      "model.embeddings_on_cpu": True, "training.offload_activations": True,
                      "training.tiled_mlp": False, "training.cudnn_attention": False,
                      "training.mlp_recompute": 0}, why
@@ -272,7 +272,7 @@ def test_preflight_shows_the_memory_plan_for_the_card():
     out = subprocess.run([sys.executable, "-m", "lorastudio.cli", "estimate", "presets/llama3_1_8b_qlora.yaml",
                           "--gpu-mem", "8GB"], cwd=ROOT, capture_output=True, text=True, timeout=120)
     assert out.returncode in (0, 1), out.stderr  # 1 = does not fit (without liger-kernel's fused loss it does not)
-    assert "memory plan on this card" in out.stdout and "optimizer=paged_adamw_8bit" in out.stdout
+    assert "memory plan on this card" in out.stdout and "optimizer=adamw_bnb_8bit" in out.stdout
     assert "embeddings_on_cpu=True" in out.stdout
     big = E.estimate(cfg(method="qlora"), detect=False, gpu_mem_gib=80)
     assert big["plan"]["settings"]["training.gradient_checkpointing"] is False
