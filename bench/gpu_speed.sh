@@ -86,7 +86,8 @@ case "$GROUP" in
   budgets)  # issue 17: 8B QLoRA chat rows under memory budgets (training.gpu_memory_gib), the
     # project and Unsloth (../shared/peers harness, carried as .peer/: its wheels in .peer/w) in
     # this one call; BUDGETS to pick (default 8 12 16 24), STEPS (default 30), PROFILE=1 adds torch
-    # profiler tables of the every-layer checkpointed step, ROWS2048=1 the 1 x 2048 rows in 7.5 GiB;
+    # profiler tables of the every-layer checkpointed step, ROWS2048=1 the 1 x 2048 rows in 7.5 GiB
+    # (ROWS2048_FAST=1 also without a budget);
     # probes: REENTRANT=1 every layer non-reentrant, EMB="12 16" those budgets with embeddings kept on the GPU,
     # ALLOC=1 no budget under the classic allocator; MLP recompute (training.mlp_recompute):
     # CHECK=1 first checks it against the plain MLP on a 0.5B under liger (bench/mlp_check.py),
@@ -118,6 +119,7 @@ case "$GROUP" in
         --steps 11 --warmup 4 --profile 2
     if [ -n "${ROWS2048:-}" ]; then  # 1 x 2048 random rows: the project within 7.5 GiB, Unsloth as it is
       L=(--seq 2048 --mb 1 --steps 12 --warmup 4)
+      [ -z "${ROWS2048_FAST:-}" ] || one 2048-fast "${M[@]}" "${L[@]}"  # (no budget: the plentiful case)
       one 2048-budget-7.5 "${M[@]}" --gpu-mem 7.5 "${L[@]}"
       peer "${L[@]}" --label unsloth-2048
     fi
