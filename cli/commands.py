@@ -72,7 +72,13 @@ def build_parser() -> argparse.ArgumentParser:
     _add_scale_flags(p)
     p.set_defaults(func=cmd_train)
 
-    p = sub.add_parser("estimate", help="peak VRAM and time estimate of a config: fits or not, what to change")
+    p = sub.add_parser("estimate", help="peak VRAM and time estimate of a config: fits or not, what to change",
+                       description="Peak VRAM by component before anything is downloaded. On a named (or detected) "
+                       "card, the verdict is the memory plan's: the settings training would pick there "
+                       "(checkpointing, 8-bit AdamW, embeddings or activations in CPU RAM), what each costs "
+                       "in speed, and whether the run then fits.",
+                       epilog="exit status: 0 fits (or no card to compare with), 1 does not fit even with the "
+                       "memory plan (the output lists changes that would), 2 bad input (config, --set, --gpu-mem)")
     p.add_argument("config")
     p.add_argument("--gpu-mem", metavar="SIZE", help="the card to check against, e.g. 24GB (default: the detected GPU)")
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override a config value")

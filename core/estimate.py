@@ -1,8 +1,10 @@
 """Pre-flight estimate for a RunConfig: peak GPU memory by component (core.memory, on the config
-as core.resolve fills it for a CUDA card before any data is known), whether it fits a card,
-concrete changes when it does not, the memory plan the training child would pick on that card,
-and time per epoch from measured throughput. No torch at import, no weights read; the words
-people read live in the web app (webui.estimate_view) and the CLI (cli.estimate_text)."""
+as core.resolve fills it for a CUDA card before any data is known), the memory plan the training
+child would pick on a named card and the one verdict that follows (fits with the plan or not,
+what each planned setting costs in speed), concrete changes when even the plan does not fit, and
+time per epoch from measured throughput. No torch at import, no weights read. The layout people
+read lives in the web app (webui.estimate_view) and the CLI (cli.estimate_text); the words for
+each planned setting are data made here, so both say the same."""
 
 from __future__ import annotations
 
@@ -11,20 +13,22 @@ import subprocess
 
 from . import resolve
 from .arch import EstimateError, arch_for
+from . import memory
 from .memory import GIB, breakdown, round_gib, total_gib
 
 __all__ = ["EstimateError", "arch_for", "estimate", "suggestions", "start_warnings", "detect_gpu", "parse_gpu_mem"]
 
-# Measured training throughput, tokens/s, per (params class, method, card). Only figures in
-# docs/BENCHMARKS.md are listed; anything else is "unmeasured". The 0.5B QLoRA figure was measured
-# at tiny sequence lengths (mean 36 tokens), so it understates longer samples; the rest are the
-# default path on real chat lengths (mean 194 tokens, 8 samples a step), r=64 on 7 projections.
-_CHAT = "docs/BENCHMARKS.md, Training speed: real chat lengths, 8 samples/step, r=64 on 7 projections"
+# Measured training throughput, tokens/s, per (params class, method, card), with memory to spare.
+# Only figures in docs/BENCHMARKS.md are listed; anything else is "unmeasured". The 0.5B QLoRA
+# figure was measured at tiny sequence lengths (mean 36 tokens), so it understates longer samples;
+# the rest are the default path on real chat lengths (mean 194 tokens, 8 samples a step), r=64 on
+# 7 projections. "source" is read by people: what was measured, not where it is written down.
+_CHAT = "chat rows of ~194 tokens, 8 a step, r=64 on 7 projections"
 THROUGHPUT: dict[tuple[str, str, str], dict] = {
-    ("0.5B", "qlora", "H200"): {"tokens_per_s": 366, "source": "docs/BENCHMARKS.md, QLoRA on CUDA (smoke, short samples)"},
-    ("0.5B", "lora", "H200"): {"tokens_per_s": 10427, "source": _CHAT + ", Qwen2.5-0.5B shape"},
-    ("1.5B", "lora", "H200"): {"tokens_per_s": 7641, "source": _CHAT + ", Qwen2.5-1.5B shape (the slower of two runs)"},
-    ("7B", "qlora", "H200"): {"tokens_per_s": 5101, "source": _CHAT + ", Llama-3.1-8B shape (the slowest of four runs)"},
+    ("0.5B", "qlora", "H200"): {"tokens_per_s": 366, "source": "a QLoRA smoke run on short samples (~36 tokens)"},
+    ("0.5B", "lora", "H200"): {"tokens_per_s": 10427, "source": "Qwen2.5-0.5B shape, " + _CHAT},
+    ("1.5B", "lora", "H200"): {"tokens_per_s": 7641, "source": "Qwen2.5-1.5B shape, " + _CHAT + "; the slower of two runs"},
+    ("7B", "qlora", "H200"): {"tokens_per_s": 5101, "source": "Llama-3.1-8B shape, " + _CHAT + "; the slowest of four runs"},
 }
 
 
@@ -103,7 +107,7 @@ def parse_gpu_mem(text: str | float | int | None) -> float | None:
 
 
 def _params_class(n: int) -> str:
-    for label, limit in (("0.5B", 0.8e9), ("1.5B", 2.5e9), ("3B", 4.5e9), ("7B", 9.5e9), ("14B", 2e10)):
+    for label, limit in (("tiny", 0.1e9), ("0.5B", 0.8e9), ("1.5B", 2.5e9), ("3B", 4.5e9), ("7B", 9.5e9), ("14B", 2e10)):
         if n < limit:
             return label
     return "large"
@@ -118,11 +122,77 @@ def _card_class(name: str | None) -> str | None:
     return None
 
 
+def _planned(stage2, arch: dict, tokens: int, gpu_mem_gib: float):
+    """The config the training child's memory plan would run on this card (worst case: every
+    micro-batch full), with its settings and reasons: (config, settings, reasons)."""
+    decided, why = resolve.plan(stage2, arch, tokens, gpu_mem_gib)
+    return resolve.fill(memory.at_tokens(stage2, tokens), decided), decided, why
+
+
+def _plannable(cfg, gpu_mem_gib) -> bool:
+    """Whether the training child plans memory for this run on a named card (one CUDA GPU)."""
+    return gpu_mem_gib is not None and cfg.training.device != "cpu" and cfg.training.gpus == 1
+
+
+def peak_gib(cfg, arch: dict, gpu_mem_gib: float | None) -> float:
+    """The peak the verdict is about: with the memory plan on a named one-GPU card, else the
+    static figure (for_estimate)."""
+    if not _plannable(cfg, gpu_mem_gib):
+        return total_gib(resolve.for_estimate(cfg), arch)
+    stage2 = resolve.resolve(cfg, resolve.assumed(cfg.training.device))
+    tokens = stage2.template.cutoff_len * stage2.training.micro_batch_size
+    return total_gib(_planned(stage2, arch, tokens, gpu_mem_gib)[0], arch)
+
+
+def plan_changes(planned, decided: dict, arch: dict) -> list[dict]:
+    """What the plan's settings do and what each costs in speed, as people read them:
+    [{setting, text, cost, slower}], the settings that change something (off values are omitted)."""
+    L = memory.dims(arch)["L"]
+    t = planned.training
+    out = []
+    if "training.gradient_checkpointing" in decided:
+        k = memory.checkpointed_layers(planned, L)
+        if k:
+            by_batch = " (each micro-batch only as many as its length needs)" if t.checkpoint_per_batch is True else ""
+            out.append(dict(setting="training.gradient_checkpointing",
+                            text=f"gradient checkpointing on {'every layer' if k == L else f'{k} of {L} layers'}{by_batch}",
+                            cost=f"up to ~{k / L / 3:.0%} more compute a step (each of those layers runs its forward twice)",
+                            slower=True))
+        else:
+            out.append(dict(setting="training.gradient_checkpointing", text="no gradient checkpointing",
+                            cost="no cost (no layer runs its forward twice)", slower=False))
+    m = memory.breakdown(planned, arch)["resolved"]["mlp_recompute_layers"]
+    if decided.get("training.mlp_recompute") and m:
+        out.append(dict(setting="training.mlp_recompute", text=f"the MLPs of {m} layers recompute gate and up in backward",
+                        cost=f"~{m / L * memory._mlp_cost(arch):.0%} more compute a step, on the GPU alone", slower=True))
+    if "8bit" in decided.get("training.optimizer", ""):
+        out.append(dict(setting="training.optimizer", text=f"8-bit AdamW ({decided['training.optimizer']})",
+                        cost="each optimizer step takes a few ms longer (its state is a quarter the size)", slower=True))
+    if decided.get("model.embeddings_on_cpu"):
+        out.append(dict(setting="model.embeddings_on_cpu", text="the embedding table in CPU RAM",
+                        cost="small: a lookup on the CPU and a few MB copied to the GPU each step", slower=True))
+    if decided.get("training.offload_activations"):
+        out.append(dict(setting="training.offload_activations",
+                        text=f"checkpointed activations in CPU RAM (~{memory.offloaded_gib(planned, arch):.1f} GiB)",
+                        cost="every checkpointed layer's input is copied to CPU RAM and back each step", slower=True))
+    if decided.get("training.tiled_mlp"):
+        out.append(dict(setting="training.tiled_mlp", text="MLPs computed in tiles (long rows)",
+                        cost="each tile is recomputed in backward", slower=True))
+    if decided.get("training.cudnn_attention"):
+        out.append(dict(setting="training.cudnn_attention", text="cuDNN attention (long rows)",
+                        cost="none: faster on rows this long", slower=False))
+    return out
+
+
 def estimate(cfg, arch: dict | None = None, gpu_mem_gib: float | None = None, *, detect: bool = True,
              dataset_tokens: int | None = None) -> dict:
-    """Peak GPU memory (GiB, by component), fits or not, suggestions, time per epoch.
+    """Peak GPU memory (GiB, by component), the verdict on a card, suggestions, time per epoch.
 
-    gpu_mem_gib: the card to compare with; None: the detected GPU (unless detect=False)."""
+    gpu_mem_gib: the card to compare with; None: the detected GPU (unless detect=False).
+    components/total_gib: the static settings (checkpointing on, fused AdamW, all on the GPU),
+    the figure without a card. On a named one-GPU CUDA card, "plan" holds what the training
+    child's memory plan would run there (settings, what each costs, its own components and peak),
+    and fits is the plan's: one verdict, whichever figure is printed beside it."""
     if arch is None:
         arch = arch_for(cfg.model.name_or_path)
     machine_stage = resolve.resolve(cfg, resolve.assumed(cfg.training.device))  # the plan starts here
@@ -136,14 +206,20 @@ def estimate(cfg, arch: dict | None = None, gpu_mem_gib: float | None = None, *,
     fits = None if gpu_mem_gib is None else total <= gpu_mem_gib
     out = dict(model=cfg.model.name_or_path, method=cfg.method, bits=cfg.quantization.bits,
                components=comp_gib, total_gib=total, total_rounded=round_gib(total),
-               gpu_mem_gib=gpu_mem_gib, gpu_name=gpu_name, fits=fits,
+               gpu_mem_gib=gpu_mem_gib, gpu_name=gpu_name, fits=fits, static_fits=fits,
                params_total=br["params_total"], params_trainable=br["params_trainable"],
                lora_targets=br["lora_targets"], tokens_per_step=br["tokens_per_step"], resolved=br["resolved"],
                suggestions=[])
-    if gpu_mem_gib is not None and cfg.training.device != "cpu" and cfg.training.gpus == 1:
+    if _plannable(cfg, gpu_mem_gib):
         # what the training child's memory plan would pick on this card (worst case: full rows)
-        decided, why = resolve.plan(machine_stage, arch, br["tokens_per_step"], gpu_mem_gib)
-        out["plan"] = {"settings": decided, "reasons": why}
+        planned, decided, why = _planned(machine_stage, arch, br["tokens_per_step"], gpu_mem_gib)
+        pbr = breakdown(planned, arch)
+        pcomp = {k: v / GIB for k, v in pbr["components"].items()}
+        ptotal = sum(pcomp.values())
+        out["plan"] = {"settings": decided, "reasons": why, "changes": plan_changes(planned, decided, arch),
+                       "components": pcomp, "total_gib": ptotal, "total_rounded": round_gib(ptotal),
+                       "resolved": pbr["resolved"], "fits": ptotal <= gpu_mem_gib}
+        out["fits"] = fits = out["plan"]["fits"]
     if fits is False:
         out["suggestions"] = suggestions(cfg, arch, gpu_mem_gib)
     out["time"] = time_estimate(cfg, br["params_total"], gpu_name, dataset_tokens)
@@ -163,7 +239,8 @@ def _with(cfg, **overrides):
 
 
 def suggestions(cfg, arch: dict, gpu_mem_gib: float) -> list[dict]:
-    """Concrete changes, each with its `--set` overrides and new estimated total; best first."""
+    """Concrete changes, each with its `--set` overrides and new estimated peak (with the memory
+    plan where the verdict uses it, peak_gib); best first."""
     out: list[dict] = []
     t = cfg.training
 
@@ -172,7 +249,7 @@ def suggestions(cfg, arch: dict, gpu_mem_gib: float) -> list[dict]:
             new = _with(cfg, **ov)
         except Exception:  # noqa: BLE001 - an override that doesn't validate is not a suggestion
             return
-        total = total_gib(resolve.for_estimate(new), arch)
+        total = peak_gib(new, arch, gpu_mem_gib)
         sets = [f"{k.replace('__', '.')}={json.dumps(v) if not isinstance(v, str) else v}" for k, v in ov.items()]
         out.append(dict(text=text, set=sets, total_gib=total, fits=total <= gpu_mem_gib))
 
@@ -186,7 +263,7 @@ def suggestions(cfg, arch: dict, gpu_mem_gib: float) -> list[dict]:
     cut = cfg.template.cutoff_len
     while cut > 256:
         cut //= 2
-        if total_gib(resolve.for_estimate(_with(cfg, template__cutoff_len=cut)), arch) <= gpu_mem_gib or cut <= 256:
+        if peak_gib(_with(cfg, template__cutoff_len=cut), arch, gpu_mem_gib) <= gpu_mem_gib or cut <= 256:
             add(f"lower cutoff_len to {cut} (longer samples are truncated; check the preview's truncated count)",
                 template__cutoff_len=cut)
             break
@@ -206,7 +283,7 @@ def suggestions(cfg, arch: dict, gpu_mem_gib: float) -> list[dict]:
         if cfg.method != "qlora":
             combo["method"] = "qlora"
         cut = cfg.template.cutoff_len
-        while cut > 256 and total_gib(resolve.for_estimate(_with(cfg, template__cutoff_len=cut, **combo)), arch) > gpu_mem_gib:
+        while cut > 256 and peak_gib(_with(cfg, template__cutoff_len=cut, **combo), arch, gpu_mem_gib) > gpu_mem_gib:
             cut //= 2
         if cut != cfg.template.cutoff_len:
             combo["template__cutoff_len"] = cut

@@ -9,26 +9,45 @@ from lorastudio.core.memory import LABELS
 TINY_NOTE = "VRAM estimate: the embedded tiny model (builtin:tiny) needs well under 1 GiB; it trains on CPU too."
 
 
+def _card(est: dict) -> str:
+    return f"{est['gpu_mem_gib']:.0f} GiB" + (f" {est['gpu_name']}" if est.get("gpu_name") else "")
+
+
 def headline(est: dict) -> str:
-    head = f"estimated peak VRAM: {est['total_rounded']} GiB"
+    """The one verdict (the CLI's words): on a named one-GPU card, the memory plan's peak and fit."""
     if est["fits"] is None:
-        return head + " (no GPU detected; name a card to compare)"
-    card = f"{est['gpu_mem_gib']:.0f} GiB" + (f" {est['gpu_name']}" if est.get("gpu_name") else "")
-    return head + (f": fits the {card} card" if est["fits"] else f": does NOT fit the {card} card")
+        return f"estimated peak VRAM: {est['total_rounded']} GiB (no GPU detected; name a card to compare)"
+    plan = est.get("plan")
+    if plan is None:
+        return (f"estimated peak VRAM: {est['total_rounded']} GiB: "
+                + (f"fits the {_card(est)} card" if est["fits"] else f"does NOT fit the {_card(est)} card"))
+    if est["fits"]:
+        return f"fits the {_card(est)} card with the memory plan below: estimated peak {plan['total_rounded']} GiB"
+    return (f"does NOT fit the {_card(est)} card, even with the memory plan below "
+            f"(estimated peak {plan['total_rounded']} GiB)")
 
 
 def format_markdown(est: dict) -> str:
-    rows = "\n".join(f"| {LABELS.get(k, k)} | {v:.2f} GiB |" for k, v in est["components"].items())
-    md = f"**{headline(est)}**\n\n| component | GiB |\n|---|---|\n{rows}\n| **total** | **{est['total_gib']:.2f} GiB** |"
+    plan = est.get("plan")
+    comp, total = (plan["components"], plan["total_gib"]) if plan else (est["components"], est["total_gib"])
+    rows = "\n".join(f"| {LABELS.get(k, k)} | {v:.2f} GiB |" for k, v in comp.items())
+    md = f"**{headline(est)}**"
+    if plan:
+        md += ("\n\nMemory plan on this card (what training picks; every micro-batch at full length):\n"
+               + "\n".join(f"- {c['text']} — speed: {c['cost']}" for c in plan["changes"])
+               + f"\n\nFor comparison, every layer checkpointed with fused AdamW, all on the GPU: "
+                 f"{est['total_rounded']} GiB.")
+    md += f"\n\n| component | GiB |\n|---|---|\n{rows}\n| **total** | **{total:.2f} GiB** |"
     if est["suggestions"]:
         md += "\n\nTo fit:\n" + "\n".join(f"- {s['text']}: {s['total_gib']:.1f} GiB" + (" ✓" if s["fits"] else "")
                                            for s in est["suggestions"])
-    if est.get("plan") and est["plan"]["settings"]:
-        md += "\n\nMemory plan on this card (the auto settings; full-length rows): " + ", ".join(
-            f"`{k.split('.')[-1]}: {v}`" for k, v in est["plan"]["settings"].items()) + f" — {est['plan']['reasons'][-1]}"
     tm = est["time"]
-    md += "\n\n" + (f"Throughput: {tm['tokens_per_s']} tokens/s on {tm['card']} (measured)" if tm["status"] == "measured"
-                    else f"Time per epoch: unmeasured for {tm['params_class']} {tm['method']}")
+    if tm["status"] == "measured":
+        md += (f"\n\nThroughput: {tm['tokens_per_s']:,} tokens/s measured on an {tm['card']} with memory to spare"
+               + ("; slower with the memory plan's settings" if plan and any(c["slower"] for c in plan["changes"])
+                  else ""))
+    else:
+        md += f"\n\nTime per epoch: unmeasured for {tm['params_class']} {tm['method']}"
     return md
 
 
@@ -45,7 +64,8 @@ def estimate_markdown(cfg_or_dict, gpu_mem: str | float | None = None) -> str:
 
 def model_markdown(name_or_path: str, gpu_mem: str | float | None = None) -> str:
     """UI helper for the Model tab: peak VRAM of LoRA, QLoRA and full fine-tuning of this model at
-    the default knobs (cutoff 1024, micro-batch 4); never raises."""
+    the default knobs (cutoff 1024, micro-batch 4), on a card with its memory plan (the Train
+    tab's verdict); never raises."""
     name = (name_or_path or "").strip() or "builtin:tiny"
     if name == "builtin:tiny":
         return TINY_NOTE
@@ -57,9 +77,11 @@ def model_markdown(name_or_path: str, gpu_mem: str | float | None = None) -> str
             cfg = RunConfig.model_validate({"model": {"name_or_path": name}, "method": method})
             est = estimate.estimate(cfg, arch, gpu_mem_gib=gpu, detect=gpu is None)
             fit = "" if est["fits"] is None else (" ✓ fits" if est["fits"] else " ✗ does not fit")
-            rows.append(f"| {method} | {est['total_rounded']} GiB{fit} |")
+            peak = est["plan"]["total_rounded"] if est.get("plan") else est["total_rounded"]  # the verdict's figure
+            rows.append(f"| {method} | {peak} GiB{fit} |")
         card = est["gpu_mem_gib"]
-        head = f"**Estimated peak VRAM** (cutoff 1024, micro-batch 4{f', vs {card:.0f} GiB' if card else ''})"
+        vs = f", on {card:.0f} GiB with the memory plan training picks there" if card else ""
+        head = f"**Estimated peak VRAM** (cutoff 1024, micro-batch 4{vs})"
         return head + "\n\n| method | peak |\n|---|---|\n" + "\n".join(rows)
     except (estimate.EstimateError, ValueError, KeyError) as e:
         return f"VRAM estimate unavailable: {e}"
