@@ -16,7 +16,7 @@ import random
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from .data_files import DataError, Skipped, read_file
+from .data_files import FIX_SEP, DataError, Skipped, read_file
 from .data_formats import DETECT_ROWS, FORMATS, RowError, detect_format, normalise_row
 from .workspace import file_sha256
 
@@ -68,7 +68,7 @@ def load_file(path, fmt: str = "auto", columns: dict | None = None,
         try:
             examples.append((n, normalise_row(raw, fmt, columns, placeholders)))
         except RowError as e:
-            skipped.append(Skipped(n, f"{unit} {n}: {e.reason}", e.kind))
+            skipped.append(Skipped(n, f"{name}, {unit} {n}: {e.reason}", e.kind))
             errors.append(e)
     # One file feeds one kind of training: keep its majority kind (chat or text), report the rest.
     keep_text = 2 * sum("text" in ex for _, ex in examples) > len(examples)
@@ -79,7 +79,9 @@ def load_file(path, fmt: str = "auto", columns: dict | None = None,
             used_rows.append(n)
         else:
             what = ("chat", "text") if keep_text else ("text", "chat")
-            skipped.append(Skipped(n, f"{unit} {n}: {what[0]} row in a {what[1]} file", "mixed chat/text"))
+            skipped.append(Skipped(n, f"{name}, {unit} {n}: {what[0]} row in a {what[1]} file{FIX_SEP}put the "
+                                      f"{what[0]} rows in a file of their own (one file trains one kind)",
+                                   "mixed chat/text"))
     skipped.sort(key=lambda s: s.row)
     report = LoadReport(str(path), fmt, enc, rows_total, len(used), skipped, len(skipped), used_rows)
 
@@ -87,7 +89,8 @@ def load_file(path, fmt: str = "auto", columns: dict | None = None,
         missing = {e.field for e in errors}
         if errors and len(errors) == len(skipped) and len(missing) == 1 and None not in missing:
             found = sorted({str(k) for _, r in rows[:DETECT_ROWS] if isinstance(r, dict) for k in r})
-            raise DataError(f"{name}: missing column '{missing.pop()}' (columns found: {', '.join(found)})")
+            raise DataError(f"{name}: missing column '{missing.pop()}' (columns found: {', '.join(found)}); map one "
+                            "of yours to it (the data source's columns) or choose another format")
         raise DataError(f"{name}: no usable rows as {fmt} ({report.rows_skipped} skipped: {report.reasons()}; "
                         f"first: {skipped[0].reason})")
     return used, report

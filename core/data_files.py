@@ -23,10 +23,16 @@ class DataError(ValueError):
     """A file-level problem; the message names the file (and row/field where it applies)."""
 
 
-class RowError(ValueError):
-    """One unusable row. `kind` is a short category for summaries; `field` a missing top-level column."""
+FIX_SEP = " — "  # between what is wrong and what to do in every skip message
 
-    def __init__(self, reason: str, kind: str = "invalid row", field: str | None = None):
+
+class RowError(ValueError):
+    """One unusable row: what is wrong (naming the field) and what to do about it (fix), one
+    sentence as people read it: "field 'output': empty assistant turn — give it a reply or drop
+    the row". `kind` is a short category for summaries; `field` a missing top-level column."""
+
+    def __init__(self, reason: str, kind: str = "invalid row", field: str | None = None, fix: str = "drop the row"):
+        reason = f"{reason}{FIX_SEP}{fix}"
         super().__init__(reason)
         self.reason, self.kind, self.field = reason, kind, field
 
@@ -34,7 +40,7 @@ class RowError(ValueError):
 @dataclass
 class Skipped:
     row: int  # 1-based line number (JSONL/txt) or row index (JSON list/CSV/parquet)
-    reason: str  # "line 7: invalid JSON (...)" / "row 3: field 'conversations'[2].from: unknown role 'bot'"
+    reason: str  # "d.jsonl, row 3: field 'conversations'[2].from: unknown role 'bot' — use one of ... or drop the row"
     kind: str = ""  # short category used by LoadReport.summary(), e.g. "invalid JSON"
 
 
@@ -191,9 +197,11 @@ def read_file(path, columns: dict | None = None) -> tuple[list[tuple[int, Any]],
         try:
             rows.append((n, json.loads(line)))
         except json.JSONDecodeError as e:
-            skipped.append(Skipped(n, f"line {n}: invalid JSON ({e.msg}: column {e.colno})", "invalid JSON"))
+            skipped.append(Skipped(n, f"{name}, line {n}: invalid JSON ({e.msg}: column {e.colno}){FIX_SEP}"
+                                      "correct the JSON on that line or delete the line", "invalid JSON"))
         except RecursionError:
-            skipped.append(Skipped(n, f"line {n}: JSON nested too deeply", "nested too deeply"))
+            skipped.append(Skipped(n, f"{name}, line {n}: JSON nested too deeply{FIX_SEP}flatten the row or "
+                                      "delete the line", "nested too deeply"))
     return rows, skipped, enc, "line"
 
 

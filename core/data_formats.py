@@ -74,13 +74,18 @@ def detect_format(rows: list[Any], columns: dict | None = None) -> str:
 def _field(raw: Any, key: str, kind: type) -> Any:
     """A required top-level field of an object row, of the given type."""
     if not isinstance(raw, dict):
-        raise RowError(f"row is {tname(raw)}, expected an object", "not an object")
+        raise RowError(f"row is {tname(raw)}, expected an object", "not an object",
+                       fix="write the row as a JSON object with this format's fields, or drop the row")
     if key not in raw:
-        raise RowError(f"missing field '{key}'", "missing field", field=key)
+        raise RowError(f"missing field '{key}'", "missing field", field=key,
+                       fix=f"add '{key}' to the row, map your own column to it (the data source's columns), "
+                           "or drop the row")
     value = raw[key]
     if not isinstance(value, kind):
         want = {list: "a list", str: "a string"}[kind]
-        raise RowError(f"field '{key}': expected {want}, got {tname(value)}", "wrong type")
+        raise RowError(f"field '{key}': expected {want}, got {tname(value)}", "wrong type",
+                       fix=f"make it {want}" + (" (quote a number to make it text)" if kind is str else "")
+                           + ", or drop the row")
     return value
 
 
@@ -89,30 +94,40 @@ def _optional(raw: dict, key: str) -> str:
     if value is None:
         return ""
     if not isinstance(value, str):
-        raise RowError(f"field '{key}': expected a string, got {tname(value)}", "wrong type")
+        raise RowError(f"field '{key}': expected a string, got {tname(value)}", "wrong type",
+                       fix="make it a string, or leave the field out")
     return value
+
+
+def _names(table: dict) -> str:
+    return ", ".join(sorted(table))
 
 
 def _role(value: Any, table: dict, where: str) -> str:
     if value is None:
-        raise RowError(f"field {where}: missing role", "missing role")
+        raise RowError(f"field {where}: missing role", "missing role",
+                       fix=f"give the turn a role ({_names(table)}), or drop the row")
     role = value.strip().lower() if isinstance(value, str) else None
     if role not in table:
-        raise RowError(f"field {where}: unknown role {value!r}", "unknown role")
+        raise RowError(f"field {where}: unknown role {value!r}", "unknown role",
+                       fix=f"use one of {_names(table)} (ShareGPT data can map its own with the columns "
+                           "user_tag, assistant_tag, system_tag), or drop the row")
     return table[role]
 
 
 def _item(value: Any, where: str) -> dict:
     if not isinstance(value, dict):
-        raise RowError(f"field {where}: expected an object, got {tname(value)}", "not an object")
+        raise RowError(f"field {where}: expected an object, got {tname(value)}", "not an object",
+                       fix="write each turn as an object with a role and its text, or drop the row")
     return value
 
 
 def _text(text: Any, where: str) -> dict:
     if not isinstance(text, str):
-        raise RowError(f"field {where}: expected a string, got {tname(text)}", "wrong type")
+        raise RowError(f"field {where}: expected a string, got {tname(text)}", "wrong type",
+                       fix="make it a string, or drop the row")
     if not text.strip():
-        raise RowError(f"field {where}: empty text", "empty text")
+        raise RowError(f"field {where}: empty text", "empty text", fix="give it some text, or drop the row")
     return {"text": text}
 
 
@@ -130,28 +145,36 @@ def _chat(turns: list[tuple[str, dict]], field: str, tools: list | None = None) 
         if content is None and (m.get("tool_calls") or role == "tool"):
             content = m["content"] = ""
         if not isinstance(content, str):
-            raise RowError(f"field {where}: expected a string, got {tname(content)}", "non-string content")
+            raise RowError(f"field {where}: expected a string, got {tname(content)}", "non-string content",
+                           fix="make the content a string (or a list of text parts), or drop the row")
         if role == "system":
             if i > 0:
-                raise RowError(f"field {where}: system message is not first", "system not first")
+                raise RowError(f"field {where}: system message is not first", "system not first",
+                               fix="move it to the start of the conversation, or drop the row")
             if content.strip():  # an empty system prompt carries nothing
                 msgs.append(m)
             continue
         prev = msgs[-1] if msgs else {"role": "system"}
         if role == "tool":
             if not (prev.get("tool_calls") or prev["role"] == "tool"):
-                raise RowError(f"field {where}: a tool result without a tool call before it", "tool result without call")
+                raise RowError(f"field {where}: a tool result without a tool call before it", "tool result without call",
+                               fix="put the assistant turn that makes the call before it, or drop the row")
         elif role == prev["role"]:
-            raise RowError(f"field {where}: two consecutive {role} turns (not merged)", "consecutive turns")
+            other = "assistant" if role == "user" else "user"
+            raise RowError(f"field {where}: two consecutive {role} turns (not merged)", "consecutive turns",
+                           fix=f"merge them into one turn or add the {other} turn between them, or drop the row")
         if prev["role"] == "system" and role != "user":
-            raise RowError(f"field {where}: conversation starts with an {role} turn", f"starts with {role}")
+            raise RowError(f"field {where}: conversation starts with an {role} turn", f"starts with {role}",
+                           fix="start it with a user turn (a system message may come first), or drop the row")
         if role == "assistant" and not content.strip() and not m.get("tool_calls"):
-            raise RowError(f"field {where}: empty assistant turn", "empty assistant turn")
+            raise RowError(f"field {where}: empty assistant turn", "empty assistant turn",
+                           fix="give it a reply, or drop the row")
         msgs.append(m)
     while msgs and msgs[-1]["role"] != "assistant":  # trailing prompts have no answer to train on
         msgs.pop()
     if not msgs:
-        raise RowError(f"field '{field}': no assistant turn", "no assistant turn")
+        raise RowError(f"field '{field}': no assistant turn", "no assistant turn",
+                       fix="add an assistant reply to train on, or drop the row")
     return {"messages": msgs, **({"tools": tools} if tools else {})}
 
 
@@ -168,7 +191,8 @@ def _openai(raw: Any, col) -> dict:
         turns.append((where, m.get(role_key), content, m))
     if turns and all(isinstance(r, str) and r.lower() == "pretrain" for _, r, _, _ in turns):
         if not all(isinstance(c, str) for _, _, c, _ in turns):
-            raise RowError(f"field '{key}': pretrain content must be strings", "non-string content")
+            raise RowError(f"field '{key}': pretrain content must be strings", "non-string content",
+                           fix="make every content a string, or drop the row")
         return _text("\n".join(c for _, _, c, _ in turns), f"'{key}'")
     out = []
     for where, r, content, m in turns:
@@ -215,11 +239,13 @@ def _alpaca(raw: Any, col) -> dict:
     inp, system = _optional(raw, col("input")), _optional(raw, col("system"))
     history = raw.get(hk) or []
     if not isinstance(history, list):
-        raise RowError(f"field '{hk}': expected a list of [user, assistant] pairs, got {tname(history)}", "wrong type")
+        raise RowError(f"field '{hk}': expected a list of [user, assistant] pairs, got {tname(history)}", "wrong type",
+                       fix="write it as [[user text, assistant text], ...], or leave it out")
     turns = [_turn(f"'{col('system')}'", "system", system)] if system.strip() else []
     for i, pair in enumerate(history):
         if not (isinstance(pair, (list, tuple)) and len(pair) == 2):
-            raise RowError(f"field '{hk}'[{i}]: expected a [user, assistant] pair", "wrong type")
+            raise RowError(f"field '{hk}'[{i}]: expected a [user, assistant] pair", "wrong type",
+                           fix="write each earlier exchange as [user text, assistant text], or drop the row")
         turns += [_turn(f"'{hk}'[{i}][0]", "user", pair[0]), _turn(f"'{hk}'[{i}][1]", "assistant", pair[1])]
     # As LLaMA-Factory: the input, when present, follows the instruction on a new line.
     user = instruction + "\n" + inp if inp.strip() else instruction
@@ -233,7 +259,9 @@ def _guanaco(raw: Any, col) -> dict:
     pieces = re.split(r"###\s*(Human|Assistant)\s*:", text)
     # pieces = [preamble, speaker, text, speaker, text, ...]; a preamble becomes the system prompt.
     if len(pieces) < 3:
-        raise RowError(f"field '{key}': no '### Human:' / '### Assistant:' markers", "not guanaco")
+        raise RowError(f"field '{key}': no '### Human:' / '### Assistant:' markers", "not guanaco",
+                       fix="mark each turn with '### Human:' or '### Assistant:', choose the text format for "
+                           "plain text, or drop the row")
     turns = [_turn(f"'{key}'", "system", pieces[0].strip())] if pieces[0].strip() else []
     for j in range(1, len(pieces), 2):
         role = "user" if pieces[j] == "Human" else "assistant"
@@ -249,7 +277,8 @@ def _xtuner(raw: Any, col) -> dict:
         where = f"'{key}'[{i}]"
         t = _item(t, where)
         if "output" not in t:
-            raise RowError(f"field {where}.output: missing", "missing field")
+            raise RowError(f"field {where}.output: missing", "missing field",
+                           fix="give the turn an output (the reply to train on), or drop the row")
         if i == 0 and t.get("system"):  # XTuner reads the system prompt from the first turn only
             turns.append(_turn(f"{where}.system", "system", t["system"]))
         turns += [_turn(f"{where}.input", "user", t.get("input") or ""),

@@ -21,8 +21,8 @@ REASONING_KEYS = ("reasoning_content", "reasoning", "thinking")  # what data cal
 MEDIA_PARTS = {"image", "image_url", "input_image", "audio", "input_audio", "video", "video_url", "file"}
 
 
-def _error(reason: str, kind: str) -> RowError:
-    return RowError(reason, kind)
+def _error(reason: str, kind: str, fix: str) -> RowError:
+    return RowError(reason, kind, fix=fix)
 
 
 def join_parts(parts: list, where: str) -> str:
@@ -35,12 +35,13 @@ def join_parts(parts: list, where: str) -> str:
             continue
         kind = p.get("type", "text") if isinstance(p, dict) else tname(p)
         if kind in MEDIA_PARTS:
-            raise _error(f"field {where}[{j}]: {kind} content; this studio trains text-only models "
-                         "(drop the row's media or use a text-only dataset)", "media content")
+            raise _error(f"field {where}[{j}]: {kind} content; this studio trains text-only models", "media content",
+                         "remove the media part (keep the text parts), use a text-only dataset, or drop the row")
         text = next((p[k] for k in ("text", "value", "content") if isinstance(p.get(k), str)), None) \
             if isinstance(p, dict) and kind == "text" else None
         if text is None:
-            raise _error(f"field {where}[{j}]: unsupported content part {kind!r}", "non-text content")
+            raise _error(f"field {where}[{j}]: unsupported content part {kind!r}", "non-text content",
+                         'use text parts ({"type": "text", "text": ...}) or a plain string, or drop the row')
         texts.append(text)
     return "\n".join(texts)
 
@@ -50,9 +51,11 @@ def _json(value: Any, where: str, want: type) -> Any:
         try:
             value = json.loads(value)
         except json.JSONDecodeError as e:
-            raise _error(f"field {where}: not valid JSON ({e.msg} at character {e.pos})", "invalid JSON") from None
+            raise _error(f"field {where}: not valid JSON ({e.msg} at character {e.pos})", "invalid JSON",
+                         "correct the JSON (or write it as an object rather than a string), or drop the row") from None
     if not isinstance(value, want):
-        raise _error(f"field {where}: expected {tname(want())}, got {tname(value)}", "wrong type")
+        raise _error(f"field {where}: expected {tname(want())}, got {tname(value)}", "wrong type",
+                     f"make it {tname(want())}, or drop the row")
     return value
 
 
@@ -61,7 +64,8 @@ def _call(value: Any, where: str) -> dict:
     value = _json(value, where, dict)
     fn = value.get("function", value)
     if not isinstance(fn, dict) or not isinstance(fn.get("name"), str) or not fn["name"]:
-        raise _error(f"field {where}: a tool call needs a function name", "bad tool call")
+        raise _error(f"field {where}: a tool call needs a function name", "bad tool call",
+                     'give the call a name ({"function": {"name": ..., "arguments": {...}}}), or drop the row')
     args = fn.get("arguments", fn.get("parameters", {}))
     if isinstance(args, str):
         try:
@@ -80,7 +84,8 @@ def tool_calls(value: Any, where: str) -> list[dict]:
     value = _json(value, where, (list, dict)) if isinstance(value, str) else value
     calls = value if isinstance(value, list) else [value]
     if not calls:
-        raise _error(f"field {where}: empty list of tool calls", "bad tool call")
+        raise _error(f"field {where}: empty list of tool calls", "bad tool call",
+                     "list the calls, or remove the empty field")
     return [_call(c, f"{where}[{i}]" if isinstance(value, list) else where) for i, c in enumerate(calls)]
 
 
@@ -93,10 +98,12 @@ def tools(value: Any, where: str) -> list[dict] | None:
     out = []
     for i, t in enumerate(items):
         if not isinstance(t, dict):
-            raise _error(f"field {where}[{i}]: expected an object, got {tname(t)}", "bad tool")
+            raise _error(f"field {where}[{i}]: expected an object, got {tname(t)}", "bad tool",
+                         'write each tool as an object ({"type": "function", "function": {"name": ...}}), or drop the row')
         fn = t.get("function", t) if t.get("type", "function") == "function" else None
         if not isinstance(fn, dict) or not isinstance(fn.get("name"), str):
-            raise _error(f"field {where}[{i}]: a tool needs a function name", "bad tool")
+            raise _error(f"field {where}[{i}]: a tool needs a function name", "bad tool",
+                         "give the tool's function a name, or drop the row")
         out.append({"type": "function", "function": fn})
     return out or None
 
@@ -107,7 +114,8 @@ def reasoning(message: dict, where: str) -> str | None:
         if value is None or value == "":
             continue
         if not isinstance(value, str):
-            raise _error(f"field {where}.{key}: expected a string, got {tname(value)}", "wrong type")
+            raise _error(f"field {where}.{key}: expected a string, got {tname(value)}", "wrong type",
+                         "make the reasoning a string, or leave it out")
         return value
     return None
 

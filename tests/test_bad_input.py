@@ -25,26 +25,27 @@ def chat(*msgs):
 
 # (id, filename, content (str | bytes | callable(path)), exit code, [substrings])
 DATA_CASES = [
-    ("invalid-jsonl-line", "d.jsonl", jl(GOOD + ["{oops"] + GOOD), 0, ["d.jsonl", "1 skipped", "line 2", "invalid JSON"]),
+    ("invalid-jsonl-line", "d.jsonl", jl(GOOD + ["{oops"] + GOOD), 0, ["d.jsonl", "1 skipped", "d.jsonl, line 2", "invalid JSON", "— correct the JSON"]),
     ("utf16-bom", "d.jsonl", jl(GOOD).encode("utf-16"), 0, ["d.jsonl", "1 used", "0 skipped"]),
     ("latin1", "d.jsonl", jl([chat(("user", "café?"), ("assistant", "crème brûlée"))]).encode("latin-1"), 0,
      ["1 used"]),
     ("empty-file", "d.jsonl", "", 2, ["d.jsonl", "empty"]),
     ("whitespace-only", "d.json", "  \n\n ", 2, ["d.json", "empty"]),
     ("zero-usable-rows", "d.jsonl", jl([chat(("user", "a"))] * 3), 2, ["d.jsonl", "no usable rows"]),
-    ("missing-column", "d.json", json.dumps([{"instruction": "x", "answer": "y"}]), 2, ["d.json", "output"]),
+    ("missing-column", "d.json", json.dumps([{"instruction": "x", "answer": "y"}]), 2,
+     ["d.json", "output", "map one of yours to it"]),
     ("unknown-role", "d.jsonl", jl(GOOD + [chat(("user", "a"), ("robot", "b"))]), 0,
-     ["1 skipped", "line 2", "unknown role", "robot"]),
+     ["1 skipped", "d.jsonl, line 2", "unknown role", "robot", "— use one of"]),
     ("consecutive-user", "d.jsonl", jl(GOOD + [chat(("user", "a"), ("user", "b"), ("assistant", "c"))]), 0,
-     ["line 2", "consecutive user"]),
+     ["line 2", "consecutive user", "— merge them into one turn"]),
     ("empty-assistant", "d.jsonl", jl(GOOD + [chat(("user", "a"), ("assistant", "  "))]), 0,
-     ["line 2", "empty assistant"]),
+     ["line 2", "empty assistant", "— give it a reply, or drop the row"]),
     ("binary-named-json", "d.json", bytes(range(256)) * 4, 2, ["d.json", "binary"]),
     ("csv-quoted-newlines", "d.csv", 'instruction,output\n"line one\nline two","an\nanswer"\n', 0, ["d.csv", "1 used"]),
     ("deeply-nested", "d.json", "[" * 100000 + "]" * 100000, 2, ["d.json", "nested too deeply"]),
     ("unsupported-extension", "d.xlsx", "x", 2, ["d.xlsx", ".xlsx"]),
     ("not-a-list", "d.json", json.dumps("just a string"), 2, ["d.json"]),
-    ("row-not-object", "d.jsonl", jl(GOOD + ["42"]), 0, ["line 2"]),
+    ("row-not-object", "d.jsonl", jl(GOOD + ["42"]), 0, ["line 2", "— write the row as a JSON object"]),
     ("missing-data-file", None, None, 2, ["nope.jsonl", "not found"]),
 ]
 
@@ -55,7 +56,8 @@ def _parquet_wrong_types(path: Path):
     pd.DataFrame({"instruction": ["a", "b"], "output": [1, 2]}).to_parquet(path)
 
 
-DATA_CASES.append(("parquet-wrong-types", "d.parquet", _parquet_wrong_types, 2, ["d.parquet", "output", "int"]))
+DATA_CASES.append(("parquet-wrong-types", "d.parquet", _parquet_wrong_types, 2,
+                   ["d.parquet", "output", "int", "make it a string"]))
 
 
 def _write(tmp_path, name, content):

@@ -138,7 +138,8 @@ def test_invalid_jsonl_line_reported(tmp_path):
     path = write(tmp_path / "d.jsonl", json.dumps(chat()) + "\n\n" + '{"messages": [}\n' + json.dumps(chat()) + "\n")
     rows, report = load_file(path)
     assert report.rows_used == 2 and report.rows_skipped == 1 and report.rows_total == 3
-    assert report.skipped[0].row == 3 and report.skipped[0].reason.startswith("line 3: invalid JSON (")
+    assert report.skipped[0].row == 3 and report.skipped[0].reason.startswith("d.jsonl, line 3: invalid JSON (")
+    assert report.skipped[0].reason.endswith(" — correct the JSON on that line or delete the line")
     raw, skipped, enc = read_rows(path)
     assert [n for n, _ in raw] == [1, 4] and skipped[0].row == 3 and enc == "utf-8"
 
@@ -173,9 +174,10 @@ def test_zero_usable_rows(tmp_path):
 
 def test_missing_column(tmp_path):
     path = jsonl(tmp_path / "m.jsonl", [{"instruction": "a", "input": ""}, {"instruction": "b", "input": ""}])
-    with pytest.raises(DataError, match=r"m\.jsonl: missing column 'output' \(columns found: input, instruction\)"):
+    with pytest.raises(DataError, match=r"m\.jsonl: missing column 'output' \(columns found: input, instruction\); "
+                                        r"map one of yours to it \(the data source's columns\) or choose another format"):
         load_file(path)
-    with pytest.raises(RowError, match="missing field 'output'"):
+    with pytest.raises(RowError, match="missing field 'output' — add 'output' to the row, map your own column"):
         normalise_row({"instruction": "a"}, "alpaca")
 
 
@@ -183,7 +185,10 @@ def test_unknown_role(tmp_path):
     bad = {"conversations": [{"from": "human", "value": "hi"}, {"from": "gpt", "value": "yo"},
                              {"from": "bot", "value": "?"}]}
     _, report = load_file(jsonl(tmp_path / "r.jsonl", [SAMPLES["sharegpt"][1], SAMPLES["sharegpt"][1], bad]))
-    assert report.skipped[0].reason == "line 3: field 'conversations'[2].from: unknown role 'bot'"
+    assert report.skipped[0].reason == ("r.jsonl, line 3: field 'conversations'[2].from: unknown role 'bot' — use one "
+                                        "of assistant, function_call, gpt, human, observation, system, tool, user "
+                                        "(ShareGPT data can map its own with the columns user_tag, assistant_tag, "
+                                        "system_tag), or drop the row")
     with pytest.raises(RowError, match=r"'messages'\[0\]\.role: unknown role 'narrator'"):
         normalise_row({"messages": [{"role": "narrator", "content": "x"}]}, "openai")
     with pytest.raises(RowError, match=r"'messages'\[0\]\.content: a tool result without a tool call"):
@@ -195,7 +200,9 @@ def test_consecutive_user_turns(tmp_path):
                         {"role": "assistant", "content": "c"}]}
     _, report = load_file(jsonl(tmp_path / "c.jsonl", [chat(), bad]))
     assert report.rows_used == 1
-    assert report.skipped[0].reason == "line 2: field 'messages'[1].content: two consecutive user turns (not merged)"
+    assert report.skipped[0].reason == ("c.jsonl, line 2: field 'messages'[1].content: two consecutive user turns "
+                                        "(not merged) — merge them into one turn or add the assistant turn between "
+                                        "them, or drop the row")
 
 
 def test_system_not_first_and_non_string_content():
@@ -210,7 +217,8 @@ def test_system_not_first_and_non_string_content():
 def test_empty_assistant_turn(tmp_path):
     rows = [{"instruction": "q", "output": "a"}, {"instruction": "q", "output": "   "}]
     _, report = load_file(jsonl(tmp_path / "a.jsonl", rows))
-    assert report.rows_used == 1 and report.skipped[0].reason == "line 2: field 'output': empty assistant turn"
+    assert report.rows_used == 1
+    assert report.skipped[0].reason == "a.jsonl, line 2: field 'output': empty assistant turn — give it a reply, or drop the row"
 
 
 def test_binary_file_named_json(tmp_path):
@@ -241,12 +249,40 @@ def test_parquet_chat_and_wrong_types(tmp_path):
         load_file(tmp_path / "bad.parquet")
 
 
+def test_every_skip_says_file_row_field_problem_and_fix(tmp_path):
+    """A skipped row's message names the file, the row, the field, what is wrong, and what to do."""
+    rows = [{"instruction": "q", "output": "a"}, {"instruction": "q", "output": ""}, {"instruction": "q", "output": 3},
+            {"instruction": "q"}, {"instruction": "q", "output": "a", "history": "x"},
+            {"instruction": "q", "output": "a", "history": [["only one"]]}, {"instruction": "q", "output": "a", "system": 1}]
+    _, report = load_file(jsonl(tmp_path / "every.jsonl", rows))
+    chats = [{"messages": [{"role": "assistant", "content": "a"}]},
+             {"messages": [{"role": "user", "content": "q"}, {"role": "system", "content": "s"},
+                           {"role": "assistant", "content": "a"}]},
+             {"messages": [{"role": "user", "content": "q"}, {"role": "tool", "content": "21"},
+                           {"role": "assistant", "content": "a"}]},
+             {"messages": [{"role": "user", "content": [{"type": "image_url", "image_url": "x"}]},
+                           {"role": "assistant", "content": "a"}]},
+             {"messages": [{"role": "user", "content": "q"}, {"role": "assistant", "content": "a"}], "tools": "{no"},
+             {"messages": [{"role": "user"}, {"role": "assistant", "content": "a"}]}, chat(), chat()]
+    _, chat_report = load_file(jsonl(tmp_path / "chats.jsonl", chats))
+    skipped = report.skipped + chat_report.skipped
+    assert len(skipped) == 6 + 6, [s.reason for s in skipped]
+    for s in skipped:
+        file, rest = s.reason.split(", ", 1)
+        assert file in ("every.jsonl", "chats.jsonl") and rest.startswith(f"line {s.row}: "), s.reason
+        problem, fix = rest.split(" — ")
+        assert "field '" in problem or "field " in problem, s.reason
+        assert fix.split()[0] in ("give", "make", "add", "write", "start", "move", "list", "remove", "correct",
+                                  "use", "put", "merge", "mark"), s.reason
+
+
 def test_deeply_nested_json(tmp_path):
     deep = "[" * 100_000 + "]" * 100_000
     with pytest.raises(DataError, match=r"deep\.json: JSON is nested too deeply"):
         load_file(write(tmp_path / "deep.json", deep))
     rows, report = load_file(write(tmp_path / "deep.jsonl", json.dumps(chat()) + "\n" + deep + "\n"))
-    assert report.rows_used == 1 and report.skipped[0].reason == "line 2: JSON nested too deeply"
+    assert report.rows_used == 1
+    assert report.skipped[0].reason == "deep.jsonl, line 2: JSON nested too deeply — flatten the row or delete the line"
 
 
 def test_unsupported_extension(tmp_path):
