@@ -5,15 +5,15 @@ highlighted preview (trained tokens), all through the core's one labelling funct
 
 from __future__ import annotations
 
-import functools
 import json
-import math
+from pathlib import Path
 
 import gradio as gr
 import pandas as pd
 
 from .helpers import (err_md, error_text, highlight_pieces, parse_columns, parse_sources, preview_highlight, readable,
                       whole)
+from .histogram import histogram_html, length_histogram
 
 FORMATS = ["auto", "openai", "sharegpt", "alpaca", "guanaco", "xtuner", "text"]
 PAGE_SIZE = 20
@@ -39,24 +39,6 @@ def dataset_stats(model: str, data: str, fmt: str = "auto", columns: str = "", t
     return worker.call("dataset_stats", tokenizer=(model, bool(trust)), model=model, sources=_sources(data, fmt),
                        columns=parse_columns(columns), template=template or "auto", custom_jinja=custom_jinja or "",
                        cutoff=whole(cutoff or 1024, "Cutoff length", 1, MAX_TOKENS), trust=bool(trust))
-
-
-def histogram(lengths: list[int], cutoff: int, bins: int = 30) -> tuple[pd.DataFrame, int]:
-    """(DataFrame[tokens (bin start), rows, where], bin width); `where` splits each bin into the
-    samples within the cutoff and those over it (truncated)."""
-    if not lengths:
-        return pd.DataFrame({"tokens": [], "rows": [], "where": []}), 1
-    top = max(max(lengths), cutoff) + 1
-    raw = top / bins
-    mag = 10 ** math.floor(math.log10(raw)) if raw >= 1 else 1
-    width = int(next(m * mag for m in (1, 2, 5, 10) if m * mag >= raw))
-    counts: dict[tuple[int, str], int] = {}
-    for n in lengths:
-        key = ((n // width) * width, "over cutoff (truncated)" if n > cutoff else "within cutoff")
-        counts[key] = counts.get(key, 0) + 1
-    keys = sorted(counts)
-    return pd.DataFrame({"tokens": [k[0] for k in keys], "rows": [counts[k] for k in keys],
-                         "where": [k[1] for k in keys]}), width
 
 
 def rows_page(data: str, fmt: str = "auto", columns: str = "", page: int = 1, page_size: int = PAGE_SIZE):
@@ -90,17 +72,21 @@ def summary_markdown(s: dict) -> str:
 
 # ---------------------------------------------------------------- handlers (api)
 
-def stats_view(model, data, fmt, columns, template, custom_jinja, cutoff, trust):
-    """-> (summary md, histogram df, bin width, skipped df, rows df, page info md)"""
+def stats_view(model, data, fmt, columns, template, custom_jinja, cutoff, trust) -> dict:
+    """Everything one analysis shows, for the file(s) in the dataset box now: {"summary" (md),
+    "histogram" (length_histogram, None on error), "skipped", "rows" (DataFrames), "page_md",
+    "error" (md or None)}. Every key is set each time, so nothing of an earlier file or an earlier
+    error stays on screen."""
     empty = pd.DataFrame()
     try:
         s = dataset_stats(model, data, fmt, columns, template, custom_jinja, cutoff, trust)
         rows, total, pages = rows_page(data, fmt, columns, 1)
     except Exception as e:  # noqa: BLE001
-        return err_md(e), histogram([], 1)[0], 1, empty, empty, ""
-    hist, width = histogram(s["lengths"], s["cutoff"])
+        return {"summary": err_md(e), "histogram": None, "skipped": empty, "rows": empty, "page_md": "",
+                "error": err_md(e)}
     skipped = pd.DataFrame(s["skipped"][:500], columns=["file", "row", "kind", "reason"])
-    return summary_markdown(s), hist, width, skipped, rows, f"page 1 of {pages} ({total} rows)"
+    return {"summary": summary_markdown(s), "histogram": length_histogram(s["lengths"], s["cutoff"]),
+            "skipped": skipped, "rows": rows, "page_md": f"page 1 of {pages} ({total} rows)", "error": None}
 
 
 def stats_api(model: str, data: str, fmt: str, columns: str, template: str, custom_jinja: str, cutoff: float,
@@ -110,11 +96,12 @@ def stats_api(model: str, data: str, fmt: str, columns: str, template: str, cust
         s = dataset_stats(model, data, fmt, columns, template, custom_jinja, cutoff, trust)
     except Exception as e:  # noqa: BLE001
         return {"error": error_text(e)}
-    hist, width = histogram(s["lengths"], s["cutoff"])
+    h = length_histogram(s["lengths"], s["cutoff"])
     out = {k: v for k, v in s.items() if k != "lengths"}
     out["summary"] = summary_markdown(s)
     out["skipped"] = s["skipped"][:500]
-    out["histogram"] = {"bin_width": width, "bins": hist.to_dict(orient="records")}
+    out["histogram"] = {"bin_width": h["width"], "bins": h["bins"], "over_cutoff": h["over"],
+                        "over_cutoff_pct": round(h["share"], 2)}
     return json.loads(json.dumps(out, default=int))
 
 
@@ -133,6 +120,20 @@ def page_view(data, fmt, columns, page):
     return df, f"page {min(_page_number(page), pages)} of {pages} ({total} rows)"
 
 
+ROWS_EMPTY = "No rows yet: press **Analyze**."
+SKIPPED_EMPTY = "No skipped rows."
+# file, #, kind, turns, system, user, assistant / text (core.analysis.rows_page): the texts get the room
+ROW_WIDTHS = {"file": "10%", "#": "5%", "kind": "6%", "turns": "6%", "system": "15%", "user": "24%",
+              "assistant / text": "34%"}
+
+
+def table(df: pd.DataFrame, empty: str, widths: dict | None = None):
+    """A table and its empty-state line: a table with no rows is hidden (an empty gr.Dataframe
+    shows placeholder columns "1 2 3"); widths by column name keep narrow columns narrow."""
+    kw = {"column_widths": [widths.get(c, "auto") for c in df.columns]} if widths and len(df.columns) else {}
+    return gr.Dataframe(value=df, visible=len(df) > 0, **kw), ("" if len(df) else empty)
+
+
 def upload(path: str | None, current: str = ""):
     """Copy an uploaded file into the workspace; the dataset box gets its workspace path."""
     from lorastudio.core import workspace
@@ -143,7 +144,7 @@ def upload(path: str | None, current: str = ""):
         dest = workspace.copy_upload(path)
     except Exception as e:  # noqa: BLE001
         return current, err_md(e)
-    return str(dest), f"uploaded to `{dest}`"
+    return str(dest), f"uploaded **{Path(dest).name}** (a copy in the workspace)"
 
 
 def preview_view(model, data, template, custom_jinja, fmt, n, cutoff, trust, train_on="all", reasoning="auto",
@@ -194,18 +195,20 @@ def build(ui: dict) -> None:
         ui["cutoff"] = gr.Number(value=1024, precision=0, label="Cutoff length (tokens)")
     ui["stats_btn"] = gr.Button("Analyze", variant="primary")
     ui["stats_md"] = gr.Markdown(elem_id="dataset-stats")
-    ui["hist"] = gr.BarPlot(x="tokens", y="rows", color="where", title="Token length per sample vs cutoff",
-                            x_title="tokens", y_title="rows", height=260,
-                            color_map={"within cutoff": "#3b82f6", "over cutoff (truncated)": "#ef4444"})
+    ui["hist"] = gr.HTML(histogram_html(None), elem_id="length-hist-box")
     with gr.Accordion("Rows", open=True):
         with gr.Row():
             ui["page_prev"] = gr.Button("◀", scale=0, min_width=40)
             ui["page"] = gr.Number(value=1, precision=0, label="Page (Enter to go)", scale=1)
             ui["page_next"] = gr.Button("▶", scale=0, min_width=40)
             ui["page_md"] = gr.Markdown()
-        ui["rows_df"] = gr.Dataframe(label="Rows (normalised)", interactive=False, wrap=True, max_height=400)
+        ui["rows_empty"] = gr.Markdown(ROWS_EMPTY)
+        ui["rows_df"] = gr.Dataframe(label="Rows (normalised)", interactive=False, wrap=True, max_height=400,
+                                     visible=False, elem_id="rows-df")
     with gr.Accordion("Skipped rows", open=False):
-        ui["skipped_df"] = gr.Dataframe(interactive=False, wrap=True, max_height=300)
+        ui["skipped_empty"] = gr.Markdown(SKIPPED_EMPTY)
+        ui["skipped_df"] = gr.Dataframe(interactive=False, wrap=True, max_height=300, visible=False,
+                                        column_widths=["15%", "8%", "12%", "65%"], elem_id="skipped-df")
     with gr.Accordion("Preview: rendered as training sees it", open=True):
         with gr.Row():
             ui["preview_n"] = gr.Slider(1, 20, value=3, step=1, label="Samples")
@@ -219,13 +222,32 @@ def wire(ui: dict, demo) -> None:
     stats_in = [ui["model"], ui["data"], ui["fmt"], ui["columns"], ui["template"], ui["custom_jinja"], ui["cutoff"],
                 ui["trust_remote_code"]]
 
-    @functools.wraps(stats_view)
-    def stats_ui(*a):
-        md, hist, width, skipped, rows, page_md = stats_view(*a)
-        return md, gr.BarPlot(value=hist, x_bin=width), skipped, rows, 1, page_md
+    stats_outs = [ui["stats_md"], ui["hist"], ui["skipped_df"], ui["skipped_empty"], ui["rows_df"], ui["rows_empty"],
+                  ui["page"], ui["page_md"], ui["preview_out"], ui["preview_status"]]
 
-    ui["stats_btn"].click(stats_ui, stats_in, [ui["stats_md"], ui["hist"], ui["skipped_df"], ui["rows_df"],
-                                               ui["page"], ui["page_md"]], api_name="dataset_analyze")
+    def show(v: dict, preview_status: str = ""):
+        """An analysis on screen; the preview is of the file analysed, so a preview of another file
+        (or an error) is cleared."""
+        keep = not v["error"] and preview_status and not preview_status.startswith("**Error:**")
+        return (v["summary"], histogram_html(v["histogram"], "No histogram: the analysis failed." if v["error"]
+                                             else "No rows to measure."),
+                *table(v["skipped"], SKIPPED_EMPTY if not v["error"] else "No rows analysed."),
+                *table(v["rows"], ROWS_EMPTY if v["error"] else "The file holds no rows.", ROW_WIDTHS),
+                1, v["page_md"], *((gr.skip(), gr.skip()) if keep else ([], "")))
+
+    def stats_ui(*a):  # stats_view's inputs, then the preview's and the upload's messages
+        return show(stats_view(*a[:-2]), a[-2]) + (gr.skip() if not str(a[-1]).startswith("**Error:**") else "",)
+
+    def after_upload(*a):  # a new file: every view follows it, the old preview goes
+        return show(stats_view(*a), "")
+
+    def stale(_data):  # the box was edited by hand: what is on screen belongs to the file before
+        return ("Dataset changed: press **Analyze**.", histogram_html(None), *table(pd.DataFrame(), SKIPPED_EMPTY),
+                *table(pd.DataFrame(), ROWS_EMPTY), 1, "", [], "")
+
+    ui["stats_btn"].click(stats_ui, stats_in + [ui["preview_status"], ui["upload_md"]], stats_outs + [ui["upload_md"]],
+                          api_name="dataset_analyze")
+    ui["data"].input(stale, [ui["data"]], stats_outs, api_visibility="private", show_progress="hidden")
     ui["api_stats_btn"].click(stats_api, stats_in, [ui["api_json"]], api_name="dataset_stats")
     ui["page"].submit(page_view, [ui["data"], ui["fmt"], ui["columns"], ui["page"]], [ui["rows_df"], ui["page_md"]],
                       api_name="dataset_rows")
@@ -233,7 +255,8 @@ def wire(ui: dict, demo) -> None:
         btn.click(lambda p, d=delta: max(1, _page_number(p) + d), [ui["page"]], [ui["page"]],
                   api_visibility="private").then(page_view, [ui["data"], ui["fmt"], ui["columns"], ui["page"]],
                                                  [ui["rows_df"], ui["page_md"]], api_visibility="private")
-    ui["upload"].upload(upload, [ui["upload"], ui["data"]], [ui["data"], ui["upload_md"]], api_name="upload")
+    ui["upload"].upload(upload, [ui["upload"], ui["data"]], [ui["data"], ui["upload_md"]], api_name="upload").then(
+        after_upload, stats_in, stats_outs, api_visibility="private")
     ui["preview_btn"].click(preview_view, [ui["model"], ui["data"], ui["template"], ui["custom_jinja"], ui["fmt"],
                                            ui["preview_n"], ui["cutoff"], ui["trust_remote_code"], ui["form"]["train_on"],
                                            ui["form"]["reasoning"], ui["form"]["system_role"]],
