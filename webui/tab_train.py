@@ -6,6 +6,9 @@ re-reads RUN_DIR on a gr.Timer tick, so closing the browser never touches the ch
 from __future__ import annotations
 
 import functools
+import hashlib
+import json
+import threading
 from pathlib import Path
 
 import gradio as gr
@@ -14,15 +17,34 @@ import pandas as pd
 from lorastudio.core import runs
 
 from . import train_form
-from .helpers import err_md, error_text, preset_names, workspace_run
+from .helpers import LOSS_COLORS, err_md, error_text, preset_names, workspace_run
 from .train_form import CONTEXT, FORM_NAMES, build_config, preset_form
 from .train_history import delete, diff_frame, history_frame, overlay_frame
-from .train_view import curve_frames, run_api, run_view, signature, status_markdown
+from .train_view import curve_frames, run_api, run_view, signature, status_markdown, x_range
+
+
+_starting: set[str] = set()  # form keys whose Start is being handled right now
+_starting_lock = threading.Lock()
+
+
+def form_key(cfg) -> str:
+    """The identity of what a Start would run: the config the form builds, before any run name is
+    chosen for it. Recorded in run.json (form_key), so a second Start of the same form is
+    recognised after a page reload or a server restart too."""
+    blob = json.dumps(cfg.model_dump(mode="json"), sort_keys=True, default=str)
+    return hashlib.sha256(blob.encode()).hexdigest()[:20]
+
+
+def active_twin(key: str) -> dict | None:
+    """A run of this workspace started from the same form that is still queued, starting or running."""
+    return next((i for i in runs.list_runs() if i.get("form_key") == key and i.get("status") in runs.ACTIVE), None)
 
 
 def start_from_dict(preset: str | None, values: dict) -> tuple[str, str, str]:
     """Create the run (core.runs.create_run: config.yaml resolved for this machine, run.json) and
-    start its training child -> (run_dir, status md, the CLI command that reruns it)."""
+    start its training child -> (run_dir, status md, the CLI command that reruns it). One click,
+    one run: while a run of the same form is starting or active, Start is refused with a message
+    (run_dir ""), however the clicks arrive (two tabs, a double click, the API)."""
     from lorastudio.core import config as config_lib
     from lorastudio.core import estimate, machine
 
@@ -31,10 +53,26 @@ def start_from_dict(preset: str | None, values: dict) -> tuple[str, str, str]:
         problem = machine.gpus_problem(cfg.training.gpus, cfg.training.device)
         if problem:  # checked here too: nothing is created or started for a run that can't run
             raise config_lib.ConfigError(problem)
-        run_dir = runs.create_run(cfg, source=f"webui:{preset or 'form'}",
+    except Exception as e:  # noqa: BLE001
+        return "", err_md(e), ""
+    key = form_key(cfg)
+    with _starting_lock:
+        busy = key in _starting
+        _starting.add(key)
+    if busy:
+        return "", err_md("a run of this same form is being started: one click, one run (not started again)"), ""
+    try:
+        twin = active_twin(key)
+        if twin:
+            return "", err_md(f"**{Path(twin['run_dir']).name}** from this same form is still {twin['status']}: "
+                              "not started again. Stop it first, or change a setting to start another run"), ""
+        run_dir = runs.create_run(cfg, source=f"webui:{preset or 'form'}", form_key=key,
                                   notes=("from the web app" + (f" (preset {preset})" if preset else ""),))
     except Exception as e:  # noqa: BLE001
         return "", err_md(e), ""
+    finally:
+        with _starting_lock:
+            _starting.discard(key)
     warnings = "".join(f"\n\n⚠️ {w}" for w in estimate.start_warnings(cfg))
     return str(run_dir), f"started **{run_dir.name}**{warnings}", f"lorastudio train {run_dir / 'config.yaml'}"
 
@@ -88,17 +126,33 @@ def retry(run_dir: str) -> tuple[str, str]:
     return str(new_dir), f"retrying as **{new_dir.name}**"
 
 
+def button_states(v: dict) -> dict:
+    """Which of Stop / Resume / Retry can act on the run on screen (as its live view reads it)."""
+    status = v.get("status") or ""
+    return {"stop": status in runs.ACTIVE, "resume": status in ("stopped", "failed"), "retry": status == "failed"}
+
+
+SAMPLES_EMPTY = "No sample generations yet (the run writes them every `sample_every` steps)."
+DIFF_EMPTY = "Pick two runs to compare their configs."
+
+
+def empty_note(df: pd.DataFrame, text: str) -> str:
+    return "" if len(df) else text
+
+
 # ---------------------------------------------------------------- UI
 
 def build(ui: dict) -> None:
     with gr.Row():
         names = preset_names()
         ui["preset"] = gr.Dropdown(names, value="tiny_smoke" if "tiny_smoke" in names else None,
-                                   label="Preset (loads into the form)", scale=2)
+                                   label="Preset (loads into the form)", scale=2, elem_id="preset")
         ui["start"] = gr.Button("Start", variant="primary", scale=1, elem_id="start-btn")
-        ui["stop"] = gr.Button("Stop", variant="stop", scale=1, elem_id="stop-btn")
-        ui["resume"] = gr.Button("Resume", scale=1)
-        ui["retry"] = gr.Button("Retry", scale=1)
+        # enabled by the live view for the run on screen (button_states): none of them acts on no run
+        ui["stop"] = gr.Button("Stop", variant="stop", scale=1, elem_id="stop-btn", interactive=False)
+        ui["resume"] = gr.Button("Resume", scale=1, elem_id="resume-btn", interactive=False)
+        ui["retry"] = gr.Button("Retry", scale=1, elem_id="retry-btn", interactive=False)
+    ui["start_md"] = gr.Markdown(elem_id="start-msg")
     with gr.Row():
         ui["gpu_mem"] = gr.Textbox(label="GPU memory (e.g. 24GB; blank = the detected GPU)", scale=1)
         ui["estimate_btn"] = gr.Button("Estimate VRAM", scale=0)
@@ -111,24 +165,29 @@ def build(ui: dict) -> None:
     ui["run_status"] = gr.Markdown(elem_id="run-status")
     with gr.Row():
         ui["loss_plot"] = gr.LinePlot(x="step", y="value", color="series", title="Loss and eval loss", height=300,
-                                      elem_id="loss-plot", color_map={"loss": "#3b82f6", "eval_loss": "#f97316"})
+                                      elem_id="loss-plot", color_map=LOSS_COLORS)
         ui["lr_plot"] = gr.LinePlot(x="step", y="lr", title="Learning rate", height=300, elem_id="lr-plot")
     ui["cli"] = gr.Textbox(label="CLI command that reproduces this run", buttons=["copy"], interactive=False,
                            elem_id="cli-cmd")
+    ui["samples_empty"] = gr.Markdown(SAMPLES_EMPTY)
     ui["samples_df"] = gr.Dataframe(headers=["step", "prompt", "reply"], label="Sample generations",
-                                    interactive=False, wrap=True, max_height=250)
+                                    interactive=False, wrap=True, max_height=250, visible=False,
+                                    column_widths=["8%", "40%", "52%"], elem_id="samples-df")
     ui["log"] = gr.Textbox(label="Log tail", lines=8, max_lines=20, interactive=False, autoscroll=True)
     ui["timer"] = gr.Timer(1.0)
     ui["seen"] = gr.State("")
-    with gr.Accordion("Run history", open=False):
+    with gr.Accordion("Run history", open=False) as ui["hist_acc"]:
         ui["hist_refresh"] = gr.Button("Refresh history")
-        ui["hist_df"] = gr.Dataframe(interactive=False, wrap=True, max_height=300)
+        ui["hist_empty"] = gr.Markdown("No runs yet.")
+        ui["hist_df"] = gr.Dataframe(interactive=False, wrap=True, max_height=300, visible=False, elem_id="hist-df")
         ui["overlay_runs"] = gr.Dropdown([], multiselect=True, label="Overlay loss curves of")
         ui["overlay_plot"] = gr.LinePlot(x="step", y="loss", color="run", title="Loss overlay", height=280)
         with gr.Row():
             ui["diff_a"] = gr.Dropdown([], label="Config diff: run A", allow_custom_value=True)
             ui["diff_b"] = gr.Dropdown([], label="run B", allow_custom_value=True)
-        ui["diff_df"] = gr.Dataframe(headers=["key", "a", "b"], interactive=False, wrap=True)
+        ui["diff_empty"] = gr.Markdown(DIFF_EMPTY)
+        ui["diff_df"] = gr.Dataframe(headers=["key", "a", "b"], interactive=False, wrap=True, visible=False,
+                                     column_widths=["40%", "30%", "30%"], elem_id="diff-df")
         with gr.Row():
             ui["delete_run"] = gr.Dropdown([], label="Delete run", allow_custom_value=True)
             ui["delete_btn"] = gr.Button("Delete", variant="stop")
@@ -137,6 +196,11 @@ def build(ui: dict) -> None:
         ui["api_run_btn"] = gr.Button("run status api")
         ui["api_retry_btn"] = gr.Button("retry api")
         ui["api_run_json"] = gr.JSON()
+        ui["api_diff_btn"] = gr.Button("config diff api")
+        ui["api_history_btn"] = gr.Button("history api")
+        ui["api_start_btn"] = gr.Button("start api")
+        ui["api_start_dir"], ui["api_start_md"], ui["api_start_cli"] = gr.Textbox(), gr.Markdown(), gr.Textbox()
+        ui["api_diff_df"] = gr.Dataframe()
 
 
 def wire(ui: dict, demo) -> None:
@@ -162,30 +226,45 @@ def wire(ui: dict, demo) -> None:
     demo.load(load_preset, [ui["preset"]], ctx + form_inputs, api_visibility="private")
 
     def choices_update(selected: str | None = None):
+        """The runs on disk now (a run deleted meanwhile is never offered); the selection kept."""
         dirs = [i["run_dir"] for i in runs.list_runs()]
         value = selected if selected else (dirs[0] if dirs else None)
         return gr.Dropdown(choices=dirs, value=value)
 
-    @functools.wraps(start)
     def do_start(*a):
         run_dir, md, cmd = start(*a)
-        return (run_dir or gr.skip()), md, cmd, ""
+        if not run_dir:  # refused or failed: the run on screen stays, the reason shows by Start
+            gr.Warning(md.removeprefix("**Error:** ").replace("**", ""))
+            return gr.skip(), md, gr.skip(), gr.skip()
+        return run_dir, md, cmd, ""
 
-    ui["start"].click(do_start, [ui["preset"]] + ctx + form_inputs, [ui["run"], ui["run_status"], ui["cli"], ui["seen"]],
-                      api_name="start").then(lambda r: choices_update(r), [ui["run"]], [ui["run"]],
-                                             api_visibility="private")
-    ui["stop"].click(stop, [ui["run"]], [ui["run_status"]], api_name="stop")
-    ui["resume"].click(resume, [ui["run"]], [ui["run_status"]], api_name="resume").then(
+    lock = lambda on: (lambda: gr.Button(interactive=on))  # noqa: E731
+    # Start is off from the click until the run exists (trigger_mode="once" drops clicks meanwhile);
+    # start_from_dict refuses a second run of the same form whatever the browser sends
+    ui["start"].click(lock(False), None, [ui["start"]], queue=False, api_visibility="private",
+                      trigger_mode="once").then(
+        do_start, [ui["preset"]] + ctx + form_inputs, [ui["run"], ui["start_md"], ui["cli"], ui["seen"]],
+        api_visibility="private").then(
+        lambda r: choices_update(r), [ui["run"]], [ui["run"]], api_visibility="private").then(
+        lock(True), None, [ui["start"]], queue=False, api_visibility="private")
+    # /start: (run_dir or "" when refused, message, CLI command), the form's names as parameters
+    ui["api_start_btn"].click(start, [ui["preset"]] + ctx + form_inputs,
+                              [ui["api_start_dir"], ui["api_start_md"], ui["api_start_cli"]], api_name="start")
+    ui["stop"].click(stop, [ui["run"]], [ui["start_md"]], api_name="stop")
+    ui["resume"].click(resume, [ui["run"]], [ui["start_md"]], api_name="resume").then(
         lambda: "", None, [ui["seen"]], api_visibility="private")
     ui["retry"].click(lambda r: (lambda d, md: (d or gr.skip(), md))(*retry(r)), [ui["run"]],
-                      [ui["run"], ui["run_status"]], api_visibility="private")
+                      [ui["run"], ui["start_md"]], api_visibility="private")
     ui["api_retry_btn"].click(lambda r: dict(zip(("run_dir", "message"), retry(r))), [ui["run"]],
                               [ui["api_run_json"]], api_name="retry")
     ui["run_refresh"].click(lambda r: choices_update(r), [ui["run"]], [ui["run"]], api_visibility="private")
+    ui["run"].focus(lambda: gr.Dropdown(choices=[i["run_dir"] for i in runs.list_runs()]), None, [ui["run"]],
+                    api_visibility="private", show_progress="hidden")  # choices only: typing stays
     # a fresh page (or a restarted server) re-attaches to the latest run: all state is in the run dir
     demo.load(lambda: (choices_update(), ""), None, [ui["run"], ui["seen"]], api_visibility="private")
 
-    outs = [ui["run_status"], ui["loss_plot"], ui["lr_plot"], ui["samples_df"], ui["log"], ui["cli"], ui["seen"]]
+    outs = [ui["run_status"], ui["loss_plot"], ui["lr_plot"], ui["samples_df"], ui["samples_empty"], ui["log"],
+            ui["cli"], ui["stop"], ui["resume"], ui["retry"], ui["seen"]]
 
     def tick(run_dir, seen):
         key = signature(run_dir)
@@ -194,10 +273,14 @@ def wire(ui: dict, demo) -> None:
         try:
             v = run_view(run_dir)
         except Exception as e:  # noqa: BLE001 - e.g. a typed-in path outside the allowed folders
-            return [err_md(e)] + [gr.skip()] * (len(outs) - 2) + [key]
+            off = [gr.Button(interactive=False)] * 3
+            return [err_md(e)] + [gr.skip()] * (len(outs) - 5) + off + [key]
         loss, lr = curve_frames(v)
         samples = pd.DataFrame(v["samples"], columns=["step", "prompt", "reply"])
-        return [status_markdown(v), loss, lr, samples, "\n".join(v["log"]), v.get("cli", ""), key]
+        b = button_states(v)
+        return [status_markdown(v), gr.LinePlot(value=loss, x_lim=x_range(v)), lr,
+                gr.Dataframe(value=samples, visible=len(samples) > 0), empty_note(samples, SAMPLES_EMPTY), "\n".join(v["log"]), v.get("cli", ""),
+                *(gr.Button(interactive=b[n]) for n in ("stop", "resume", "retry")), key]
 
     ui["timer"].tick(tick, [ui["run"], ui["seen"]], outs, api_visibility="private", show_progress="hidden")
     ui["run"].change(lambda r: tick(r, None), [ui["run"]], outs, api_visibility="private", show_progress="hidden")
@@ -207,13 +290,31 @@ def wire(ui: dict, demo) -> None:
         df = history_frame()
         dirs = list(df["run_dir"]) if len(df) else []
         upd = lambda: gr.Dropdown(choices=dirs)  # noqa: E731
-        return df.drop(columns=["run_dir"]), upd(), upd(), upd(), upd()
+        return (gr.Dataframe(value=df.drop(columns=["run_dir"]), visible=len(df) > 0), empty_note(df, "No runs yet."),
+                upd(), upd(), upd(), upd())
 
-    hist_outs = [ui["hist_df"], ui["overlay_runs"], ui["diff_a"], ui["diff_b"], ui["delete_run"]]
-    ui["hist_refresh"].click(refresh_history, None, hist_outs, api_name="history")
+    hist_outs = [ui["hist_df"], ui["hist_empty"], ui["overlay_runs"], ui["diff_a"], ui["diff_b"], ui["delete_run"]]
+    ui["hist_refresh"].click(refresh_history, None, hist_outs, api_visibility="private")
+    ui["api_history_btn"].click(lambda: history_frame().drop(columns=["run_dir"]), None, [ui["api_diff_df"]],
+                                api_name="history")
+    # the history is read whenever it can come into view: page load, the Train tab, the accordion
+    demo.load(refresh_history, None, hist_outs, api_visibility="private")
+    ui["tab_train"].select(refresh_history, None, hist_outs, api_visibility="private")
+    ui["hist_acc"].expand(refresh_history, None, hist_outs, api_visibility="private")
+    for dd in (ui["overlay_runs"], ui["diff_a"], ui["diff_b"], ui["delete_run"]):
+        dd.focus(refresh_history, None, hist_outs, api_visibility="private", show_progress="hidden")
     ui["overlay_runs"].change(_safe(overlay_frame, pd.DataFrame(columns=["step", "loss", "run"])), [ui["overlay_runs"]], [ui["overlay_plot"]], api_visibility="private")
-    ui["diff_b"].change(_safe(diff_frame, pd.DataFrame(columns=["key", "a", "b"])), [ui["diff_a"], ui["diff_b"]], [ui["diff_df"]], api_name="config_diff")
-    ui["diff_a"].change(_safe(diff_frame, pd.DataFrame(columns=["key", "a", "b"])), [ui["diff_a"], ui["diff_b"]], [ui["diff_df"]], api_visibility="private")
+
+    def diff_view(a, b):
+        df = _safe(diff_frame, pd.DataFrame(columns=["key", "a", "b"]))(a, b)
+        note = DIFF_EMPTY if not (a and b) else "The two configs are the same." if not len(df) else ""
+        return gr.Dataframe(value=df, visible=len(df) > 0), note
+
+    diff_outs = [ui["diff_df"], ui["diff_empty"]]
+    ui["diff_b"].change(diff_view, [ui["diff_a"], ui["diff_b"]], diff_outs, api_visibility="private")
+    ui["diff_a"].change(diff_view, [ui["diff_a"], ui["diff_b"]], diff_outs, api_visibility="private")
+    ui["api_diff_btn"].click(_safe(diff_frame, pd.DataFrame(columns=["key", "a", "b"])), [ui["diff_a"], ui["diff_b"]],
+                             [ui["api_diff_df"]], api_name="config_diff")
     ui["delete_btn"].click(delete, [ui["delete_run"]], [ui["delete_md"]], api_name="delete_run").then(
         refresh_history, None, hist_outs, api_visibility="private")
 

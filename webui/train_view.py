@@ -108,6 +108,16 @@ def curve_frames(v: dict) -> tuple[pd.DataFrame, pd.DataFrame]:
     return loss, lr
 
 
+def x_range(v: dict) -> list[float] | None:
+    """The loss plot's step axis: a little past the last point, so a point on the last step (an
+    eval at the end) is drawn whole instead of cut in half by the plot's edge."""
+    steps = [s for s, _ in v["loss"]] + [s for s, _ in v["eval_loss"]]
+    if not steps:
+        return None
+    hi = max(max(steps), v.get("total_steps") or 0)
+    return [0, hi + max(1, hi * 0.03)]
+
+
 def run_api(run_dir: str) -> dict:
     """JSON-native live state (api_name="run_status")."""
     try:
