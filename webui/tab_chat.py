@@ -243,7 +243,8 @@ def build(ui: dict) -> None:
     with gr.Row():
         ui["ch_target"] = gr.Dropdown(["builtin:tiny"], value="builtin:tiny", allow_custom_value=True, scale=3,
                                       label="Model, run or merged folder", elem_id="chat-target")
-        ui["ch_ckpt"] = gr.Dropdown(["final"], value="final", allow_custom_value=True, label="Checkpoint", scale=1)
+        ui["ch_ckpt"] = gr.Dropdown(["final"], value="final", allow_custom_value=True, label="Checkpoint", scale=1,
+                                    elem_id="ch-ckpt")
         ui["ch_mode"] = gr.Radio(["fine-tuned", "base"], value="fine-tuned", label="Adapter", scale=1)
         ui["ch_refresh"] = gr.Button("↻", scale=0, min_width=40, elem_id="ch-refresh")
     with gr.Accordion("System prompt and generation settings", open=False):
@@ -267,8 +268,11 @@ def build(ui: dict) -> None:
         ui["cmp_left_side"] = gr.Dropdown(["base"], value="base", allow_custom_value=True, label="Left side: the base, or another checkpoint "
                                           "(right side: the checkpoint chosen above)", elem_id="cmp-left-side")
         with gr.Row():
-            ui["cmp_left"] = gr.Chatbot(label="Left (base or checkpoint)", height=280, elem_id="cmp-left")
-            ui["cmp_right"] = gr.Chatbot(label="Fine-tuned", height=280, elem_id="cmp-right")
+            # grow with the answers (a fixed height cut a long bubble off), scroll past max_height
+            ui["cmp_left"] = gr.Chatbot(label="Left (base or checkpoint)", height=None, min_height=200, max_height=560,
+                                        elem_id="cmp-left")
+            ui["cmp_right"] = gr.Chatbot(label="Fine-tuned", height=None, min_height=200, max_height=560,
+                                         elem_id="cmp-right")
     ui["ch_unload"] = gr.Button("Unload models")
     ui["ch_md"] = gr.Markdown()
     with gr.Row(visible=False):
@@ -292,20 +296,29 @@ def wire(ui: dict, demo) -> None:
         value = current if current in choices else (next((c for c in choices if is_run(c)), choices[0]))
         return gr.Dropdown(choices=choices, value=value), on_target(value, ckpt), left_choices(value, left)
 
+    # every list is read from disk when it can be seen: the tab shown, a dropdown opened, after a
+    # reply (save_total_limit deletes checkpoints while a run trains; a deleted one is never offered)
     shown = [ui["ch_target"], ui["ch_ckpt"], ui["cmp_left_side"]]
+    quiet = dict(api_visibility="private", show_progress="hidden")
     ui["ch_refresh"].click(refresh, shown, shown, api_visibility="private")
     ui["tab_chat"].select(refresh, shown, shown, api_visibility="private")
     demo.load(lambda: refresh(None), None, shown, api_visibility="private")
+    # opening the target list refreshes its choices only: what is typed in it (a folder) stays
+    ui["ch_target"].focus(lambda: gr.Dropdown(choices=target_choices()), None, [ui["ch_target"]], **quiet)
+    ui["ch_ckpt"].focus(on_target, [ui["ch_target"], ui["ch_ckpt"]], [ui["ch_ckpt"]], **quiet)
+    ui["cmp_left_side"].focus(left_choices, [ui["ch_target"], ui["cmp_left_side"]], [ui["cmp_left_side"]], **quiet)
     ui["ch_target"].change(on_target, [ui["ch_target"]], [ui["ch_ckpt"]], api_visibility="private")
 
     ui["ch_target"].change(left_choices, [ui["ch_target"]], [ui["cmp_left_side"]], api_visibility="private")
     gen = [ui["ch_system"], ui["ch_temp"], ui["ch_top_p"], ui["ch_max"], ui["ch_greedy"]]
     chat_in = [ui["ch_msg"], ui["ch_bot"], ui["ch_target"], ui["ch_ckpt"], ui["ch_mode"]] + gen
-    ui["ch_send"].click(chat, chat_in, [ui["ch_bot"], ui["ch_msg"]], api_name="chat")
-    ui["ch_msg"].submit(chat, chat_in, [ui["ch_bot"], ui["ch_msg"]], api_visibility="private")
+    ui["ch_send"].click(chat, chat_in, [ui["ch_bot"], ui["ch_msg"]], api_name="chat").then(
+        refresh, shown, shown, **quiet)
+    ui["ch_msg"].submit(chat, chat_in, [ui["ch_bot"], ui["ch_msg"]], api_visibility="private").then(
+        refresh, shown, shown, **quiet)
     ui["ch_clear"].click(lambda: [], None, [ui["ch_bot"]], api_visibility="private")
     ui["cmp_btn"].click(compare, [ui["cmp_prompt"], ui["ch_target"], ui["ch_ckpt"]] + gen + [ui["cmp_left_side"]],
-                        [ui["cmp_left"], ui["cmp_right"]], api_name="compare")
+                        [ui["cmp_left"], ui["cmp_right"]], api_name="compare").then(refresh, shown, shown, **quiet)
     ui["ch_unload"].click(close_workers, None, [ui["ch_md"]], api_name="unload")
     ui["api_chat_btn"].click(chat_api, [ui["ch_msg"], ui["ch_target"], ui["ch_ckpt"], ui["ch_mode"]] + gen,
                              [ui["api_chat_json"]], api_name="chat_once")

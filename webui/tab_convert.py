@@ -149,20 +149,26 @@ def outputs_of(run_dir: str) -> list[str]:
                   if p.is_dir() and p.name.startswith(("merged", "export-adapter")) and not p.name.endswith(".partial"))
 
 
+def run_choices() -> list[str]:
+    """Runs with something to convert (an adapter or a checkpoint), newest first, as on disk now."""
+    return [i["run_dir"] for i in runs.list_runs() if checkpoint_choices(i["run_dir"])]
+
+
 def build(ui: dict) -> None:
     gr.Markdown("Export the adapter (a standard PEFT folder) or merge it into the base model (a full model "
                 "folder any transformers code loads). Runs as a child job; the merge is verified against "
                 "base + adapter.")
     with gr.Row():
         ui["cv_run"] = gr.Dropdown([], label="Run", allow_custom_value=True, scale=3, elem_id="cv-run")
-        ui["cv_ckpt"] = gr.Dropdown([], label="Checkpoint", allow_custom_value=True, scale=1)
+        ui["cv_ckpt"] = gr.Dropdown([], label="Checkpoint", allow_custom_value=True, scale=1, elem_id="cv-ckpt")
         ui["cv_refresh"] = gr.Button("↻", scale=0, min_width=40, elem_id="cv-refresh")
     with gr.Row():
         ui["cv_kind"] = gr.Radio(["merge", "export adapter"], value="merge", label="Action")
         ui["cv_dtype"] = gr.Dropdown(DTYPES, value="auto", label="Merged dtype")
         ui["cv_btn"] = gr.Button("Convert", variant="primary", elem_id="convert-btn")
     ui["cv_status"] = gr.Markdown(elem_id="convert-status")
-    ui["cv_verify"] = gr.Dataframe(label="Verification (merged vs base + adapter logits)", interactive=False)
+    ui["cv_verify"] = gr.Dataframe(label="Verification (merged vs base + adapter logits)", interactive=False,
+                                   visible=False, elem_id="cv-verify")
     ui["cv_outputs"] = gr.JSON(label="Outputs in this run")
     ui["cv_log"] = gr.Textbox(label="Convert log", lines=8, interactive=False)
     with gr.Row(visible=False):
@@ -172,13 +178,19 @@ def build(ui: dict) -> None:
 
 def wire(ui: dict, demo) -> None:
     def refresh(selected=None, current=None):
-        dirs = [i["run_dir"] for i in runs.list_runs() if checkpoint_choices(i["run_dir"])]
+        dirs = run_choices()
         value = selected if selected in dirs else (dirs[0] if dirs else None)
         return (gr.Dropdown(choices=dirs, value=value), *on_run(value, current))
 
+    # read from disk whenever a list can be seen: the tab shown, a dropdown opened, after a job
+    # (save_total_limit deletes checkpoints while a run trains; a deleted one is never offered)
     outs = [ui["cv_run"], ui["cv_ckpt"], ui["cv_outputs"]]
+    quiet = dict(api_visibility="private", show_progress="hidden")
     ui["cv_refresh"].click(refresh, [ui["cv_run"], ui["cv_ckpt"]], outs, api_visibility="private")
     ui["tab_convert"].select(refresh, [ui["cv_run"], ui["cv_ckpt"]], outs, api_visibility="private")
+    ui["cv_run"].focus(lambda: gr.Dropdown(choices=run_choices()), None, [ui["cv_run"]], **quiet)  # typing stays
+    ui["cv_ckpt"].focus(lambda r, c: on_run(r, c), [ui["cv_run"], ui["cv_ckpt"]], [ui["cv_ckpt"], ui["cv_outputs"]],
+                        **quiet)
     demo.load(refresh, None, outs, api_visibility="private")
 
     def on_run(run_dir, current=None):
@@ -189,10 +201,11 @@ def wire(ui: dict, demo) -> None:
     ui["cv_run"].change(on_run, [ui["cv_run"]], [ui["cv_ckpt"], ui["cv_outputs"]], api_visibility="private")
 
     def job(run_dir, ck, kind, dtype):
-        yield from convert_job(run_dir, ck, "merge" if kind == "merge" else "export", dtype)
+        for md, verify, log in convert_job(run_dir, ck, "merge" if kind == "merge" else "export", dtype):
+            yield md, gr.Dataframe(value=verify, visible=len(verify) > 0), log
 
     ui["cv_btn"].click(job, [ui["cv_run"], ui["cv_ckpt"], ui["cv_kind"], ui["cv_dtype"]],
                        [ui["cv_status"], ui["cv_verify"], ui["cv_log"]], api_name="convert").then(
-        on_run, [ui["cv_run"]], [ui["cv_ckpt"], ui["cv_outputs"]], api_visibility="private")
+        on_run, [ui["cv_run"], ui["cv_ckpt"]], [ui["cv_ckpt"], ui["cv_outputs"]], api_visibility="private")
     ui["api_convert_btn"].click(convert_api, [ui["cv_run"], ui["cv_ckpt"], ui["cv_kind"], ui["cv_dtype"]],
                                 [ui["api_convert_json"]], api_name="convert_run")
