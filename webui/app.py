@@ -19,14 +19,41 @@ from pathlib import Path
 import gradio as gr
 
 from . import tab_chat, tab_convert, tab_dataset, tab_model, tab_template, tab_train
+from .helpers import LOSS_COLORS
 
 TABS = [("Model", tab_model), ("Dataset", tab_dataset), ("Template", tab_template), ("Train", tab_train),
         ("Convert", tab_convert), ("Chat", tab_chat)]
 
 
+# Fonts the machine already has: the default theme's web font is fetched from the network, and
+# offline the browser falls back glyph by glyph (a capital A from another font in "LoRA").
+SANS = ("system-ui", "-apple-system", "Segoe UI", "Roboto", "Helvetica Neue", "Noto Sans", "Liberation Sans", "Arial",
+        "DejaVu Sans", "sans-serif")
+MONO = ("ui-monospace", "SFMono-Regular", "Menlo", "Consolas", "Liberation Mono", "DejaVu Sans Mono", "monospace")
+
+
+def theme() -> gr.themes.Base:
+    return gr.themes.Default(font=SANS, font_mono=MONO)
+
+
+# A line of one point has no length, so vega draws nothing for a single eval loss: every vertex of
+# the eval-loss series (its colour in tab_train's color_map) carries a dot.
+EVAL_COLOR = LOSS_COLORS["eval_loss"]
+CSS = f"""
+#loss-plot g.mark-line path[stroke="{EVAL_COLOR}"] {{ marker: url(#eval-dot); }}
+#length-hist svg text {{ fill: var(--body-text-color); }}
+#length-hist .hist-caption {{ margin: 4px 0 0 52px; font-weight: 600; }}
+.hist-empty {{ padding: 12px; color: var(--body-text-color-subdued); }}
+"""
+MARKERS = (f'<svg width="0" height="0" style="position:absolute" aria-hidden="true"><defs>'
+           f'<marker id="eval-dot" viewBox="0 0 10 10" refX="5" refY="5" markerWidth="8" markerHeight="8" '
+           f'markerUnits="userSpaceOnUse"><circle cx="5" cy="5" r="4" fill="{EVAL_COLOR}"/></marker></defs></svg>')
+
+
 def build() -> gr.Blocks:
     ui: dict = {}
     with gr.Blocks(title="LoRA Studio") as demo:
+        gr.HTML(MARKERS, padding=False)
         gr.Markdown("# LoRA Studio\nFine-tune a chat model with LoRA/QLoRA. The embedded tiny model and "
                     "sample dataset work offline.")
         with gr.Tabs():
@@ -78,8 +105,8 @@ def launch(host: str = "127.0.0.1", port: int = 7860, auth: bool | None = None, 
     kwargs: dict = {"app_kwargs": {"middleware": [auth_mod.middleware(token)]}} if auth and not credentials else {}
     if credentials:
         kwargs["auth"] = [credentials]
-    # the default theme: it renders fully offline (no web fonts to fetch)
     demo.queue(default_concurrency_limit=4).launch(
+        theme=theme(), css=CSS,
         server_name=host, server_port=port, show_error=False, quiet=True, share=share,
         max_file_size=f"{max_upload_mb}mb", prevent_thread_lock=True, **kwargs)
     shown = "127.0.0.1" if host in ("0.0.0.0", "") else host

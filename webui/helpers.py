@@ -12,6 +12,10 @@ from pathlib import Path
 from lorastudio.core import runs
 
 
+# the loss plot's series colours (tab_train), and app.CSS's dots on the eval-loss points
+LOSS_COLORS = {"loss": "#3b82f6", "eval_loss": "#f97316"}
+
+
 # ---------------------------------------------------------------- messages
 
 def error_text(e: BaseException) -> str:
