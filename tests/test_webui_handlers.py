@@ -125,13 +125,46 @@ def test_parse_sources_and_columns():
 
 
 def test_histogram_splits_bins_at_the_cutoff():
-    from lorastudio.webui.tab_dataset import histogram
+    from lorastudio.webui.histogram import caption, histogram_html, length_histogram
 
-    df, width = histogram([3, 5, 12, 18, 40, 41], cutoff=20, bins=10)
-    assert width == 5
-    assert df["rows"].sum() == 6
-    over = df[df["where"].str.startswith("over")]
-    assert over["rows"].sum() == 2 and set(over["tokens"]) == {40}
+    h = length_histogram([3, 5, 12, 18, 40, 41], cutoff=20, bins=10)
+    assert h["width"] == 5 and h["rows"] == 6 and h["over"] == 2
+    assert sum(b["within"] + b["over"] for b in h["bins"]) == 6
+    assert [(b["start"], b["over"]) for b in h["bins"] if b["over"]] == [(40, 2)]
+    assert caption(h).startswith("33.3% of rows exceed the cutoff of 20 tokens: truncated")
+    svg = histogram_html(h)
+    assert 'class="cutoff" data-cutoff="20"' in svg and "NaN" not in svg and svg.count('class="bar over"') == 1
+    # the cutoff is inside the x range even when every row is shorter
+    h = length_histogram([10, 11, 12], cutoff=1024)
+    assert h["bins"][-1]["end"] > 1024 and caption(h).startswith("Every row fits within the cutoff of 1,024")
+
+
+def test_histogram_empty_states_are_plain_sentences():
+    from lorastudio.webui.histogram import histogram_html, length_histogram
+
+    for h in (None, length_histogram([], 64)):
+        out = histogram_html(h)
+        assert "<svg" not in out and "NaN" not in out and "press Analyze" in out
+    one = histogram_html(length_histogram([14], 64))
+    assert "<svg" not in one and "One row of 14 tokens" in one
+
+
+def test_stats_view_replaces_every_view(tmp_path):
+    """An analysis sets every view of the tab: a failed one leaves no rows or histogram of the file
+    before; the next good one clears the error."""
+    from lorastudio.webui.tab_dataset import stats_view
+
+    good = _write_jsonl(tmp_path / "good.jsonl", [{"messages": [{"role": "user", "content": f"q{i}"},
+                                                               {"role": "assistant", "content": "a " * (i * 10 + 1)}]}
+                                                 for i in range(12)])
+    args = ("builtin:tiny", str(good), "auto", "", "auto", "", 32, False)
+    v = stats_view(*args)
+    assert v["error"] is None and "good.jsonl" in v["summary"] and len(v["rows"]) == 12
+    assert v["histogram"]["rows"] == 12 and v["histogram"]["over"] > 0
+    bad = stats_view("builtin:tiny", str(tmp_path / "gone.jsonl"), "auto", "", "auto", "", 32, False)
+    assert bad["error"] and "gone.jsonl" in bad["summary"] and bad["histogram"] is None
+    assert len(bad["rows"]) == 0 and len(bad["skipped"]) == 0 and bad["page_md"] == ""
+    assert stats_view(*args)["error"] is None
 
 
 def _write_jsonl(path: Path, rows: list) -> Path:
@@ -359,6 +392,59 @@ def test_chat_message_normalisation():
     assert to_messages(hist) == [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "yo"}]
 
 
+def test_readable_jinja_renders_exactly_as_the_one_line_template():
+    """The editor shows a one-line template laid out by tag; line breaks go only where Jinja trims
+    them, so the rendered text and the trained spans are the same (core.analysis renders both)."""
+    from lorastudio.core import analysis
+    from lorastudio.webui.tab_template import readable_jinja
+
+    own = analysis.own_template_source("builtin:tiny")
+    laid_out = readable_jinja(own)
+    assert "\n" not in own and laid_out.count("\n") >= 5 and laid_out.replace("\n", "").replace(" ", "") == \
+        own.replace(" ", "")
+    a, b = (analysis.render_template("builtin:tiny", "custom", t) for t in (laid_out, own))
+    assert {k: v for k, v in a.items() if k != "source"} == {k: v for k, v in b.items() if k != "source"}
+    assert a["text"] and a["trained_spans"]
+    # quotes holding tag characters, a comment, no trimming: nothing is moved where it would show
+    tricky = "{{- '%}{{' -}}{# c #}{% if x %}{{ y }}{% endif %}{{ a }}{{- b }}"
+    out = readable_jinja(tricky)
+    assert out.replace("\n", "") == tricky.replace("\n", "") and "{% if x %}{{ y }}{% endif %}" in out
+    assert readable_jinja("{% raw %}{%- x -%}{%- y -%}{% endraw %}") == "{% raw %}{%- x -%}{%- y -%}{% endraw %}"
+    assert readable_jinja("{%- a -%}\n{%- b -%}") == "{%- a -%}\n{%- b -%}"  # the author's layout stays
+
+
+def test_button_states_follow_the_run():
+    from lorastudio.webui.tab_train import button_states
+
+    assert button_states({}) == {"stop": False, "resume": False, "retry": False}
+    assert button_states({"status": "running"}) == {"stop": True, "resume": False, "retry": False}
+    assert button_states({"status": "failed"}) == {"stop": False, "resume": True, "retry": True}
+    assert button_states({"status": "done"}) == {"stop": False, "resume": False, "retry": False}
+
+
+def test_a_second_start_of_the_same_form_is_refused(client):
+    """One click, one run: two Starts of one form at once start one run; a third while it runs is
+    refused too; another form starts."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    from lorastudio.core import workspace
+
+    form = dict(zip(START_NAMES, client.predict("tiny_smoke", api_name="/load_preset")))
+    form.update(max_steps=8, save_steps=100, eval_steps=100, sample_every=0, run_name=f"twice-{os.getpid()}")
+    before = set(workspace.runs_dir().iterdir())
+    with ThreadPoolExecutor(2) as pool:
+        answers = list(pool.map(lambda _: client.predict(preset="tiny_smoke", **form, api_name="/start"), range(2)))
+    started = [a for a in answers if a[0]]
+    assert len(started) == 1, answers
+    refused = next(a for a in answers if not a[0])
+    assert refused[1].startswith("**Error:**") and "same form" in refused[1]
+    again = client.predict(preset="tiny_smoke", **form, api_name="/start")
+    assert again[0] == "" and "same form" in again[1] and "not started again" in again[1], again
+    new = [d for d in set(workspace.runs_dir().iterdir()) - before if (d / "run.json").exists()]
+    assert [str(d) for d in new] == [started[0][0]]
+    assert wait_run(client, started[0][0])["status"] == "done"
+
+
 def test_checkpoint_choices(tmp_path):
     from lorastudio.webui.tab_convert import checkpoint_choices
 
@@ -380,8 +466,10 @@ def test_model_info_api(client):
 
 def test_dataset_stats_api(client, tmp_path):
     s = client.predict("builtin:tiny", "builtin:sample", "auto", "", "auto", "", 128, False, api_name="/dataset_stats")
-    assert s["rows_used"] >= 300 and s["sources"][0]["format"] == "openai"
-    assert s["histogram"]["bins"] and sum(b["rows"] for b in s["histogram"]["bins"]) == s["tokenized"]
+    assert s["rows_used"] >= 100 and s["sources"][0]["format"] == "openai"
+    bins = s["histogram"]["bins"]
+    assert bins and sum(b["within"] + b["over"] for b in bins) == s["tokenized"]
+    assert sum(b["over"] for b in bins) == s["truncated"] == s["histogram"]["over_cutoff"]
     bad = _write_jsonl(tmp_path / "bad.jsonl", ["nope", {"messages": [{"role": "user", "content": "a"},
                                                                       {"role": "assistant", "content": "b"}]}])
     s = client.predict("builtin:tiny", str(bad), "auto", "", "auto", "", 128, False, api_name="/dataset_stats")
@@ -414,8 +502,9 @@ def test_template_api(client):
     pieces, md = client.predict("builtin:tiny", "custom", "{% for m in messages %}", False, "", "auto", 0, False,
                                 api_name="/template")
     assert pieces == [] and md.startswith("**Error:**")
-    src, name = client.predict("builtin:tiny", False, api_name="/template_source")
-    assert "im_start" in src and name == "custom"
+    src, md = client.predict("builtin:tiny", "auto", False, api_name="/template_source")
+    assert "im_start" in src and src.count("\n") >= 5  # laid out one tag a line, not one long line
+    assert "stays **auto**" in md and "custom" in md  # the choice is not switched behind the user's back
 
 
 def test_preview_full_api_respects_the_cutoff(client):
@@ -429,7 +518,7 @@ def test_train_run_status_history_and_diff(client, trained_run):
     assert len(s["loss"]) >= 3 and s["step"] == 20 and s["eval_loss"]
     assert s["best"]["step"] in (10, 20) and "20/20" in s["status_md"]
     assert Path(run_dir, "config.yaml").read_text().startswith(f"# lorastudio train {run_dir}/config.yaml")
-    table, *_ = client.predict(api_name="/history")
+    table = client.predict(api_name="/history")
     assert Path(run_dir).name in [row[0] for row in table["data"]]
     diff = client.predict(run_dir, run_dir, api_name="/config_diff")
     assert diff["data"] == [] or diff["data"] == [["", "", ""]] or not any(diff["data"][0])
