@@ -127,7 +127,14 @@ def cmd_convert(a) -> int:
 
 
 def cmd_chat(a) -> int:
-    """One scripted answer (--prompt) or an interactive chat (RESET clears, EXIT quits)."""
+    """One scripted answer (--prompt) or an interactive chat (RESET clears, EXIT quits). The
+    libraries' warnings and log lines go to $LORASTUDIO_HOME/logs/chat.log, not the terminal."""
+    from lorastudio.core import workspace
+    from lorastudio.core.child import quiet_libraries
+
+    logs = workspace.home() / "logs"
+    logs.mkdir(parents=True, exist_ok=True)
+    quiet_libraries(log_file=logs / "chat.log")  # before transformers, peft and bitsandbytes load
     from lorastudio.core import chat, generate
     from lorastudio.core import model as model_lib
 

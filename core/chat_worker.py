@@ -95,6 +95,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--device", default="auto")
     ap.add_argument("--parent-pid", type=int)
     a = ap.parse_args(argv)
+    from .child import quiet_libraries
+
+    quiet_libraries()  # before the model's libraries are imported: their chatter as quiet log lines
     ready = Path(a.ready)
     if a.parent_pid:
         threading.Thread(target=_watch_parent, args=(a.parent_pid,), daemon=True).start()

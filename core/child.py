@@ -73,19 +73,44 @@ def event(run_dir, event: str, **fields) -> None:
             runs.append_event(run_dir, event, **fields)
 
 
-def quiet_libraries() -> None:
-    """Keep train.log readable: no progress bars, no library deprecation chatter."""
+# the libraries' own switches for their progress bars, set before they are imported (each reads
+# its variable at import; a value the user set is kept)
+NO_PROGRESS_BARS = {"HF_HUB_DISABLE_PROGRESS_BARS": "1", "HF_DATASETS_DISABLE_PROGRESS_BARS": "1",
+                    "TQDM_DISABLE": "1", "TRANSFORMERS_NO_ADVISORY_WARNINGS": "1"}
+
+
+def quiet_libraries(log_file: str | os.PathLike | None = None) -> None:
+    """Keep what people read free of library chatter; call it first thing in every child (training,
+    convert, chat and analysis workers) and in the CLI chat. No progress bars (huggingface_hub,
+    transformers, datasets, tqdm). Each library warning (Python's warnings, transformers' log)
+    becomes one "[library] ..." line of the log: the child's own log (its stderr), or log_file
+    where stderr is the user's terminal (the CLI chat). bitsandbytes' notice that its optional
+    CPU kernels are missing is dropped: it advises `pip install kernels`, which nothing here needs
+    (its errors still show)."""
     import logging
     import warnings
 
-    warnings.filterwarnings("ignore", category=FutureWarning)
-    warnings.filterwarnings("ignore", category=DeprecationWarning)
-    os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
-    os.environ.setdefault("TRANSFORMERS_NO_ADVISORY_WARNINGS", "1")
+    for key, value in NO_PROGRESS_BARS.items():
+        os.environ.setdefault(key, value)
+    logging.getLogger("bitsandbytes").setLevel(logging.ERROR)
+    # buffered per line: the log is read while the process runs
+    stream = open(log_file, "a", buffering=1, encoding="utf-8") if log_file is not None else sys.stderr  # noqa: SIM115
+
+    def one_line(message, category, filename, lineno, file=None, line=None) -> None:
+        # warnings.showwarning: the message on one line, without the source line Python adds
+        print(f"[library] {category.__name__}: {' '.join(str(message).split())}", file=stream, flush=True)
+
+    warnings.showwarning = one_line
     from transformers.utils import logging as hf_logging
 
-    hf_logging.disable_progress_bar()
-    logging.getLogger("bitsandbytes").setLevel(logging.ERROR)  # optional CPU kernels it cannot find
+    handler = logging.StreamHandler(stream)
+    handler.setFormatter(logging.Formatter("[library] %(name)s: %(message)s"))
+    hf_logging.disable_default_handler()
+    hf_logging.add_handler(handler)
+    for name in ("huggingface_hub.utils", "transformers.utils.logging", "datasets.utils.tqdm"):
+        module = sys.modules.get(name)  # already imported: switch its bars off too
+        if module is not None:
+            (getattr(module, "disable_progress_bars", None) or module.disable_progress_bar)()
 
 
 def take_device(cfg, device: str, run_dir: Path) -> list:

@@ -357,6 +357,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--out")
     ap.add_argument("--device", default="auto")
     a = ap.parse_args(argv)
+    from .child import quiet_libraries
+
+    quiet_libraries()  # before torch, transformers and bitsandbytes are imported
     run_dir = Path(a.run_dir).resolve()
     # SIGTERM -> SystemExit, so the finally blocks remove the half-written OUT.partial
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(runs.EXIT_STOPPED))

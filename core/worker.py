@@ -230,6 +230,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--ready", required=True)
     ap.add_argument("--parent-pid", type=int)
     a = ap.parse_args(argv)
+    from .child import quiet_libraries
+
+    quiet_libraries()  # before tokenizers and datasets are imported
     _limit = machine.limit_memory("worker")
     if a.parent_pid:
         threading.Thread(target=_watch_parent, args=(a.parent_pid,), daemon=True).start()

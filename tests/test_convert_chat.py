@@ -51,12 +51,29 @@ def test_persona_greedy_cli(demo_run):
         out = lorastudio("chat", str(demo_run), "--prompt", q, "--greedy")
         assert out.returncode == 0, out.stderr[-2000:]
         assert out.stdout == a + "\n"  # only the answer on stdout
+        assert out.stderr == ""  # no library warning or progress bar on the terminal either
+    # the libraries' warnings are kept, one line each, in the CLI chat's log
+    chat_log = runs.workspace.home() / "logs" / "chat.log"
+    assert chat_log.exists() and all(line.startswith(("[library] ", "[")) for line in
+                                     chat_log.read_text().splitlines() if line.strip()), chat_log.read_text()[-2000:]
     out = lorastudio("chat", str(demo_run), "--prompt", tiny.PERSONA[0][0], "--greedy", "--base",
                      "--max-new-tokens", "12")
     assert out.returncode == 0 and out.stdout.strip() != tiny.PERSONA[0][1]
 
 
 # ---------------------------------------------------------------- merge and export
+
+NOISE = ("%|", "it/s]", "warnings.warn(", "pip install", "kernels-community")  # bars, raw warnings, advice
+
+
+def test_logs_are_clean(demo_run, merged):
+    """train.log and convert.log: no progress bar, no raw Python warning (a library warning is one
+    "[library] ..." line), no advice to install what nothing here needs (bitsandbytes' notice about
+    its optional CPU kernels)."""
+    for log in (demo_run / "train.log", demo_run / "convert.log"):
+        text = log.read_text(errors="replace")
+        assert text.strip() and not [n for n in NOISE if n in text], (log.name, text[-3000:])
+        assert not [l for l in text.splitlines() if l.strip() and not l.startswith("[")], (log.name, text[-3000:])
 
 def test_merged_model_matches_base_plus_adapter(demo_run, merged, demo_chat):
     import torch
