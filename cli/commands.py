@@ -154,6 +154,10 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     os.environ.setdefault("HF_HUB_DISABLE_TELEMETRY", "1")
     os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")
+    from lorastudio.core.child import NO_PROGRESS_BARS
+
+    for key, value in NO_PROGRESS_BARS.items():  # e.g. building the embedded model draws none
+        os.environ.setdefault(key, value)
     ap = build_parser()
     a = ap.parse_args(argv)
     if a.cmd is None:
