@@ -118,12 +118,15 @@ def main(argv: list[str] | None = None) -> int:
         if template is None:
             log(chat.COMPLETION_NOTICE)
     except Exception as e:  # noqa: BLE001 - the parent shows this one line
-        import traceback
-
-        traceback.print_exc()
         from .locks import Busy
 
-        msg = str(e) if isinstance(e, (ValueError, Busy)) else f"{type(e).__name__}: {e}"
+        expected = isinstance(e, (ValueError, Busy))  # bad input or a busy card: the sentence says it all
+        if not expected:
+            import traceback
+
+            traceback.print_exc()  # a bug: the log keeps where it happened
+        msg = str(e) if expected else f"{type(e).__name__}: {e}"
+        log(f"FAILED: {msg}")
         _write_ready(ready, {"error": msg})
         return 2
     listener = Listener(("127.0.0.1", 0), authkey=authkey)
