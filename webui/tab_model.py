@@ -132,7 +132,7 @@ def model_info_view(name_or_path: str, trust_remote_code: bool):
             ("Dtype", info["dtype"]), ("Vocabulary", info["vocab_size"]), ("Hidden size", info["hidden_size"]),
             ("Layers", info["layers"]), ("Context", info["context"]),
             ("Chat template", "yes" if info["has_chat_template"] else "no")]
-    md = "| | |\n|---|---|\n" + "\n".join(f"| {k} | {v} |" for k, v in rows)
+    md = f"| {info['name_or_path']} | |\n|---|---|\n" + "\n".join(f"| {k} | {v} |" for k, v in rows)
     if info["warnings"]:
         md += "\n\n" + "\n\n".join(f"⚠️ {w}" if not w.startswith("⚠️") else w for w in info["warnings"])
     return info, md
@@ -163,4 +163,5 @@ def wire(ui: dict, demo) -> None:
         model_estimate_view, [ui["model"]], [ui["model_estimate_md"]], api_visibility="private")
     ui["model"].submit(model_info_view, *args, api_visibility="private")
     ui["trust_remote_code"].change(model_info_view, *args, api_visibility="private")
-    demo.load(model_info_view, *args, api_visibility="private")
+    demo.load(model_info_view, *args, api_visibility="private").then(
+        model_estimate_view, [ui["model"]], [ui["model_estimate_md"]], api_visibility="private")

@@ -20,7 +20,7 @@ from . import train_form
 from .helpers import LOSS_COLORS, err_md, error_text, preset_names, workspace_run
 from .train_form import CONTEXT, FORM_NAMES, build_config, preset_form
 from .train_history import delete, diff_frame, history_frame, overlay_frame
-from .train_view import curve_frames, run_api, run_view, signature, status_markdown, x_range
+from .train_view import OVERLAY, curve_frames, frame, run_api, run_view, signature, status_markdown, x_range
 
 
 _starting: set[str] = set()  # form keys whose Start is being handled right now
@@ -145,7 +145,7 @@ def empty_note(df: pd.DataFrame, text: str) -> str:
 def build(ui: dict) -> None:
     with gr.Row():
         names = preset_names()
-        ui["preset"] = gr.Dropdown(names, value="tiny_smoke" if "tiny_smoke" in names else None,
+        ui["preset"] = gr.Dropdown(names, value="tiny_demo" if "tiny_demo" in names else None,
                                    label="Preset (loads into the form)", scale=2, elem_id="preset")
         ui["start"] = gr.Button("Start", variant="primary", scale=1, elem_id="start-btn")
         # enabled by the live view for the run on screen (button_states): none of them acts on no run
@@ -278,7 +278,9 @@ def wire(ui: dict, demo) -> None:
         loss, lr = curve_frames(v)
         samples = pd.DataFrame(v["samples"], columns=["step", "prompt", "reply"])
         b = button_states(v)
-        return [status_markdown(v), gr.LinePlot(value=loss, x_lim=x_range(v)), lr,
+        # no points: no data at all (an empty frame fixes the plot's series and axes for good)
+        return [status_markdown(v), gr.LinePlot(value=loss if len(loss) else None, x_lim=x_range(v)),
+                lr if len(lr) else None,
                 gr.Dataframe(value=samples, visible=len(samples) > 0), empty_note(samples, SAMPLES_EMPTY), "\n".join(v["log"]), v.get("cli", ""),
                 *(gr.Button(interactive=b[n]) for n in ("stop", "resume", "retry")), key]
 
@@ -303,7 +305,11 @@ def wire(ui: dict, demo) -> None:
     ui["hist_acc"].expand(refresh_history, None, hist_outs, api_visibility="private")
     for dd in (ui["overlay_runs"], ui["diff_a"], ui["diff_b"], ui["delete_run"]):
         dd.focus(refresh_history, None, hist_outs, api_visibility="private", show_progress="hidden")
-    ui["overlay_runs"].change(_safe(overlay_frame, pd.DataFrame(columns=["step", "loss", "run"])), [ui["overlay_runs"]], [ui["overlay_plot"]], api_visibility="private")
+    def overlay_view(run_dirs_):  # None when empty, as the live plot (an empty frame fixes its series)
+        df = _safe(overlay_frame, frame([], OVERLAY))(run_dirs_)
+        return df if len(df) else None
+
+    ui["overlay_runs"].change(overlay_view, [ui["overlay_runs"]], [ui["overlay_plot"]], api_visibility="private")
 
     def diff_view(a, b):
         df = _safe(diff_frame, pd.DataFrame(columns=["key", "a", "b"]))(a, b)

@@ -10,6 +10,7 @@ import pandas as pd
 from lorastudio.core import history
 
 from .helpers import err_md, workspace_run
+from .train_view import OVERLAY, frame
 
 
 def history_frame() -> pd.DataFrame:
@@ -25,7 +26,7 @@ def overlay_frame(run_dirs_: list[str]) -> pd.DataFrame:
         d = workspace_run(d)
         for s, y in history.curves(d)["loss"]:
             rows.append({"step": s, "loss": y, "run": Path(d).name})
-    return pd.DataFrame(rows, columns=["step", "loss", "run"])
+    return frame(rows, OVERLAY)
 
 
 def diff_frame(a: str, b: str) -> pd.DataFrame:

@@ -100,12 +100,22 @@ def status_markdown(v: dict) -> str:
     return md
 
 
+def frame(rows: list[dict], dtypes: dict[str, str]) -> pd.DataFrame:
+    """A plot's data with its column types set even with no rows: the plot takes an axis's kind
+    (numbers or categories) from the first frame it gets, and an empty frame's columns read as
+    categories (a loss axis labelled with every value, no line drawn, until the page reloads)."""
+    return pd.DataFrame(rows, columns=list(dtypes)).astype(dtypes)
+
+
+CURVE = {"step": "int64", "value": "float64", "series": "object"}
+LR = {"step": "int64", "lr": "float64"}
+OVERLAY = {"step": "int64", "loss": "float64", "run": "object"}
+
+
 def curve_frames(v: dict) -> tuple[pd.DataFrame, pd.DataFrame]:
     rows = [{"step": s, "value": y, "series": "loss"} for s, y in v["loss"]]
     rows += [{"step": s, "value": y, "series": "eval_loss"} for s, y in v["eval_loss"]]
-    loss = pd.DataFrame(rows, columns=["step", "value", "series"])
-    lr = pd.DataFrame([{"step": s, "lr": y} for s, y in v["lr"]], columns=["step", "lr"])
-    return loss, lr
+    return frame(rows, CURVE), frame([{"step": s, "lr": y} for s, y in v["lr"]], LR)
 
 
 def x_range(v: dict) -> list[float] | None:
