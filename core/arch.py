@@ -18,10 +18,10 @@ def arch_for(name_or_path: str) -> dict:
     arch = model_configs.lookup(name_or_path)
     if arch is not None:
         return arch
-    path = Path(name_or_path).expanduser()
-    if name_or_path.strip() == "builtin:tiny":
-        from . import tiny
+    from . import tiny
 
+    path = Path(name_or_path).expanduser()
+    if tiny.is_tiny_model(name_or_path):  # builtin:tiny, or a run's pinned builtin:tiny@N
         path = Path(tiny.resolve_model(name_or_path))
     cfg_file = path / "config.json"
     if cfg_file.is_file():

@@ -304,6 +304,9 @@ def _format_errors(err: ValidationError, source: str = "") -> str:
 def from_dict(data: dict, source: str = "") -> RunConfig:
     if not isinstance(data, dict):
         raise ConfigError(f"invalid config{' in ' + source if source else ''}: expected a mapping at the top level")
+    from . import tiny
+
+    tiny.pin_legacy(data)  # a run's config.yaml from before builds were pinned: the build it trained on
     try:
         return RunConfig.model_validate(data)
     except ValidationError as e:

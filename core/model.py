@@ -18,7 +18,10 @@ DTYPES = {"float32": "float32", "bfloat16": "bfloat16", "float16": "float16"}
 
 
 def resolve_path(name_or_path: str) -> str:
-    return tiny.resolve_model(name_or_path)
+    try:
+        return tiny.resolve_model(name_or_path)
+    except ValueError as e:  # builtin:tiny@N of a build this version does not have
+        raise ModelError(f"model.name_or_path: {e}") from None
 
 
 def _check_local(path: str) -> None:

@@ -26,7 +26,7 @@ from dataclasses import dataclass
 
 
 from . import machine as machine_lib
-from . import memory
+from . import memory, tiny
 from .config import ConfigError, RunConfig
 
 
@@ -173,6 +173,7 @@ def resolve(cfg: RunConfig, machine: Machine | None = None) -> RunConfig:
             raise ConfigError(problem)
     if t.gpus > 1 or t.strategy != "ddp":
         _check_multi_gpu(cfg, here=m.probed)
+    tiny.pin_config(cfg)  # builtin:tiny -> builtin:tiny@<build>: config.yaml names the build it trains
     cfg.resolved = {"device": device, "torch": m.torch}
     return cfg
 
