@@ -115,6 +115,14 @@ def test_unknown_model_is_a_clear_error(tmp_path):
     assert "unavailable" in estimate_view.estimate_markdown(cfg(**{"model.name_or_path": "someone/unknown-model"}))
 
 
+def test_the_embedded_model_gets_its_note_under_any_build_name():
+    """A run's config.yaml pins the build (builtin:tiny@4): the Train and Model tabs still say
+    what the tiny model needs instead of estimating it as a hub model."""
+    for name in ("builtin:tiny", "builtin:tiny@4", "builtin:tiny@3"):
+        assert estimate_view.estimate_markdown(cfg(**{"model.name_or_path": name})) == estimate_view.TINY_NOTE, name
+        assert estimate_view.model_markdown(name) == estimate_view.TINY_NOTE, name
+
+
 def test_local_folder_config_json(tmp_path):
     import json
 

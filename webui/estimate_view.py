@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from lorastudio.core import estimate
+from lorastudio.core import estimate, tiny
 from lorastudio.core.config import ConfigError, RunConfig, from_dict
 from lorastudio.core.memory import LABELS
 
@@ -55,7 +55,7 @@ def estimate_markdown(cfg_or_dict, gpu_mem: str | float | None = None) -> str:
     """UI helper: markdown for a RunConfig (or its dict); errors become one line, never raise."""
     try:
         cfg = cfg_or_dict if isinstance(cfg_or_dict, RunConfig) else from_dict(cfg_or_dict)
-        if cfg.model.name_or_path.strip() == "builtin:tiny":
+        if tiny.is_tiny_model(cfg.model.name_or_path):  # (builtin:tiny@4 as a run's config.yaml pins it too)
             return TINY_NOTE
         return format_markdown(estimate.estimate(cfg, gpu_mem_gib=estimate.parse_gpu_mem(gpu_mem)))
     except (ConfigError, estimate.EstimateError, ValueError, KeyError) as e:
@@ -67,7 +67,7 @@ def model_markdown(name_or_path: str, gpu_mem: str | float | None = None) -> str
     the default knobs (cutoff 1024, micro-batch 4), on a card with its memory plan (the Train
     tab's verdict); never raises."""
     name = (name_or_path or "").strip() or "builtin:tiny"
-    if name == "builtin:tiny":
+    if tiny.is_tiny_model(name):
         return TINY_NOTE
     try:
         arch = estimate.arch_for(name)
