@@ -393,16 +393,25 @@ def test_stop_ends_every_rank_even_while_they_start(tmp_path):
 def test_concurrent_starts_stops_deletes_and_merges(tmp_path):
     from lorastudio.webui import tab_convert, tab_train
 
-    # starts: four at once with one name get four folders
+    # starts: four of one form at once are one run, the others refused (one click, one run);
+    # four forms that differ but share a run name get four folders (never a shared one)
     form = tab_train.preset_form("tiny_smoke")
-    form.update(max_steps=100000, save_steps=100000, sample_every=0, eval_split=0, run_name=f"same-{time.time_ns()}")
+    name = f"same-{time.time_ns()}"
+    form.update(max_steps=100000, save_steps=100000, sample_every=0, eval_split=0, run_name=name)
     out = []
     threads = [threading.Thread(target=lambda: out.append(tab_train.start_from_dict("tiny_smoke", dict(form))))
                for _ in range(4)]
     [t.start() for t in threads]
     [t.join() for t in threads]
-    dirs = [r[0] for r in out]
-    assert all(dirs) and len(set(dirs)) == 4, out
+    started = [r[0] for r in out if r[0]]
+    assert len(started) == 1 and sum("one click, one run" in r[1] for r in out) == 3, out
+    out = []
+    threads = [threading.Thread(target=lambda i=i: out.append(tab_train.start_from_dict(
+        "tiny_smoke", {**form, "max_steps": 100000 + i}))) for i in range(1, 4)]
+    [t.start() for t in threads]
+    [t.join() for t in threads]
+    dirs = started + [r[0] for r in out]
+    assert all(dirs) and len(set(dirs)) == 4 and all(Path(d).name.startswith(name) for d in dirs), out
     # deletes while they run are refused; stops and deletes at once end every one of them
     assert "still" in tab_train.delete(dirs[0]) or "in use" in tab_train.delete(dirs[0])
     msgs = []
