@@ -18,7 +18,8 @@ from conftest import ROOT
 from test_webui_handlers import TOKEN, start_app, stop_app
 
 CHROMIUM = "/usr/bin/chromium"
-STEPS = 200  # long enough to reload mid-run and see two checkpoints pruned under load
+SAVE_EVERY = "100"  # a checkpoint every ~4 s: slow enough that one listed is still there to click
+STEPS = 1000  # ~40 s on a quiet 2-core machine (tiny build 4: ~25 steps a second): room to reload mid-run and see checkpoints pruned
 ARTIFACTS = ROOT / "artifacts"
 ARGS = ["--no-sandbox", "--disable-gpu", "--disable-background-networking", "--disable-component-update",
         "--disable-sync", "--no-first-run"]
@@ -190,7 +191,7 @@ def test_full_flow_in_a_real_browser(page):
     shot(page, "1_dataset")
 
     # 2. The form from tiny_smoke (whatever preset the page opens on), long enough to reload mid-run,
-    #    a checkpoint every 20 steps of which save_total_limit (2) keeps the last two
+    #    a checkpoint every SAVE_EVERY steps of which save_total_limit (2) keeps the last two
     tab(page, "Train")
     if page.locator("#preset input").input_value() != "tiny_smoke":
         pick(page, "#preset", "tiny_smoke")
@@ -199,11 +200,16 @@ def test_full_flow_in_a_real_browser(page):
     # the page-load event fills the form from the preset (30 steps): on a loaded machine it can land
     # after a fill, so wait for it first, then fill and check the value held
     wait_for(lambda: steps.input_value() == "30", 60, "the preset's values in the form")
-    for field, value in ((steps, str(STEPS)), (page.get_by_label("Save every (steps)"), "20")):
-        field.fill(value)
-        field.press("Tab")
-    time.sleep(1)
-    assert steps.input_value() == str(STEPS)
+    save = page.get_by_label("Save every (steps)")
+
+    def filled():  # (a late page-load event can still overwrite a fill: fill again until it holds)
+        for field, value in ((steps, str(STEPS)), (save, SAVE_EVERY)):
+            field.fill(value)
+            field.press("Tab")
+        time.sleep(1)
+        return steps.input_value() == str(STEPS) and save.input_value() == SAVE_EVERY
+
+    wait_for(filled, 30, "the form to keep the filled steps")
     selected = page.locator("#run-select input").input_value()
     if not selected:  # no run on screen: nothing to stop, resume or retry
         assert buttons_enabled(page) == {"stop": False, "resume": False, "retry": False}
