@@ -4,6 +4,7 @@ the static figure is printed only as context, labelled as what the plan improves
 
 from __future__ import annotations
 
+from lorastudio.core import estimate
 from lorastudio.core.memory import LABELS
 
 
@@ -11,22 +12,8 @@ def _fmt_time(s: float) -> str:
     return f"{s / 3600:.1f} h" if s >= 3600 else f"{s / 60:.0f} min" if s >= 60 else f"{s:.0f} s"
 
 
-def _card(est: dict) -> str:
-    return f"{est['gpu_mem_gib']:.0f} GiB" + (f" {est['gpu_name']}" if est.get("gpu_name") else "")
-
-
 def headline(est: dict) -> str:
-    """The one verdict: on a named one-GPU card, the memory plan's peak and whether it fits."""
-    if est["fits"] is None:
-        return f"estimated peak VRAM: {est['total_rounded']} GiB (no GPU detected; name one with --gpu-mem)"
-    plan = est.get("plan")
-    if plan is None:
-        return (f"estimated peak VRAM: {est['total_rounded']} GiB: "
-                + (f"fits the {_card(est)} card" if est["fits"] else f"does NOT fit the {_card(est)} card"))
-    if est["fits"]:
-        return f"verdict: fits the {_card(est)} card with the memory plan below, estimated peak {plan['total_rounded']} GiB"
-    return (f"verdict: does NOT fit the {_card(est)} card, even with the memory plan below "
-            f"(estimated peak {plan['total_rounded']} GiB)")
+    return estimate.verdict(est, "no GPU detected; name one with --gpu-mem", lead="verdict: ")
 
 
 def _components(lines: list, comp: dict, total: float) -> None:

@@ -307,3 +307,22 @@ def time_estimate(cfg, params_total: int, gpu_name: str | None, dataset_tokens: 
     epoch = dataset_tokens / tps if dataset_tokens else None
     return dict(params_class=cls, method=cfg.method, card=card, tokens_per_s=tps, status="measured",
                 source=row["source"], epoch_s=epoch, per_million_tokens_s=1e6 / tps)
+
+
+def card_name(est: dict) -> str:
+    """The card an estimate was made for, as people read it ("8 GiB", "24 GiB RTX 4090")."""
+    return f"{est['gpu_mem_gib']:.0f} GiB" + (f" {est['gpu_name']}" if est.get("gpu_name") else "")
+
+
+def verdict(est: dict, no_card: str, lead: str = "", sep: str = ", ") -> str:
+    """The one verdict of an estimate (the CLI's and the web app's): on a named one-GPU card the
+    memory plan's peak and whether it fits; no_card says how to name a card where none is known."""
+    if est["fits"] is None:
+        return f"estimated peak VRAM: {est['total_rounded']} GiB ({no_card})"
+    plan, card = est.get("plan"), card_name(est)
+    if plan is None:
+        return (f"estimated peak VRAM: {est['total_rounded']} GiB: "
+                + (f"fits the {card} card" if est["fits"] else f"does NOT fit the {card} card"))
+    if est["fits"]:
+        return f"{lead}fits the {card} card with the memory plan below{sep}estimated peak {plan['total_rounded']} GiB"
+    return f"{lead}does NOT fit the {card} card, even with the memory plan below (estimated peak {plan['total_rounded']} GiB)"

@@ -9,22 +9,8 @@ from lorastudio.core.memory import LABELS
 TINY_NOTE = "VRAM estimate: the embedded tiny model (builtin:tiny) needs well under 1 GiB; it trains on CPU too."
 
 
-def _card(est: dict) -> str:
-    return f"{est['gpu_mem_gib']:.0f} GiB" + (f" {est['gpu_name']}" if est.get("gpu_name") else "")
-
-
 def headline(est: dict) -> str:
-    """The one verdict (the CLI's words): on a named one-GPU card, the memory plan's peak and fit."""
-    if est["fits"] is None:
-        return f"estimated peak VRAM: {est['total_rounded']} GiB (no GPU detected; name a card to compare)"
-    plan = est.get("plan")
-    if plan is None:
-        return (f"estimated peak VRAM: {est['total_rounded']} GiB: "
-                + (f"fits the {_card(est)} card" if est["fits"] else f"does NOT fit the {_card(est)} card"))
-    if est["fits"]:
-        return f"fits the {_card(est)} card with the memory plan below: estimated peak {plan['total_rounded']} GiB"
-    return (f"does NOT fit the {_card(est)} card, even with the memory plan below "
-            f"(estimated peak {plan['total_rounded']} GiB)")
+    return estimate.verdict(est, "no GPU detected; name a card to compare", sep=": ")
 
 
 def format_markdown(est: dict) -> str:
