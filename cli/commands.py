@@ -1,7 +1,7 @@
 """`lorastudio` command line. Bare `lorastudio` launches the web app.
 
 Subcommand names are a contract other tools use:
-  webui, list-presets, copy-preset, train, estimate, resume, runs, stop, preview, convert, chat
+  webui, list-presets, copy-preset, train, estimate, resume, runs, stop, preview, convert, chat, eval
 """
 
 from __future__ import annotations
@@ -10,6 +10,7 @@ import argparse
 import os
 
 from .common import err
+from .eval_commands import add_parser as add_eval_parser
 from .run_commands import cmd_estimate, cmd_resume, cmd_retry, cmd_runs, cmd_stop, cmd_train
 from .tool_commands import cmd_chat, cmd_convert, cmd_copy_preset, cmd_list_presets, cmd_preview
 
@@ -148,6 +149,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--repetition-penalty", type=float, default=1.0)
     p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
     p.set_defaults(func=cmd_chat)
+
+    add_eval_parser(sub)
     return ap
 
 

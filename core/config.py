@@ -206,6 +206,10 @@ class TrainingSection(_Section):
     sample_every: int = Field(0, ge=0, le=MAX_TOTAL_STEPS)  # sample generations every N steps (0 = only at the end)
     sample_prompts: list[str] = Field(default_factory=list, max_length=64)  # XTuner's evaluation_inputs
     sample_max_new_tokens: int = Field(64, gt=0, le=32768)
+    # step metrics to a tracker too (metrics.jsonl is always written), through the Trainer's own
+    # integration: tensorboard (RUN_DIR/tensorboard/) and trackio ($LORASTUDIO_HOME/trackio/) work
+    # offline; wandb, mlflow as installed and configured. pip install 'lorastudio[track]' (core/trackers.py)
+    report_to: Literal["none", "tensorboard", "trackio", "wandb", "mlflow"] = "none"
     device: Literal["auto", "cpu", "cuda"] = "auto"
     # one training job per device (a file lock; others wait in a queue); false: run beside others
     exclusive: Literal["auto", True, False] = "auto"

@@ -26,9 +26,12 @@ class TokenStats:
     tokens: int = 0
     trained_tokens: int = 0
     lengths: list[int] = field(default_factory=list)
+    # each kept row's example (its index in the dataset tokenized): which examples a split held out
+    sources: list[int] = field(default_factory=list, compare=False, repr=False)
 
     def summary(self) -> dict:
         d = asdict(self)
+        d.pop("sources", None)
         lens = sorted(d.pop("lengths"))
         if lens:
             d["length_mean"] = round(sum(lens) / len(lens), 1)
@@ -50,6 +53,7 @@ def tokenize(dataset, tokenizer, template, cutoff_len: int):
     stats = TokenStats()
     ids_col, labels_col = [], []
     rows = map(example_of, dataset)
+    offset = 0
     while chunk := list(itertools.islice(rows, CHUNK)):
         refused = []
         encoded = labels.encode_examples(tokenizer, template, chunk, max_length=cutoff_len, refused=refused)
@@ -68,8 +72,10 @@ def tokenize(dataset, tokenizer, template, cutoff_len: int):
             stats.tokens += len(enc.input_ids)
             stats.trained_tokens += enc.n_trained
             stats.lengths.append(len(enc.input_ids))
+            stats.sources.append(offset + enc.source)
             ids_col.append(enc.input_ids)
             labels_col.append(labels.labels_from(enc))
+        offset += len(chunk)
     return Dataset.from_dict({"input_ids": ids_col, "labels": labels_col}), stats
 
 

@@ -43,8 +43,9 @@ def load_tokenizer_and_template(cfg):
                                    system=t.system)
 
 
-def prepare_data(cfg, tokenizer, template):
-    """Files -> normalised messages -> input_ids + labels (labels.encode_example) -> split/pack."""
+def prepare_data(cfg, tokenizer, template, held_out: list | None = None):
+    """Files -> normalised messages -> input_ids + labels (labels.encode_example) -> split/pack.
+    HELD_OUT: a list that receives the examples the eval split holds out (core.evaluate_data)."""
     from . import data as data_lib
     from . import dataset as dataset_lib
     from . import tiny
@@ -62,8 +63,14 @@ def prepare_data(cfg, tokenizer, template):
                                  f"(now {cfg.template.cutoff_len})")
     eval_ds = None
     if cfg.data.eval_split > 0 and len(tokenized) >= 10:
-        split = tokenized.train_test_split(test_size=cfg.data.eval_split, seed=cfg.data.seed)
-        tokenized, eval_ds = split["train"], split["test"]
+        # the split depends on the row count and seed only: the example column changes no row's side
+        split = tokenized.add_column("source", stats.sources).train_test_split(test_size=cfg.data.eval_split,
+                                                                               seed=cfg.data.seed)
+        if held_out is not None:
+            from . import evaluate_data
+
+            held_out += evaluate_data.held_out(ds, stats.sources, split)
+        tokenized, eval_ds = split["train"].remove_columns("source"), split["test"].remove_columns("source")
     if cfg.template.packing:
         tokenized = dataset_lib.pack(tokenized, cfg.template.cutoff_len)
     return tokenized, eval_ds, stats, reports, data_lib.dataset_hash(sources)
@@ -128,7 +135,7 @@ def build_trainer(cfg, run_dir: Path, model, tokenizer, template, train_ds, eval
     from transformers.trainer_callback import PrinterCallback
 
     from . import dataset as dataset_lib
-    from . import resolve
+    from . import resolve, trackers
 
     # the memory settings the plan did not decide (a caller of build_trainer alone): as before data
     cfg = resolve.fill(cfg.model_copy(deep=True), resolve.unplanned(cfg))
@@ -145,7 +152,9 @@ def build_trainer(cfg, run_dir: Path, model, tokenizer, template, train_ds, eval
         # (training.cudnn_attention, decided by the memory plan; off when it did not run).
         torch.backends.cuda.enable_cudnn_sdp(t.cudnn_attention is True)
     args = TrainingArguments(
-        output_dir=str(run_dir), report_to="none", disable_tqdm=True,
+        output_dir=str(run_dir), disable_tqdm=True,
+        # training.report_to: the Trainer's own tracker integration, pointed at its folder (core.trackers)
+        report_to=trackers.setup(t.report_to, run_dir) or "none", run_name=Path(run_dir).name, project="lorastudio",
         num_train_epochs=t.epochs, max_steps=t.max_steps,
         per_device_train_batch_size=t.micro_batch_size, per_device_eval_batch_size=t.micro_batch_size,
         gradient_accumulation_steps=t.grad_accum, learning_rate=t.learning_rate,
@@ -210,6 +219,10 @@ def train(cfg, run_dir: Path, resume: bool) -> int:
     from . import templates
 
     t = cfg.training
+    from . import trackers
+
+    if trackers.missing(t.report_to):
+        raise config_lib.ConfigError(trackers.missing(t.report_to))
     set_seed(t.seed)
     if distributed.is_distributed() and t.device == "cuda":
         import torch
@@ -225,7 +238,13 @@ def train(cfg, run_dir: Path, resume: bool) -> int:
         log(f"template warning: {w}")
 
     # 2. data -> labels
-    train_ds, eval_ds, stats, reports, data_hash = prepare_data(cfg, tokenizer, template)
+    held_out: list[dict] = []
+    train_ds, eval_ds, stats, reports, data_hash = prepare_data(cfg, tokenizer, template, held_out)
+    if held_out and distributed.is_main():  # the default rows of `lorastudio eval`
+        from . import evaluate_data
+
+        evaluate_data.write_rows(run_dir, held_out)
+        log(f"eval: {len(held_out)} held-out examples written to {evaluate_data.EVAL_ROWS}")
     summary = stats.summary()
     for r in reports:
         log(f"data: {r.summary()}")
