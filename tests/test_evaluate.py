@@ -96,3 +96,68 @@ def test_held_out_rows_are_written_and_read_back(tracked_run):
     final = json.loads((tracked_run / "eval" / "eval_rows__final.json").read_text())
     assert final["loss"] == pytest.approx(last_eval, rel=2e-3)
     assert final["perplexity"] == pytest.approx(math.exp(final["loss"]))
+
+
+# ---------------------------------------------------------------- lorastudio eval
+
+def _result(run_dir: Path, stem: str, target: str) -> dict:
+    return json.loads((run_dir / "eval" / f"{stem}__{target}.json").read_text())
+
+
+def test_eval_every_checkpoint_and_the_base(tracked_run):
+    proc = lorastudio("eval", str(tracked_run), "--checkpoint", "all", "--base", "--max-new-tokens", "16")
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
+    got = {t: _result(tracked_run, "eval_rows", t) for t in ("checkpoint-3", "checkpoint-6", "final", "base")}
+    assert [got[t]["step"] for t in got] == [3, 6, 6, 0]
+    assert got["final"]["loss"] == pytest.approx(got["checkpoint-6"]["loss"], rel=1e-5)  # the same weights
+    assert got["base"]["loss"] > got["checkpoint-3"]["loss"] > got["final"]["loss"]
+    for r in got.values():
+        assert r["rows"] == r["generated_rows"] == len(r["answers"]) == 21
+        assert 0 <= r["exact_match"] <= 1 and 0 <= r["chrf"] <= 100
+        row = r["answers"][0]
+        assert {"row", "prompt", "reference", "answer", "exact", "chrf", "loss", "tokens"} <= set(row)
+    assert "checkpoint-3" in proc.stdout and "base" in proc.stdout  # the summary table
+
+
+def test_eval_bad_input_is_one_clear_line(tracked_run, tmp_path):
+    proc = lorastudio("eval", str(tracked_run), "--checkpoint", "99")
+    assert proc.returncode == 2 and "--checkpoint 99" in proc.stderr and "checkpoints 3, 6" in proc.stderr
+    assert "Traceback" not in proc.stderr
+    import shutil
+
+    bare = tmp_path / "bare"  # the same run without its held-out rows (trained with eval_split 0)
+    shutil.copytree(tracked_run, bare, ignore=shutil.ignore_patterns("eval_rows.jsonl", "eval", "checkpoint-*"))
+    proc = lorastudio("eval", str(bare))
+    assert proc.returncode == 2 and "no held-out rows" in proc.stderr and "--data" in proc.stderr
+
+
+def test_tiny_demo_beats_its_base_on_its_own_sample(demo_run):
+    """The acceptance test: the demo run answers its own sample better than the untrained base."""
+    sample = Path(os.environ["LORASTUDIO_HOME"]) / "cache" / "tiny-v4" / "sample_chat.jsonl"
+    proc = lorastudio("eval", str(demo_run), "--data", str(sample), "--base", "--limit", "40", "--max-new-tokens", "32")
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
+    final, base = _result(demo_run, "sample_chat", "final"), _result(demo_run, "sample_chat", "base")
+    assert final["rows"] == base["rows"] == 40
+    assert final["exact_match"] > base["exact_match"] and final["exact_match"] >= 0.8
+    assert final["perplexity"] < base["perplexity"]
+    assert final["chrf"] > base["chrf"]
+    assert sum(r["exact"] for r in final["answers"]) == round(final["exact_match"] * 40)
+
+
+def test_eval_stops_on_sigterm_between_rows(demo_run):
+    import signal
+    import sys
+
+    from conftest import wait_for
+    from lorastudio.core import runs
+
+    sample = Path(os.environ["LORASTUDIO_HOME"]) / "cache" / "tiny-v4" / "sample_chat.jsonl"
+    _, offset = runs.read_events(demo_run)
+    proc = runs.spawn([sys.executable, "-m", "lorastudio.core.evaluate", str(demo_run), "--data", str(sample),
+                       "--base", "--checkpoint", "all"], demo_run / "eval" / "eval.log", cwd=demo_run)
+    mine = lambda kind: [e for e in runs.read_events(demo_run, offset)[0]  # noqa: E731
+                         if e.get("pid") == proc.pid and e["event"] == kind]
+    assert wait_for(lambda: mine("evaluate_progress") or proc.poll() is not None, timeout=120)
+    os.killpg(proc.pid, signal.SIGTERM)
+    assert proc.wait(60) == runs.EXIT_STOPPED
+    assert mine("evaluate_stopped") and not mine("evaluate_end")
