@@ -80,14 +80,19 @@ def cmd_preview(a) -> int:
     for w in warnings:
         print(f"template warning: {w}", file=sys.stderr)
     if a.json:
-        keys = ("row", "messages", "tools", "text", "trained_spans", "notes", "text_only")
+        keys = ("row", "messages", "tools", "text", "trained_spans", "notes", "text_only", "label", "chosen",
+                "rejected", "completion")  # the last four: preference rows (core.preference_data)
         print(json.dumps([{k: s[k] for k in keys if k in s} for s in samples], ensure_ascii=False, indent=1))
         return 0
     color = sys.stdout.isatty() and not os.environ.get("NO_COLOR")
     for i, s in enumerate(samples):
-        print(f"--- sample {i + 1} (row {s['row']}): {s['n_tokens']} tokens, {s['n_trained']} trained"
-              + (" (truncated)" if s["truncated"] else "") + "".join(f"; {note}" for note in s["notes"]) + " ---")
-        print(preview.highlight(s["text"], s["trained_spans"], color=color))
+        for side in [k for k in ("chosen", "rejected", "completion") if k in s] or [None]:
+            one = s[side] if side else s
+            what = f"{side}{' (label ' + str(s['label']).lower() + ')' if 'label' in s else ''}, " if side else ""
+            print(f"--- sample {i + 1} (row {s['row']}): {what}{one['n_tokens']} tokens, {one['n_trained']} trained"
+                  + (" (truncated)" if one["truncated"] else "") + "".join(f"; {n}" for n in one.get("notes", []))
+                  + " ---")
+            print(preview.highlight(one["text"], one["trained_spans"], color=color))
     if samples and not color:
         print("(trained text is shown between [[ and ]])")
     return 0

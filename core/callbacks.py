@@ -44,6 +44,7 @@ def make_callbacks(run_dir: Path, cfg, tokenizer, template, model_for_samples):
                            tokens_per_s=round(tok / dt, 1), tokens_seen=state.num_input_tokens_seen,
                            mem_mb=_memory_mb(), elapsed_s=round(now - self.t0, 2),
                            eta_s=round(eta, 1) if eta is not None else None, total_steps=state.max_steps)
+                rec.update(_preference_metrics(logs))
                 event(run_dir, "step", **rec)
                 if done == 3 and eta is not None and eta > DAY_S:  # measured, so said once it is known
                     warning = (f"at this speed the run needs ~{eta / DAY_S:.1f} more days "
@@ -55,7 +56,8 @@ def make_callbacks(run_dir: Path, cfg, tokenizer, template, model_for_samples):
                     f"lr {logs.get('learning_rate', 0):.2e} {rec['tokens_per_s']} tok/s")
                 self.t_last, self.tokens_last = now, state.num_input_tokens_seen
             if "eval_loss" in logs:
-                event(run_dir, "eval", step=state.global_step, eval_loss=logs["eval_loss"])
+                event(run_dir, "eval", step=state.global_step, eval_loss=logs["eval_loss"],
+                      **_preference_metrics(logs, "eval_"))
                 log(f"eval at step {state.global_step}: loss {logs['eval_loss']:.4f}")
 
         def on_save(self, args, state, control, **kw):
@@ -76,6 +78,15 @@ def make_callbacks(run_dir: Path, cfg, tokenizer, template, model_for_samples):
             return control
 
     return [Metrics()]
+
+
+PREFERENCE_METRICS = ("rewards/", "logps/", "kl", "nll_loss", "log_odds_ratio")
+
+
+def _preference_metrics(logs: dict, prefix: str = "") -> dict:
+    """The preference trainers' own numbers (rewards/chosen, rewards/margins, rewards/accuracies...)."""
+    return {k: v for k, v in logs.items() if k.startswith(prefix)
+            and k[len(prefix):].startswith(PREFERENCE_METRICS) and isinstance(v, (int, float))}
 
 
 def _memory_mb() -> float:

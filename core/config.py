@@ -51,8 +51,11 @@ class ModelSection(_Section):
     # QLoRA: keep the input embedding table in CPU RAM (V x H x 2 bytes less GPU memory: 1 GiB on
     # an 8B model; lookups are cheap). auto: only when the run would not fit the GPU otherwise
     embeddings_on_cpu: Literal["auto", True, False] = "auto"
+    # a finished LoRA/QLoRA run (its folder, or its adapter/ or a checkpoint-N/ in it) to start
+    # from: its adapter is trained further, and preference stages take it as the reference
+    adapter_from: str | None = Field(None, min_length=1, max_length=4096)
 
-    @field_validator("name_or_path")
+    @field_validator("name_or_path", "adapter_from")
     @classmethod
     def _line(cls, v):
         return _one_line(v)
@@ -60,7 +63,9 @@ class ModelSection(_Section):
 
 class DataSource(_Section):
     path: str = Field(min_length=1, max_length=4096)  # json/jsonl/csv/parquet/txt file, or builtin:sample
-    format: Literal["auto", "openai", "sharegpt", "alpaca", "guanaco", "xtuner", "text"] = "auto"
+    # preference and kto: the rows of preference stages (core/preference_data.py)
+    format: Literal["auto", "openai", "sharegpt", "alpaca", "guanaco", "xtuner", "text", "preference",
+                    "kto"] = "auto"
     columns: dict[str, str] | None = Field(None, max_length=32)  # column-mapping override, e.g. {instruction: question}
     placeholders: dict[str, str] | None = Field(None, max_length=64)  # fills {{name}}/{{author}} as in identity data
     ratio: float = Field(1.0, gt=0, le=1000)  # rows taken = ratio x usable rows (>1 repeats, <1 subsamples)
@@ -232,6 +237,27 @@ class TrainingSection(_Section):
         return v
 
 
+class PreferenceSection(_Section):
+    """The knobs of the preference stages (stage: dpo, orpo, simpo, kto; core/stage.py)."""
+    # how far the policy may move from the reference: 0.1 is usual (higher = stay closer). ORPO:
+    # the weight of the odds-ratio term (0.1); SimPO: the reward scale (2-10)
+    beta: float = Field(0.1, gt=0, le=1000)
+    # dpo: sigmoid (the DPO paper), ipo, hinge, robust (with label_smoothing), ..., several summed
+    # with + (sigmoid+sft adds the chosen answers' SFT loss, RPO: keeps them likely, a small model's
+    # guard against unlearning both answers); kto: kto or apo_zero_unpaired; auto: sigmoid, kto,
+    # simpo, orpo by stage
+    loss_type: str = Field("auto", pattern=r"^[a-z_]{1,32}(\+[a-z_]{1,32}){0,3}$")
+    # share of preference labels assumed flipped (noisy data): 0; 0.1 with loss_type robust
+    label_smoothing: float = Field(0.0, ge=0, lt=0.5)
+    # dpo: no reference model (its log-probs taken as 0): less memory and compute, weaker anchor
+    reference_free: bool = False
+    # simpo: the target reward margin (0.5-1.5 in the paper; the paper's gamma/beta ratio ~0.5)
+    simpo_gamma: float = Field(0.5, ge=0, le=100)
+    # kto: weights of the good / bad rows' losses; keep desirable x good rows ~ undesirable x bad rows
+    desirable_weight: float = Field(1.0, gt=0, le=100)
+    undesirable_weight: float = Field(1.0, gt=0, le=100)
+
+
 class OutputSection(_Section):
     run_name: str | None = Field(None, max_length=200)  # default: <model>-<method>-<timestamp>
 
@@ -242,6 +268,9 @@ class OutputSection(_Section):
 
 
 class RunConfig(_Section):
+    # sft: supervised fine-tuning (and continued pretraining on text); dpo, orpo, simpo: pairs of
+    # a chosen and a rejected answer; kto: answers labelled good or bad (core/stage.py)
+    stage: Literal["sft", "dpo", "orpo", "simpo", "kto"] = "sft"
     model: ModelSection = Field(default_factory=ModelSection)
     data: DataSection = Field(default_factory=DataSection)
     template: TemplateSection = Field(default_factory=TemplateSection)
@@ -250,6 +279,7 @@ class RunConfig(_Section):
     quantization: QuantSection = Field(default_factory=QuantSection)
     training: TrainingSection = Field(default_factory=TrainingSection)
     output: OutputSection = Field(default_factory=OutputSection)
+    preference: PreferenceSection = Field(default_factory=PreferenceSection)
     resolved: dict[str, Any] = Field(default_factory=dict)  # written by resolve(); informational
 
     @model_validator(mode="after")
@@ -276,6 +306,10 @@ class RunConfig(_Section):
         if self.method == "qlora" and q.bits == 8 and t.strategy in ("fsdp", "zero3"):
             raise ValueError(f"quantization.bits: 8-bit cannot be sharded by {t.strategy}; use bits: 4 "
                              "(4-bit weights are stored in the compute dtype so they shard)")
+        if self.stage != "sft" or self.model.adapter_from:
+            from . import stage
+
+            stage.check(self)
         if self.template.name == "custom" and not self.template.custom_jinja:
             raise ValueError("template.custom_jinja: required when template.name is custom")
         return self

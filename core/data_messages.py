@@ -133,10 +133,10 @@ def preference_kind(raw: Any) -> str | None:
 
 
 PREFERENCE_MESSAGE = {
-    "preference": "rows with 'chosen' and 'rejected' answers are preference data (DPO, ORPO, SimPO); "
-                  "preference training is its own stage, not part of supervised fine-tuning yet: "
-                  "use rows with a conversation (messages/conversations) or instruction/output",
-    "kto": "rows with a prompt, a completion and a true/false 'label' are KTO preference data; "
-           "preference training is its own stage, not part of supervised fine-tuning yet: "
-           "use rows with a conversation (messages/conversations) or instruction/output",
+    "preference": "rows with 'chosen' and 'rejected' answers are preference data (DPO, ORPO, SimPO): train them "
+                  "under stage: dpo (or orpo, simpo), not supervised fine-tuning; for SFT use rows with a "
+                  "conversation (messages/conversations) or instruction/output",
+    "kto": "rows with a prompt, a completion and a true/false 'label' are KTO preference data: train them under "
+           "stage: kto, not supervised fine-tuning; for SFT use rows with a conversation (messages/conversations) "
+           "or instruction/output",
 }

@@ -42,7 +42,7 @@ def preview_with_reports(config: str | None = None, model: str | None = None, da
     from . import config as config_lib
     from . import data as data_lib
     from . import model as model_lib
-    from . import templates, tiny
+    from . import preference_data, templates, tiny
     from .render import TemplateError
 
     chosen = {k: v for k, v in options.items() if v is not None}
@@ -65,11 +65,20 @@ def preview_with_reports(config: str | None = None, model: str | None = None, da
     tokenizer, tmpl, _added, _ids = templates.with_template(tokenizer, template, custom_jinja, **chosen)
     out, reports, refused = [], [], []
     for src in sources:
-        rows, report = data_lib.load_file(src["path"], src.get("format", "auto"), src.get("columns"),
-                                          src.get("placeholders"))
-        reports.append(report)
         unit = "line" if str(src["path"]).endswith((".jsonl", ".ndjson", ".txt")) else "row"
-        found, no = samples(tokenizer, tmpl, rows, report.used_rows, n - len(out), cutoff_len, unit)
+        kind = preference_data.kind_of(src["path"], src.get("format", "auto"), src.get("columns"))
+        if kind:  # pairs or labelled answers: both sides as a preference stage labels them (train_on last)
+            rows, report = preference_data.load_file(src["path"], src.get("format", "auto"), src.get("columns"),
+                                                     src.get("placeholders"), want=kind)
+            tok, last, _a, _i = templates.with_template(tokenizer, template, custom_jinja, copy=True,
+                                                        **{**chosen, "train_on": "last"})
+            found, no = preference_data.samples(tok, last, rows, report.used_rows, n - len(out), cutoff_len,
+                                                unit)
+        else:
+            rows, report = data_lib.load_file(src["path"], src.get("format", "auto"), src.get("columns"),
+                                              src.get("placeholders"))
+            found, no = samples(tokenizer, tmpl, rows, report.used_rows, n - len(out), cutoff_len, unit)
+        reports.append(report)
         out += found
         refused += [f"{report.path}: {r}" for r in no]
     if not out and refused:

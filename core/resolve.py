@@ -91,6 +91,10 @@ def resolve(cfg: RunConfig, machine: Machine | None = None) -> RunConfig:
         cfg.model.dtype = ("bfloat16" if m.bf16 else "float16") if device == "cuda" else "float32"
     if device == "cpu" and cfg.model.dtype != "float32":
         raise ConfigError(f"model.dtype: {cfg.model.dtype} training on CPU is not supported; use float32 or auto")
+    if cfg.stage != "sft" or cfg.model.adapter_from:
+        from . import stage
+
+        stage.resolve(cfg)  # before the autos below: the preference trainers take no fused path
     if t.gradient_checkpointing == "auto" and device == "cpu":
         t.gradient_checkpointing = False  # CUDA: stage 3, once the data is known
     if t.checkpoint_layers == "auto" and (t.gradient_checkpointing != "auto" or t.gpus > 1):

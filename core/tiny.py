@@ -231,6 +231,11 @@ def resolve_model(name_or_path: str) -> str:
 
 
 def resolve_data(path: str) -> str:
+    from . import tiny_preference
+
+    found = tiny_preference.resolve(path)  # builtin:preference, builtin:kto
+    if found:
+        return found
     p = parse(path)
     return str(sample_path(p[1])) if p and p[0] == SAMPLE_DATA else path
 

@@ -50,6 +50,10 @@ def prepare_data(cfg, tokenizer, template, held_out: list | None = None):
     from . import dataset as dataset_lib
     from . import tiny
 
+    if cfg.stage != "sft":  # pairs or labelled answers, labelled the same way (core.preference)
+        from . import preference
+
+        return preference.prepare_data(cfg, tokenizer, template)
     sources = [s.model_dump() for s in cfg.data.sources]
     for s in sources:
         s["path"] = tiny.resolve_data(s["path"])
@@ -87,7 +91,7 @@ def memory_plan(cfg, lengths: list[int]) -> tuple[dict, list[str], float]:
     from . import resolve
 
     t = cfg.training
-    mb = t.micro_batch_size
+    mb = t.micro_batch_size * (2 if cfg.stage in ("dpo", "orpo", "simpo") else 1)  # a pair: both answers
     longest = sorted(lengths, reverse=True)
     pad = _pad_multiple(cfg)
     up = lambda n: -(-n // pad) * pad  # noqa: E731 - rows are padded up to a multiple of pad
@@ -179,6 +183,10 @@ def build_trainer(cfg, run_dir: Path, model, tokenizer, template, train_ds, eval
         metric_for_best_model="eval_loss" if t.early_stopping_patience is not None else None,
         greater_is_better=False if t.early_stopping_patience is not None else None,
     )
+    if cfg.stage != "sft":  # TRL's trainer for the stage, on these arguments (core.preference)
+        from . import preference
+
+        return preference.build_trainer(cfg, run_dir, model, tokenizer, train_ds, eval_ds, callbacks, args)
     trainer = trainer_class(t.offload_activations is True)(
         model=model, args=args, train_dataset=train_ds, eval_dataset=eval_ds,
         data_collator=dataset_lib.collator(tokenizer, padding_free, _pad_multiple(cfg)), processing_class=tokenizer,
@@ -270,6 +278,14 @@ def train(cfg, run_dir: Path, resume: bool) -> int:
 
     # 3. model (+ 4/8-bit base, + LoRA or full)
     model = model_lib.load_for_training(cfg, tokenizer, new_ids)
+    if cfg.model.adapter_from or cfg.stage != "sft":
+        from . import preference
+
+        if cfg.model.adapter_from:
+            log(f"adapter: {preference.load_parent(cfg, model)} tensors from {cfg.model.adapter_from}")
+        if cfg.stage != "sft":
+            log(preference.describe(cfg))
+            write_json(run_dir, stage=preference.record(cfg))
     trainable, total = model_lib.count_parameters(model)
     log(f"model: {trainable:,} trainable of {total:,} parameters ({cfg.method}, {cfg.model.dtype}, {t.device})")
     # bitsandbytes' own layers only (PEFT's LoRA wrappers reuse the class names)
@@ -318,6 +334,8 @@ def train(cfg, run_dir: Path, resume: bool) -> int:
         STOP["in_training"] = False
 
     # 5. save: adapter (or full model) with tokenizer and the exact template used
+    if cfg.stage != "sft":
+        preference.drop_reference(model)  # the parent's frozen copy is no part of the result
     out_dir = run_dir / ("model" if cfg.method == "full" else "adapter")
     if dist:
         if trainer.is_fsdp_enabled:  # gather the sharded adapter in full for the rank-0 save

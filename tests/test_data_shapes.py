@@ -142,7 +142,8 @@ def test_preview_json_tool_rows_train_calls_never_results(tmp_path, qwen_like):
 
 def test_preview_refusals_exit_2_with_one_error_line(tmp_path, qwen_like):
     folder, _ = qwen_like
-    pref = jsonl(tmp_path / "pref.jsonl", [{"prompt": "Hi", "chosen": "Hello", "rejected": "No"}])
+    # a preference file with no usable pair (a preview of good ones: tests/test_preference.py)
+    pref = jsonl(tmp_path / "pref.jsonl", [{"prompt": "Hi", "chosen": "Hello", "rejected": "Hello"}])
     for args in (["--data", str(pref)], ["--data", str(tmp_path / "missing.jsonl")],
                  ["--data", str(jsonl(tmp_path / "ok.jsonl", [OPENAI_TOOLS])), "--template", "custom",
                   "--custom-template", str(tmp_path / "nope.jinja")]):
