@@ -126,17 +126,21 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--detach", action="store_true")
     p.set_defaults(func=cmd_retry)
 
-    p = sub.add_parser("convert", help="export a run's adapter, or --merge it into a full model")
+    p = sub.add_parser("convert", help="export a run's adapter, --merge it into a full model, or --gguf it for llama.cpp/Ollama")
     p.add_argument("run_dir")
     p.add_argument("--checkpoint", type=int, help="convert RUN_DIR/checkpoint-N instead of adapter/")
     p.add_argument("--merge", action="store_true", help="write a full merged model (safetensors)")
     p.add_argument("--dtype", default="auto", choices=["auto", "fp32", "bf16", "fp16", "float32", "bfloat16", "float16"],
                    help="merged weights dtype (auto: the base model's)")
-    p.add_argument("--out", help="output folder (default RUN_DIR/export-adapter or RUN_DIR/merged); never overwritten")
+    p.add_argument("--gguf", metavar="TYPE", type=str.lower,
+                   help="GGUF for llama.cpp/Ollama (f16, bf16, f32, q8_0, q6_k, q5_k_m, q4_k_m, ...) with a Modelfile, "
+                        "through the verified merge (needs the [gguf] extra)")
+    p.add_argument("--out", help="output folder (default RUN_DIR/export-adapter, RUN_DIR/merged or RUN_DIR/gguf-TYPE); "
+                                 "never overwritten")
     p.set_defaults(func=cmd_convert)
 
     p = sub.add_parser("chat", help="chat with a run, a merged model or a base model (RESET, EXIT)")
-    p.add_argument("target", help="a run dir, a merged/model folder, a hub id or builtin:tiny")
+    p.add_argument("target", help="a run dir, a merged/model folder, a GGUF export (OUT/model-TYPE.gguf), a hub id or builtin:tiny")
     p.add_argument("--checkpoint", type=int)
     p.add_argument("--system", help="system prompt")
     p.add_argument("--prompt", help="answer this one prompt on stdout and exit")

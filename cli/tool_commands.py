@@ -107,6 +107,7 @@ def cmd_convert(a) -> int:
         return err(f"{run_dir} is not a run directory (no config.yaml)")
     cmd = [sys.executable, "-m", "lorastudio.core.convert", str(run_dir), "--dtype", a.dtype]
     cmd += ["--merge"] if a.merge else []
+    cmd += ["--gguf", a.gguf] if a.gguf else []
     cmd += ["--checkpoint", str(a.checkpoint)] if a.checkpoint is not None else []
     cmd += ["--out", str(Path(a.out).resolve())] if a.out else []
     _, offset = runs.read_events(run_dir)

@@ -1,4 +1,4 @@
-"""Chat with a base model, a run (base + adapter, any checkpoint) or a merged model.
+"""Chat with a base model, a run (base + adapter, any checkpoint), a merged model or a GGUF export.
 
     load_chat_model(target)  -> (model, tokenizer, template)   the run's own template, never a guess
     core.generate.stream(...) -> text chunks (the one generation path, training's samples too)
@@ -55,12 +55,18 @@ def adapter_name(checkpoint: int | None) -> str:
 
 
 def load_chat_model(target: str | Path, checkpoint: int | None = None, device: str = "auto"):
-    """(model, tokenizer, template or None). TARGET: a run dir, a merged/model folder, a hub id
-    or builtin:tiny."""
+    """(model, tokenizer, template or None). TARGET: a run dir, a merged/model folder, a GGUF
+    export (core.gguf_chat), a hub id or builtin:tiny."""
     from . import model as model_lib
 
-    device = pick_device(device)
     target = str(target)
+    from . import gguf_chat
+
+    if gguf_chat.is_gguf(target):  # a GGUF export: llama.cpp on CPU, the run's tokenizer and template
+        if checkpoint is not None:
+            raise ChatError("a GGUF file is one checkpoint already: no --checkpoint for it")
+        return gguf_chat.load(target)
+    device = pick_device(device)
     if is_run_dir(target):
         cfg = convert.run_config(target)
         if cfg.method == "full":  # a full fine-tune saved a whole model: chat with it as a folder
@@ -118,7 +124,8 @@ def describe(model, tokenizer, template, target, checkpoint=None) -> dict:
             "template": template.name if template is not None else None,
             "eot_token": template.eot(tokenizer) if template is not None else tokenizer.eos_token,
             "completion_mode": template is None, "notice": COMPLETION_NOTICE if template is None else None,
-            "device": str(next(model.parameters()).device), "pid": os.getpid()}
+            "device": "cpu (llama.cpp)" if getattr(model, "is_gguf", False) else str(next(model.parameters()).device),
+            "pid": os.getpid()}
 
 
 # ---------------------------------------------------------------- the worker, seen from the parent

@@ -107,7 +107,7 @@ def main(argv: list[str] | None = None) -> int:
 
         if machine.device_for(a.device) == "cpu":
             machine.limit_memory("cpu_job")  # a model too big for this machine fails here, alone
-        if chat.pick_device(a.device) == "cuda":
+        if chat.pick_device(a.device) == "cuda" and not a.target.lower().endswith(".gguf"):  # GGUF: llama.cpp on CPU
             # a chat model on the GPU is a GPU job: refuse (rather than OOM a training run) while
             # another job holds the card; the lock is released when this worker exits
             from .locks import DeviceLock

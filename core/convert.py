@@ -1,5 +1,5 @@
 """Export and merge a run's adapter: `python -m lorastudio.core.convert RUN_DIR [--checkpoint N] [--merge]
-[--dtype auto|float32|bfloat16|float16] [--out DIR]`.
+[--dtype auto|float32|bfloat16|float16] [--gguf TYPE] [--out DIR]` (--gguf: core.gguf_export).
 
     export_adapter -> RUN_DIR/export-adapter[-ckptN]/  standard PEFT folder + tokenizer (the run's
                       chat template) + lorastudio.json
@@ -353,6 +353,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("run_dir")
     ap.add_argument("--checkpoint", type=int)
     ap.add_argument("--merge", action="store_true")
+    ap.add_argument("--gguf", metavar="TYPE", help="GGUF export through the merge (core.gguf_export): f16, q8_0, q4_k_m...")
     ap.add_argument("--dtype", default="auto")
     ap.add_argument("--out")
     ap.add_argument("--device", default="auto")
@@ -366,7 +367,7 @@ def main(argv: list[str] | None = None) -> int:
     if not (run_dir / "config.yaml").exists():
         log(f"FAILED: {run_dir} is not a run directory (no config.yaml)")
         return runs.EXIT_CONFIG
-    kind = "merge" if a.merge else "export-adapter"
+    kind = "gguf" if a.gguf else "merge" if a.merge else "export-adapter"
     from . import machine
     from .locks import Busy, writer_lock
 
@@ -383,7 +384,11 @@ def main(argv: list[str] | None = None) -> int:
     _event(run_dir, "convert_start", kind=kind, checkpoint=a.checkpoint, dtype=a.dtype, out=a.out)
     t0 = time.time()
     try:
-        if a.merge:
+        if a.gguf:
+            from . import gguf_export
+
+            report = gguf_export.export(run_dir, a.gguf, a.checkpoint, a.out, a.device)
+        elif a.merge:
             report = merge(run_dir, a.checkpoint, a.dtype, a.out, a.device)
         else:
             report = {"out": str(export_adapter(run_dir, a.checkpoint, a.out)), "checkpoint": a.checkpoint}

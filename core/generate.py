@@ -88,6 +88,10 @@ def reply(model, tokenizer, template, messages: list[dict], system: str | None =
           top_p: float = 0.9, top_k: int = 50, max_new_tokens: int = 256, repetition_penalty: float = 1.0,
           greedy: bool = False, use_adapter: bool = True) -> str:
     """The whole reply, generated in this thread."""
+    if getattr(model, "is_gguf", False):  # llama.cpp (core.gguf_chat): the same prompt, stops and settings
+        return model.reply(tokenizer, template, messages, system=system, temperature=temperature, top_p=top_p,
+                           top_k=top_k, max_new_tokens=max_new_tokens, repetition_penalty=repetition_penalty,
+                           greedy=greedy)
     enc, settings, stops = _inputs_and_settings(model, tokenizer, template, messages, system, temperature, top_p,
                                                 top_k, max_new_tokens, repetition_penalty, greedy)
     with _generating(model, use_adapter):
@@ -101,6 +105,11 @@ def stream(model, tokenizer, template, messages: list[dict], system: str | None 
            top_p: float = 0.9, top_k: int = 50, max_new_tokens: int = 256, repetition_penalty: float = 1.0,
            greedy: bool = False, use_adapter: bool = True):
     """Yield the reply as text chunks while it is generated."""
+    if getattr(model, "is_gguf", False):
+        yield from model.stream(tokenizer, template, messages, system=system, temperature=temperature, top_p=top_p,
+                                top_k=top_k, max_new_tokens=max_new_tokens, repetition_penalty=repetition_penalty,
+                                greedy=greedy)
+        return
     import torch
     from transformers import StoppingCriteria, StoppingCriteriaList, TextIteratorStreamer
 

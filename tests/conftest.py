@@ -106,6 +106,20 @@ def _no_leaked_children():
             pass
 
 
+def copy_run(src: Path, name: str) -> Path:
+    """A copy of a finished run in the workspace (config, run.json, metrics, final adapter): a test
+    that writes merged/ or gguf-*/ into it leaves the shared fixture run as other tests expect it."""
+    import shutil
+
+    dst = _workspace_run(name)
+    dst.mkdir(parents=True)
+    for f in ("config.yaml", "run.json", "metrics.jsonl", "train.log"):
+        if (src / f).exists():
+            shutil.copyfile(src / f, dst / f)
+    shutil.copytree(src / "adapter", dst / "adapter")
+    return dst
+
+
 def events(run_dir, kind=None) -> list[dict]:
     """A run's metrics.jsonl events, optionally of one kind."""
     from lorastudio.core import runs

@@ -1,0 +1,115 @@
+"""An Ollama Modelfile beside a GGUF export.
+
+    FROM ./model-TYPE.gguf
+    TEMPLATE \"\"\"...\"\"\"        the run's chat template in Go-template form (.Messages, .Role, .Content),
+                              derived by rendering the run's Jinja template on marker messages and
+                              checked by rendering both on a test conversation; a template that does
+                              not decompose into per-message pieces (a system prompt folded into the
+                              first user turn, say) gets no TEMPLATE line, and Ollama uses the GGUF's own
+    SYSTEM \"\"\"...\"\"\"          the system prompt given (the run has none of its own: a row may carry one)
+    PARAMETER stop "..."      every end-of-turn / EOS string of the run
+"""
+
+from __future__ import annotations
+
+MARK = {"system": "\x01SYS\x01", "user": "\x01USR\x01", "assistant": "\x01AST\x01"}
+CHECK = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Hi there"},
+         {"role": "assistant", "content": "Hello!"}, {"role": "user", "content": "Name?"}]
+
+
+def stop_strings(tokenizer, template) -> list[str]:
+    """The strings that end a turn: the template's end-of-turn token, the tokenizer's EOS, the
+    template's stop strings (in that order, no repeats)."""
+    out: list[str] = []
+    for s in [getattr(template, "eot_token", None) or (template.eot(tokenizer) if template else None),
+              tokenizer.eos_token, *(getattr(template, "stop_strings", None) or [])]:
+        if s and s not in out:
+            out.append(s)
+    return out
+
+
+def _render(template, tokenizer, messages, gen: bool) -> str:
+    return template.render(messages, add_generation_prompt=gen, tokenizer=tokenizer)
+
+
+def pieces(template, tokenizer) -> dict | None:
+    """{"system": (pre, post), "user": (pre, post), "assistant": (pre, post)} such that a
+    conversation renders as pre + content + post of each message, then the assistant's pre as the
+    generation prompt; None when the template is not of that shape (checked on CHECK)."""
+    if template is None:
+        return None
+    user, asst, system = ({"role": r, "content": MARK[r]} for r in ("user", "assistant", "system"))
+    try:
+        u0 = _render(template, tokenizer, [user], False)
+        u1 = _render(template, tokenizer, [user], True)
+        ua = _render(template, tokenizer, [user, asst], False)
+        su = _render(template, tokenizer, [system, user], False)
+    except Exception:  # noqa: BLE001 - a template that refuses these shapes has no Go form here
+        return None
+    if u0.count(MARK["user"]) != 1 or not u1.startswith(u0) or not ua.startswith(u0) or not su.endswith(u0):
+        return None
+    u_pre, u_post = u0.split(MARK["user"])
+    gen_prompt = u1[len(u0):]
+    a_pre, sep, a_post = ua[len(u0):].partition(MARK["assistant"])
+    s_pre, sep2, s_post = su[: len(su) - len(u0)].partition(MARK["system"])
+    if not sep or not sep2 or a_pre != gen_prompt:
+        return None
+    out = {"system": (s_pre, s_post), "user": (u_pre, u_post), "assistant": (a_pre, a_post)}
+    return out if _check(out, template, tokenizer) else None
+
+
+def go_render(p: dict, messages: list[dict], gen: bool) -> str:
+    """What the Go template written by go_template() renders (the same pieces, in Python)."""
+    text = ""
+    for m in messages:
+        pre, post = p[m["role"]]
+        text += pre + m["content"] + post
+    return text + (p["assistant"][0] if gen else "")
+
+
+def _check(p: dict, template, tokenizer) -> bool:
+    try:
+        return all(go_render(p, msgs, gen) == _render(template, tokenizer, msgs, gen)
+                   for msgs, gen in ((CHECK, True), (CHECK[1:], True), (CHECK[:3], False)))
+    except Exception:  # noqa: BLE001
+        return False
+
+
+def _go_literal(s: str) -> str:
+    # Go template text is literal except for "{{"; a piece holding it is written as a Go string
+    return s if "{{" not in s else "{{ " + '"' + s.replace("\\", "\\\\").replace('"', '\\"').replace("\n", "\\n") + '" }}'
+
+
+def go_template(p: dict) -> str:
+    """The pieces as an Ollama TEMPLATE: no trim markers (the pieces' whitespace is the template's),
+    the generation prompt after the last message unless it is the assistant's."""
+    parts = ["{{ range $i, $m := .Messages }}{{ $last := eq (len (slice $.Messages $i)) 1 }}"]
+    for i, role in enumerate(("system", "user", "assistant")):
+        pre, post = p[role]
+        parts.append(("{{ if" if i == 0 else "{{ else if") + f' eq $m.Role "{role}" }}}}'
+                     + _go_literal(pre) + "{{ $m.Content }}" + _go_literal(post))
+    parts.append("{{ end }}")
+    parts.append('{{ if and $last (ne $m.Role "assistant") }}' + _go_literal(p["assistant"][0]) + "{{ end }}")
+    parts.append("{{ end }}")
+    return "".join(parts)
+
+
+def _quote(s: str) -> str:
+    return '"' + s.replace("\\", "\\\\").replace('"', '\\"') + '"'
+
+
+def write(path, gguf_name: str, tokenizer, template, system: str | None = None) -> dict:
+    """Write the Modelfile; returns what it says (template form, stops, system)."""
+    p = pieces(template, tokenizer)
+    stops = stop_strings(tokenizer, template)
+    lines = [f"# Ollama Modelfile written by LoRA Studio: ollama create NAME -f {path.name}",
+             f"FROM ./{gguf_name}"]
+    if p is not None:
+        lines.append(f'TEMPLATE """{go_template(p)}"""')
+    else:
+        lines.append("# no TEMPLATE: the run's chat template has no per-message Go form; Ollama reads the GGUF's own")
+    if system:
+        lines.append(f'SYSTEM """{system}"""')
+    lines += [f"PARAMETER stop {_quote(s)}" for s in stops]
+    path.write_text("\n".join(lines) + "\n", encoding="utf-8")
+    return {"template": "go" if p is not None else "gguf", "stops": stops, "system": system}
