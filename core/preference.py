@@ -219,8 +219,9 @@ def stage_args(cfg, pad_id: int) -> dict:
                 "undesirable_weight": p.undesirable_weight, "train_sampling_strategy": "sequential"}
     if cfg.stage == "orpo":
         return {**common, "padding_value": pad_id}
+    # cpo_alpha 0: SimPO alone (CPO's SFT term off); CPO pads with the tokenizer's pad id
     return {**common, "loss_type": "simpo", "cpo_alpha": 0.0, "simpo_gamma": p.simpo_gamma,
-            "label_smoothing": p.label_smoothing, "padding_value": pad_id}
+            "label_smoothing": p.label_smoothing}
 
 
 def build_trainer(cfg, run_dir: Path, model, tokenizer, train_ds, eval_ds, callbacks, sft_args):

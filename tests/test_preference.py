@@ -221,3 +221,19 @@ def test_kto_from_the_same_parent_prefers_the_good_answers(sft_parent):
     parent, tuned = _greedy_hits(sft_parent), _greedy_hits(run_dir)
     print(f"greedy exact answers of 30: parent {parent}, kto {tuned}")
     assert tuned >= parent + 2, (parent, tuned)
+
+
+@pytest.mark.slow
+def test_orpo_and_simpo_run_from_trl_experimental(tmp_path):
+    """No reference model: a fresh adapter on the base, two steps each, their rewards logged."""
+    for stage, trainer in (("orpo", "trl.experimental.orpo.ORPOTrainer"), ("simpo", "trl.experimental.cpo.CPOTrainer")):
+        run_dir = tmp_path / stage
+        lorastudio("train", "presets/tiny_dpo.yaml", "--run-dir", str(run_dir), "--set", f"stage={stage}",
+                   "--set", "model.adapter_from=null", "--set", "preference.loss_type=auto", "--set",
+                   "training.max_steps=2", "--set", "training.sample_prompts=[]", check=True)
+        steps = events(run_dir, "step")
+        assert len(steps) == 2 and all("rewards/margins" in e and "rewards/accuracies" in e for e in steps)
+        info = json.loads((run_dir / "run.json").read_text())
+        assert info["stage"]["trainer"].startswith(trainer) and info["stage"]["experimental"]
+        assert "trl.experimental: may change" in (run_dir / "train.log").read_text()
+        assert (run_dir / "adapter" / "adapter_model.safetensors").exists()
