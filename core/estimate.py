@@ -195,10 +195,16 @@ def estimate(cfg, arch: dict | None = None, gpu_mem_gib: float | None = None, *,
     and fits is the plan's: one verdict, whichever figure is printed beside it."""
     if arch is None:
         arch = arch_for(cfg.model.name_or_path)
+    if cfg.stage != "sft":  # a preference stage: as many sequences as it holds (core.stage.for_estimate)
+        from . import stage as stage_lib
+
+        cfg = stage_lib.for_estimate(cfg)
     machine_stage = resolve.resolve(cfg, resolve.assumed(cfg.training.device))  # the plan starts here
     resolved = resolve.fill(machine_stage.model_copy(deep=True), resolve.unplanned(machine_stage))
     br = breakdown(resolved, arch)
     comp_gib = {k: v / GIB for k, v in br["components"].items()}
+    if cfg.stage in ("dpo", "kto") and cfg.method == "full":  # full fine-tuning keeps a frozen reference copy
+        comp_gib["reference_model"] = comp_gib["weights"]
     total = sum(comp_gib.values())
     gpu_name = None
     if gpu_mem_gib is None and detect:

@@ -117,3 +117,16 @@ def resolve(cfg) -> None:
                               f"run their own forward); use auto")
     if cfg.template.padding_free in ("auto", True):
         cfg.template.padding_free = False  # the pair collators pad (TRL: padding-free DPO is unavailable)
+
+
+def for_estimate(cfg):
+    """The config the memory estimate reads for a preference stage: a micro-batch of N pairs
+    holds 2N sequences with activations (dpo, orpo, simpo; KTO's KL rows and every reference
+    forward run without a graph, so their activations are freed layer by layer: counted as none).
+    The reference forward costs time (one forward of each sequence, ~1/3 of a step), not memory;
+    full fine-tuning's reference copy is added by core.estimate. The parent adapter is not read."""
+    cfg = cfg.model_copy(deep=True)
+    cfg.model.adapter_from = None
+    if cfg.stage in PAIRED:
+        cfg.training.micro_batch_size *= 2
+    return cfg

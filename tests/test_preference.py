@@ -237,3 +237,21 @@ def test_orpo_and_simpo_run_from_trl_experimental(tmp_path):
         assert info["stage"]["trainer"].startswith(trainer) and info["stage"]["experimental"]
         assert "trl.experimental: may change" in (run_dir / "train.log").read_text()
         assert (run_dir / "adapter" / "adapter_model.safetensors").exists()
+
+
+def test_estimate_counts_both_answers_of_a_pair_and_the_full_reference():
+    from lorastudio.core import estimate as E
+
+    base = {"model": {"name_or_path": "Qwen/Qwen2.5-7B-Instruct"}, "method": "qlora",
+            "template": {"cutoff_len": 1024}, "training": {"micro_batch_size": 2, "gradient_checkpointing": True}}
+    sft, dpo, kto = (E.estimate(C.from_dict({**base, "stage": s}), detect=False) for s in ("sft", "dpo", "kto"))
+    assert dpo["tokens_per_step"] == 2 * sft["tokens_per_step"] == 2 * kto["tokens_per_step"]
+    assert dpo["components"]["activations"] == pytest.approx(2 * sft["components"]["activations"])
+    assert dpo["total_gib"] > sft["total_gib"] and "reference_model" not in dpo["components"]  # adapter disabled
+    full = E.estimate(C.from_dict({"stage": "dpo", "method": "full",
+                                   "model": {"name_or_path": "Qwen/Qwen2.5-0.5B-Instruct"}}), detect=False)
+    assert full["components"]["reference_model"] == full["components"]["weights"]
+    # the 7B QLoRA DPO preset: the estimator's figure in its header
+    path = ROOT / "presets" / "qwen2_5_7b_qlora_dpo.yaml"
+    est = E.estimate(C.load(path), detect=False)
+    assert f"# estimated peak VRAM: {est['total_rounded']} GiB" in path.read_text()
