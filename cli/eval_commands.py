@@ -19,7 +19,7 @@ def add_parser(sub) -> None:
                        "perplexity of the trained tokens, exact match and chrF of greedy answers to the last "
                        "assistant turn, and every row's answer.")
     p.add_argument("run_dir")
-    p.add_argument("--checkpoint", metavar="N|final|all", help="a checkpoint step, final (default) or all")
+    p.add_argument("--checkpoint", metavar="N|final|all", help="a checkpoint step, final (default) or all; a comma list, e.g. 40,80,final")
     p.add_argument("--data", metavar="FILE", help="rows in any supported format (default: the rows the run held out)")
     p.add_argument("--base", action="store_true", help="score the untrained base as well")
     p.add_argument("--limit", type=int, metavar="N", help="the first N rows only")

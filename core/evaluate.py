@@ -63,34 +63,37 @@ def target_name(checkpoint: int | None) -> str:
 
 
 def targets(run_dir: str | Path, checkpoint: str | None = None, base: bool = False) -> list[str]:
-    """The targets an evaluation scores, in order: CHECKPOINT None (the final adapter, else the
-    newest checkpoint), N, final or all (every checkpoint holding an adapter, then final);
-    then base."""
+    """The targets an evaluation scores, in order of step: CHECKPOINT None (the final adapter, else
+    the newest checkpoint), or a comma list of N, final and all (every checkpoint holding an
+    adapter, and final); then base."""
     from . import chat
 
     run_dir = Path(run_dir)
     have = chat.checkpoints(run_dir)
     final = (run_dir / "adapter" / "adapter_config.json").is_file() or (run_dir / "model").is_dir()
-    spec = (checkpoint or "").strip().lower()
-    if spec in ("", FINAL):
-        if final:
-            out = [FINAL]
-        elif have and not spec:
-            out = [target_name(have[-1])]
+    out: list[str] = []
+    for spec in (checkpoint or "").lower().replace(" ", "").split(","):
+        if spec in ("", FINAL):
+            if final:
+                out.append(FINAL)
+            elif have and not spec:
+                out.append(target_name(have[-1]))
+            else:
+                raise EvalError(f"{run_dir.name} has no final adapter"
+                                + (f" (checkpoints: {', '.join(map(str, have))})" if have else " and no checkpoint"))
+        elif spec == "all":
+            out += [target_name(s) for s in have] + ([FINAL] if final else [])
+            if not have and not final:
+                raise EvalError(f"{run_dir.name} has no adapter or checkpoint to evaluate")
         else:
-            raise EvalError(f"{run_dir.name} has no final adapter" + (f" (checkpoints: {', '.join(map(str, have))})"
-                                                                     if have else " and no checkpoint"))
-    elif spec == "all":
-        out = [target_name(s) for s in have] + ([FINAL] if final else [])
-        if not out:
-            raise EvalError(f"{run_dir.name} has no adapter or checkpoint to evaluate")
-    else:
-        step = spec.removeprefix("checkpoint-")
-        if not step.isdigit() or int(step) not in have:
-            raise EvalError(f"--checkpoint {checkpoint}: {run_dir.name} has "
-                            + (f"checkpoints {', '.join(map(str, have))}" if have else "no checkpoint")
-                            + " (or give final, all)")
-        out = [target_name(int(step))]
+            step = spec.removeprefix("checkpoint-")
+            if not step.isdigit() or int(step) not in have:
+                raise EvalError(f"--checkpoint {checkpoint}: {run_dir.name} has "
+                                + (f"checkpoints {', '.join(map(str, have))}" if have else "no checkpoint")
+                                + " (or give final, all)")
+            out.append(target_name(int(step)))
+    order = {target_name(s): i for i, s in enumerate(have)}
+    out = sorted(dict.fromkeys(out), key=lambda t: order.get(t, len(order)))  # each once, by step; final last
     return out + ([BASE] if base else [])
 
 
@@ -214,7 +217,7 @@ def _on_sigterm(signum, frame):
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(prog="python -m lorastudio.core.evaluate")
     ap.add_argument("run_dir")
-    ap.add_argument("--checkpoint", help="N, final or all (default: final)")
+    ap.add_argument("--checkpoint", help="N, final or all, or a comma list of them (default: final)")
     ap.add_argument("--data", help="a file in any supported format (default: the rows the run held out)")
     ap.add_argument("--base", action="store_true", help="score the untrained base too")
     ap.add_argument("--limit", type=int, help="the first N rows only")

@@ -104,9 +104,16 @@ def _result(run_dir: Path, stem: str, target: str) -> dict:
     return json.loads((run_dir / "eval" / f"{stem}__{target}.json").read_text())
 
 
-def test_eval_every_checkpoint_and_the_base(tracked_run):
+@pytest.fixture(scope="module")
+def scored(tracked_run):
+    """`lorastudio eval` of every checkpoint, final and the base on the held-out rows."""
     proc = lorastudio("eval", str(tracked_run), "--checkpoint", "all", "--base", "--max-new-tokens", "16")
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
+    return proc
+
+
+def test_eval_every_checkpoint_and_the_base(tracked_run, scored):
+    proc = scored
     got = {t: _result(tracked_run, "eval_rows", t) for t in ("checkpoint-3", "checkpoint-6", "final", "base")}
     assert [got[t]["step"] for t in got] == [3, 6, 6, 0]
     assert got["final"]["loss"] == pytest.approx(got["checkpoint-6"]["loss"], rel=1e-5)  # the same weights
@@ -161,3 +168,19 @@ def test_eval_stops_on_sigterm_between_rows(demo_run):
     os.killpg(proc.pid, signal.SIGTERM)
     assert proc.wait(60) == runs.EXIT_STOPPED
     assert mine("evaluate_stopped") and not mine("evaluate_end")
+
+
+def test_eval_view_helpers_read_the_result_files(tracked_run, scored):
+    """The Evaluate tab's data: the scores table, the plot's frame over steps, the changed rows."""
+    from lorastudio.webui import tab_eval
+
+    files = {t: _result(tracked_run, "eval_rows", t) for t in ("checkpoint-3", "checkpoint-6", "final", "base")}
+    table = tab_eval.scores_table(str(tracked_run), "eval_rows")
+    assert list(table["target"]) == ["base", "checkpoint-3", "checkpoint-6", "final"]
+    assert list(table["loss"]) == pytest.approx([files[t]["loss"] for t in table["target"]], abs=1e-4)
+    frame = tab_eval.scores_frame(str(tracked_run), "eval_rows", "loss")
+    assert list(frame["step"]) == [0, 3, 6] and list(frame["target"]) == ["base", "checkpoint-3", "checkpoint-6"]
+    changed = tab_eval.changed_rows(str(tracked_run), "eval_rows", "base", "final")
+    differ = [a["row"] for a, b in zip(files["base"]["answers"], files["final"]["answers"]) if a["answer"] != b["answer"]]
+    assert [r["row"] for r in changed] == differ and differ
+    assert tab_eval.changed_rows(str(tracked_run), "eval_rows", "final", "checkpoint-6") == []  # the same weights

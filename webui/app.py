@@ -2,7 +2,7 @@
 tokenizer touch happens in core functions called from handlers, training, converting and chat run
 in child processes.
 
-One module per tab (tab_model, tab_dataset, tab_template, tab_train, tab_convert, tab_chat): each
+One module per tab (tab_model, tab_dataset, tab_template, tab_train, tab_convert, tab_chat, tab_eval): each
 has build(ui) that adds its components to the shared `ui` dict, and wire(ui, demo) that connects
 events once every tab exists (tabs read each other's inputs: the Dataset tab uses the model from the
 Model tab and the template from the Template tab).
@@ -18,11 +18,11 @@ from pathlib import Path
 
 import gradio as gr
 
-from . import tab_chat, tab_convert, tab_dataset, tab_model, tab_template, tab_train
+from . import tab_chat, tab_convert, tab_dataset, tab_eval, tab_model, tab_template, tab_train
 from .helpers import LOSS_COLORS
 
 TABS = [("Model", tab_model), ("Dataset", tab_dataset), ("Template", tab_template), ("Train", tab_train),
-        ("Convert", tab_convert), ("Chat", tab_chat)]
+        ("Convert", tab_convert), ("Chat", tab_chat), ("Evaluate", tab_eval)]
 
 
 # Fonts the machine already has: the default theme's web font is fetched from the network, and
