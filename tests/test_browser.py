@@ -457,3 +457,54 @@ def test_screenshot_of_every_tab_and_no_network_fonts(page):
     app = page.url.split("/?")[0].rstrip("/")
     outside = [u for u in page.requests if not u.startswith((app, "data:", "blob:"))]
     assert not outside, outside[:5]
+
+
+def test_convert_tab_exports_gguf_and_chat_talks_to_it(page, demo_run):
+    """Issue 21 in the browser: the Convert tab exports a GGUF (type picked, progress, log, the
+    verification summary and its per-prompt table), then the Chat tab answers from it through
+    llama.cpp, and side by side sets the merged model beside the GGUF."""
+    try:
+        import llama_cpp  # noqa: F401
+    except ImportError as e:
+        if os.environ.get("CI", "").lower() == "true":
+            pytest.fail(f"the [gguf] extra is missing ({e}); required when CI=true")
+        pytest.skip(f"the [gguf] extra is not installed ({e})")
+    from conftest import copy_run
+    from lorastudio.core import tiny
+
+    run_dir = str(copy_run(demo_run, "browser-gguf"))  # demo_run's own merged/ stays for the other tests
+    page.reload()
+    tab(page, "Convert")
+    type_choice(page, "#cv-run", run_dir)
+    pick(page, "#cv-ckpt", "final")
+    page.locator("#cv-kind").get_by_label("GGUF").check()
+    pick(page, "#cv-gguf", "f16")
+    page.locator("#convert-btn").click()
+    page.locator("#convert-status", has_text="exporting GGUF f16").wait_for(timeout=30_000)  # progress shown
+    page.locator("#convert-status", has_text="verification").wait_for(timeout=240_000)
+    status = page.locator("#convert-status").inner_text()
+    assert "PASSED" in status and "greedy answers identical" in status and "end of turn" in status, status
+    page.locator("#cv-verify", has_text="GGUF (llama.cpp)").wait_for()
+    gguf_file = Path(run_dir, "gguf-f16", "model-f16.gguf")
+    assert gguf_file.exists() and Path(run_dir, "gguf-f16", "Modelfile").exists()
+    assert "[llama.cpp]" in Path(run_dir, "convert.log").read_text()
+    shot(page, "8_gguf_exported")
+
+    tab(page, "Chat")
+    page.get_by_role("tab", name="Chat", exact=True).last.click()
+    assert str(gguf_file).lstrip("/") in options(page, "#chat-target")  # offered (options() drops a leading "/")
+    type_choice(page, "#chat-target", str(gguf_file))
+    q, a = tiny.PERSONA[0]
+    page.locator("#chat-bot").evaluate("el => el.dataset.before = el.innerText")
+    page.locator("#chat-msg textarea").fill(q)
+    page.locator("#chat-send").click()
+    wait_for(lambda: a in page.locator("#chat-bot").inner_text(), 120, "the GGUF's reply")
+    assert "⚠️" not in page.locator("#chat-bot").inner_text()
+    shot(page, "9_gguf_chat")
+
+    page.locator("#tab-side-by-side-button, button[role=tab]:has-text('Side by side')").first.click()
+    page.locator("#cmp-prompt textarea").fill(q)
+    page.locator("#cmp-btn").click()
+    wait_for(lambda: a in page.locator("#cmp-left").inner_text() and a in page.locator("#cmp-right").inner_text(),
+             180, "the merged model (left) and the GGUF (right) answering alike")
+    shot(page, "10_gguf_side_by_side")

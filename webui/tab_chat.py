@@ -22,7 +22,7 @@ _registry_lock = threading.Lock()
 # ---------------------------------------------------------------- targets and workers
 
 def target_choices() -> list[str]:
-    """builtin:tiny, every run with an adapter, and every merged folder, newest runs first."""
+    """builtin:tiny, every run with an adapter, every merged folder and GGUF export, newest runs first."""
     from .tab_convert import checkpoint_choices
 
     out = ["builtin:tiny"]
@@ -31,6 +31,7 @@ def target_choices() -> list[str]:
         if checkpoint_choices(d):
             out.append(d)
         out += [str(p) for p in sorted(Path(d).glob("merged*")) if p.is_dir() and not p.name.endswith(".partial")]
+        out += [str(p) for p in sorted(Path(d).glob("gguf-*/model-*.gguf")) if not p.parent.name.endswith(".partial")]
     return out
 
 
@@ -39,18 +40,20 @@ def is_run(target: str) -> bool:
 
 
 def base_of(target: str) -> str | None:
-    """The base model of a run or a merged/exported folder (its lorastudio.json)."""
+    """The base model of a run or a merged/exported folder (its lorastudio.json); for a GGUF export,
+    the merged model it was made from (side by side: the merge on the left, llama.cpp on the right)."""
     if is_run(target):
         from lorastudio.core import history
 
         return (history.load_config_dict(target).get("model") or {}).get("name_or_path")
     from lorastudio.core import safe_io
 
+    gguf = str(target).lower().endswith(".gguf")
     try:
-        meta = safe_io.read_json(Path(target) / "lorastudio.json", 1 << 20)
+        meta = safe_io.read_json((Path(target).parent if gguf else Path(target)) / "lorastudio.json", 1 << 20)
     except safe_io.FileProblem:
         return None
-    base = meta.get("base_model") if isinstance(meta, dict) else None
+    base = meta.get("merged_model" if gguf else "base_model") if isinstance(meta, dict) else None
     return base if isinstance(base, str) else None
 
 
@@ -238,11 +241,12 @@ def chat_api(message: str, target: str, checkpoint: str, mode: str, system: str,
 # ---------------------------------------------------------------- UI
 
 def build(ui: dict) -> None:
-    gr.Markdown("Chat with the base model, a run (any checkpoint) or a merged model. The model runs in a "
+    gr.Markdown("Chat with the base model, a run (any checkpoint), a merged model or a GGUF export (llama.cpp "
+                "on CPU; side by side puts the merged model it came from on the left). The model runs in a "
                 "separate worker process.")
     with gr.Row():
         ui["ch_target"] = gr.Dropdown(["builtin:tiny"], value="builtin:tiny", allow_custom_value=True, scale=3,
-                                      label="Model, run or merged folder", elem_id="chat-target")
+                                      label="Model, run, merged folder or GGUF", elem_id="chat-target")
         ui["ch_ckpt"] = gr.Dropdown(["final"], value="final", allow_custom_value=True, label="Checkpoint", scale=1,
                                     elem_id="ch-ckpt")
         ui["ch_mode"] = gr.Radio(["fine-tuned", "base"], value="fine-tuned", label="Adapter", scale=1)

@@ -1,4 +1,5 @@
-"""Convert tab: pick a run and a checkpoint; export the adapter or merge it into the base. The work
+"""Convert tab: pick a run and a checkpoint; export the adapter, merge it into the base, or export a
+GGUF for llama.cpp / Ollama (through the merge, verified against it, with a Modelfile). The work
 runs in the core's child job (`python -m lorastudio.core.convert`, output to RUN_DIR/convert.log), reporting
 convert_start / convert_end / convert_failed in RUN_DIR/metrics.jsonl, which this tab reads."""
 
@@ -11,7 +12,7 @@ from pathlib import Path
 import gradio as gr
 import pandas as pd
 
-from lorastudio.core import runs
+from lorastudio.core import gguf_tools, runs
 
 from .helpers import err_md
 
@@ -32,6 +33,8 @@ def _checkpoint_arg(checkpoint: str | None) -> int | None:
 
 
 DTYPES = ["auto", "float32", "bfloat16", "float16"]
+GGUF_TYPES = list(gguf_tools.TYPES)  # core.gguf_tools imports no model library
+KINDS = ["merge", "export adapter", "GGUF"]
 
 
 def convert_events(run_dir: str, since: float = 0.0, pid: int | None = None) -> list[dict]:
@@ -43,8 +46,8 @@ def convert_events(run_dir: str, since: float = 0.0, pid: int | None = None) -> 
             and (pid is None or e.get("pid") in (None, pid))]
 
 
-def launch_convert(run_dir: str, checkpoint: str | None, merge: bool, dtype: str = "auto"):
-    """Start the convert child; returns (Popen, start time)."""
+def launch_convert(run_dir: str, checkpoint: str | None, merge: bool, dtype: str = "auto", gguf: str | None = None):
+    """Start the convert child (GGUF: --gguf TYPE, through the merge); returns (Popen, start time)."""
     from .helpers import workspace_run
 
     run_dir = workspace_run(run_dir)
@@ -60,7 +63,10 @@ def launch_convert(run_dir: str, checkpoint: str | None, merge: bool, dtype: str
         raise ValueError(f"{Path(run_dir).name} has no {checkpoint} (it has {', '.join(choices)})")
     if (dtype or "auto") not in DTYPES:
         raise ValueError(f"merged dtype {dtype!r}: one of {', '.join(DTYPES)}")
+    if gguf is not None and gguf not in GGUF_TYPES:
+        raise ValueError(f"GGUF type {gguf!r}: one of {', '.join(GGUF_TYPES)}")
     cmd = [sys.executable, "-m", "lorastudio.core.convert", str(run_dir), "--dtype", dtype or "auto"]
+    cmd += ["--gguf", gguf] if gguf else []
     ck = _checkpoint_arg(checkpoint)
     if ck is not None:
         cmd += ["--checkpoint", str(ck)]
@@ -72,6 +78,9 @@ def launch_convert(run_dir: str, checkpoint: str | None, merge: bool, dtype: str
 
 
 def verification_rows(report: dict | None) -> list[dict]:
+    if isinstance((report or {}).get("answers"), dict):  # a GGUF's: one row per prompt
+        return [{"prompt": r.get("prompt"), "merged model": r.get("merged"), "GGUF (llama.cpp)": r.get("gguf"),
+                 "identical": r.get("identical")} for r in report["answers"].get("rows") or []]
     rows = []
     for name, figs in ((report or {}).items()):
         if isinstance(figs, dict):
@@ -81,19 +90,24 @@ def verification_rows(report: dict | None) -> list[dict]:
     return rows
 
 
-def convert_job(run_dir: str, checkpoint: str, kind: str, dtype: str = "auto"):
+def _gguf_arg(kind: str, gguf_type: str | None) -> str | None:
+    return (gguf_type or "q8_0") if kind == "GGUF" else None
+
+
+def convert_job(run_dir: str, checkpoint: str, kind: str, dtype: str = "auto", gguf_type: str | None = None):
     """Generator: (status md, verification df, log tail) while the child runs, then its result."""
     from .helpers import workspace_run
 
     merge = kind == "merge"
+    gguf = _gguf_arg(kind, gguf_type)
     empty = pd.DataFrame(columns=["comparison", "max_abs_logit_diff", "top1_agreement", "positions", "finite"])
     try:
         run_dir = workspace_run(run_dir)
-        proc, t0 = launch_convert(run_dir, checkpoint, merge, dtype)
+        proc, t0 = launch_convert(run_dir, checkpoint, merge, dtype, gguf)
     except Exception as e:  # noqa: BLE001
         yield err_md(e), empty, ""
         return
-    what = "merging" if merge else "exporting the adapter"
+    what = f"exporting GGUF {gguf} (merge, convert, verify)" if gguf else "merging" if merge else "exporting the adapter"
     log = Path(run_dir) / "convert.log"
     while proc.poll() is None:
         yield f"⏳ {what} ({checkpoint or 'final'}) · {time.time() - t0:.0f}s", empty, _tail(log)
@@ -114,17 +128,34 @@ def convert_result(run_dir: str, since: float, code: int | None = None, pid: int
     md = f"✅ done in {end.get('elapsed_s', 0):.1f}s: `{end['out']}`"
     if v:
         md += (f"\n\nverification **{'PASSED' if v.get('passed') else 'FAILED'}** ({v.get('criterion')})")
+    md += gguf_summary(v)
     rows = verification_rows(v)
     return md, (pd.DataFrame(rows) if rows else empty), _tail(log)
 
 
-def convert_api(run_dir: str, checkpoint: str, kind: str, dtype: str) -> dict:
+def gguf_summary(v: dict) -> str:
+    """The GGUF verification in words: answers, top-1 agreement, tokenization, metadata, warnings."""
+    a = v.get("answers")
+    if not isinstance(a, dict):
+        return ""
+    meta = v.get("metadata") or {}
+    bad = [k for k, ok in (meta.get("checks") or {}).items() if not ok]
+    tok = v.get("tokenization") or {}
+    lines = [f"{a.get('identical')}/{a.get('prompts')} greedy answers identical to the merged model's; "
+             f"top-1 agreement {100 * (a.get('top1_agreement') or 0):.1f}% over {a.get('positions')} tokens",
+             f"chat template, BOS/EOS and end of turn: {'as the run has them' if not bad else 'DIFFER: ' + ', '.join(bad)}",
+             f"llama.cpp's own tokenization of the prompts: {tok.get('same_ids')}/{tok.get('prompts')} as the run's"]
+    lines += [f"⚠️ {w}" for w in v.get("warnings") or []]
+    return "\n\n" + "\n".join(f"- {line}" for line in lines)
+
+
+def convert_api(run_dir: str, checkpoint: str, kind: str, dtype: str, gguf_type: str = "q8_0") -> dict:
     """Blocking JSON-native twin (api_name="convert_run"): {"ok", "out", "verification", "error"}."""
     from .helpers import error_text, workspace_run
 
     try:
         run_dir = workspace_run(run_dir)
-        proc, t0 = launch_convert(run_dir, checkpoint, kind == "merge", dtype)
+        proc, t0 = launch_convert(run_dir, checkpoint, kind == "merge", dtype, _gguf_arg(kind, gguf_type))
     except Exception as e:  # noqa: BLE001
         return {"ok": False, "error": error_text(e)}
     proc.wait()
@@ -146,7 +177,8 @@ def outputs_of(run_dir: str) -> list[str]:
     if not run_dir or not Path(run_dir).is_dir():
         return []
     return sorted(str(p) for p in Path(run_dir).iterdir()
-                  if p.is_dir() and p.name.startswith(("merged", "export-adapter")) and not p.name.endswith(".partial"))
+                  if p.is_dir() and p.name.startswith(("merged", "export-adapter", "gguf-"))
+                  and not p.name.endswith(".partial"))
 
 
 def run_choices() -> list[str]:
@@ -155,19 +187,23 @@ def run_choices() -> list[str]:
 
 
 def build(ui: dict) -> None:
-    gr.Markdown("Export the adapter (a standard PEFT folder) or merge it into the base model (a full model "
-                "folder any transformers code loads). Runs as a child job; the merge is verified against "
-                "base + adapter.")
+    gr.Markdown("Export the adapter (a standard PEFT folder), merge it into the base model (a full model "
+                "folder any transformers code loads), or export a GGUF for llama.cpp / Ollama (made from the merge by "
+                "llama.cpp's own converter and quantizer, with a Modelfile). Runs as a child job; the merge is verified "
+                "against base + adapter, the GGUF against the merge.")
     with gr.Row():
         ui["cv_run"] = gr.Dropdown([], label="Run", allow_custom_value=True, scale=3, elem_id="cv-run")
         ui["cv_ckpt"] = gr.Dropdown([], label="Checkpoint", allow_custom_value=True, scale=1, elem_id="cv-ckpt")
         ui["cv_refresh"] = gr.Button("↻", scale=0, min_width=40, elem_id="cv-refresh")
     with gr.Row():
-        ui["cv_kind"] = gr.Radio(["merge", "export adapter"], value="merge", label="Action")
+        ui["cv_kind"] = gr.Radio(KINDS, value="merge", label="Action", elem_id="cv-kind")
         ui["cv_dtype"] = gr.Dropdown(DTYPES, value="auto", label="Merged dtype")
+        ui["cv_gguf"] = gr.Dropdown(GGUF_TYPES, value="q8_0", label="GGUF type (f16: exact; q8_0: ~half; q4_k_m: ~quarter)",
+                                    elem_id="cv-gguf")
         ui["cv_btn"] = gr.Button("Convert", variant="primary", elem_id="convert-btn")
     ui["cv_status"] = gr.Markdown(elem_id="convert-status")
-    ui["cv_verify"] = gr.Dataframe(label="Verification (merged vs base + adapter logits)", interactive=False,
+    ui["cv_verify"] = gr.Dataframe(label="Verification (merged vs base + adapter logits; GGUF vs merged answers)",
+                                   interactive=False,
                                    visible=False, elem_id="cv-verify")
     ui["cv_outputs"] = gr.JSON(label="Outputs in this run")
     ui["cv_log"] = gr.Textbox(label="Convert log", lines=8, interactive=False)
@@ -200,12 +236,13 @@ def wire(ui: dict, demo) -> None:
 
     ui["cv_run"].change(on_run, [ui["cv_run"]], [ui["cv_ckpt"], ui["cv_outputs"]], api_visibility="private")
 
-    def job(run_dir, ck, kind, dtype):
-        for md, verify, log in convert_job(run_dir, ck, "merge" if kind == "merge" else "export", dtype):
+    def job(run_dir, ck, kind, dtype, gguf_type):
+        kind = kind if kind in ("merge", "GGUF") else "export"
+        for md, verify, log in convert_job(run_dir, ck, kind, dtype, gguf_type):
             yield md, gr.Dataframe(value=verify, visible=len(verify) > 0), log
 
-    ui["cv_btn"].click(job, [ui["cv_run"], ui["cv_ckpt"], ui["cv_kind"], ui["cv_dtype"]],
+    ui["cv_btn"].click(job, [ui["cv_run"], ui["cv_ckpt"], ui["cv_kind"], ui["cv_dtype"], ui["cv_gguf"]],
                        [ui["cv_status"], ui["cv_verify"], ui["cv_log"]], api_name="convert").then(
         on_run, [ui["cv_run"], ui["cv_ckpt"]], [ui["cv_ckpt"], ui["cv_outputs"]], api_visibility="private")
-    ui["api_convert_btn"].click(convert_api, [ui["cv_run"], ui["cv_ckpt"], ui["cv_kind"], ui["cv_dtype"]],
+    ui["api_convert_btn"].click(convert_api, [ui["cv_run"], ui["cv_ckpt"], ui["cv_kind"], ui["cv_dtype"], ui["cv_gguf"]],
                                 [ui["api_convert_json"]], api_name="convert_run")
