@@ -1,6 +1,7 @@
 """`lorastudio eval RUN_DIR`: score a run's adapter, checkpoints and base in a child job
-(`python -m lorastudio.core.evaluate`, output to RUN_DIR/eval/eval.log, followed here); Ctrl-C
-stops it (the files already written stay)."""
+(`python -m lorastudio.core.evaluate`, output to RUN_DIR/eval/eval.log, followed here), or with
+--tasks run an lm-eval task file of the user's own (`python -m lorastudio.core.lm_eval_job`,
+RUN_DIR/eval/lm-eval.log); Ctrl-C stops it (the files already written stay)."""
 
 from __future__ import annotations
 
@@ -25,6 +26,11 @@ def add_parser(sub) -> None:
     p.add_argument("--limit", type=int, metavar="N", help="the first N rows only")
     p.add_argument("--max-new-tokens", type=int, default=256, help="longest greedy answer (default 256)")
     p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
+    g = p.add_argument_group("benchmarks through lm-eval-harness (results in RUN_DIR/eval/lm-eval/)")
+    g.add_argument("--tasks", metavar="FILE", help="an lm-eval task .yaml of your own, or .json/.jsonl rows: "
+                   "{question, choices, answer} (multiple choice) or {question, answer} (generation)")
+    g.add_argument("--model", metavar="DIR", help="with --tasks: a merged or model folder instead of the adapter")
+    g.add_argument("--no-chat-template", action="store_true", help="with --tasks: plain prompts, no chat template")
     p.set_defaults(func=cmd_eval)
 
 
@@ -34,14 +40,23 @@ def cmd_eval(a) -> int:
     run_dir = Path(a.run_dir).resolve()
     if not (run_dir / "config.yaml").is_file():
         return err(f"{run_dir} is not a run directory (no config.yaml)")
-    cmd = [sys.executable, "-m", "lorastudio.core.evaluate", str(run_dir), "--max-new-tokens", str(a.max_new_tokens),
-           "--device", a.device]
+    if a.tasks:
+        if a.data or a.base:
+            return err("--tasks runs an lm-eval task file: --data and --base are for the scoring without it")
+        cmd = [sys.executable, "-m", "lorastudio.core.lm_eval_job", str(run_dir), "--tasks", str(Path(a.tasks).resolve()),
+               "--device", a.device]
+        cmd += ["--model", str(Path(a.model).resolve())] if a.model else []
+        cmd += ["--no-chat-template"] if a.no_chat_template else []
+        log = run_dir / "eval" / "lm-eval.log"
+    else:
+        cmd = [sys.executable, "-m", "lorastudio.core.evaluate", str(run_dir), "--max-new-tokens",
+               str(a.max_new_tokens), "--device", a.device]
+        cmd += ["--data", str(Path(a.data).resolve())] if a.data else []
+        cmd += ["--base"] if a.base else []
+        log = run_dir / "eval" / "eval.log"
     cmd += ["--checkpoint", a.checkpoint] if a.checkpoint else []
-    cmd += ["--data", str(Path(a.data).resolve())] if a.data else []
-    cmd += ["--base"] if a.base else []
     cmd += ["--limit", str(a.limit)] if a.limit is not None else []
     _, offset = runs.read_events(run_dir)
-    log = run_dir / "eval" / "eval.log"
     pos = log.stat().st_size if log.exists() else 0  # echo only this evaluation's part of the log
     proc = runs.spawn(cmd, log, cwd=run_dir)
     try:
@@ -56,8 +71,14 @@ def cmd_eval(a) -> int:
     events, _ = runs.read_events(run_dir, offset)
     mine = [e for e in events if e.get("pid") == proc.pid]
     if code != 0:
-        failed = [e for e in mine if e.get("event") == "evaluate_failed"]
+        failed = [e for e in mine if e.get("event") in ("evaluate_failed", "lm_eval_failed")]
         return err(failed[-1]["error"] if failed else f"eval exited with {code} (see {log})", code)
+    for e in mine:
+        if e.get("event") == "lm_eval_end":
+            print(f"{e['task']} on {e['target']}: " + ", ".join(f"{k} {v:.4g}" for k, v in e["scores"].items()
+                                                             if k != "sample_len") + f"  {e['file']}")
+    if a.tasks:
+        return 0
     done = [e for e in mine if e.get("event") == "evaluate_target"]
     print(f"{'TARGET':<18} {'LOSS':>8} {'PPL':>10} {'EXACT':>7} {'CHRF':>7}  FILE")
     for e in done:

@@ -184,3 +184,39 @@ def test_eval_view_helpers_read_the_result_files(tracked_run, scored):
     differ = [a["row"] for a, b in zip(files["base"]["answers"], files["final"]["answers"]) if a["answer"] != b["answer"]]
     assert [r["row"] for r in changed] == differ and differ
     assert tab_eval.changed_rows(str(tracked_run), "eval_rows", "final", "checkpoint-6") == []  # the same weights
+
+
+# ---------------------------------------------------------------- lm-eval-harness on task files of our own
+
+def test_lm_eval_task_files_of_our_own_run_on_the_tiny_model(demo_run, tmp_path):
+    need("lm_eval")
+    sample = Path(os.environ["LORASTUDIO_HOME"]) / "cache" / "tiny-v4" / "sample_chat.jsonl"
+    rows, _ = data_lib.load_file(sample)
+    qa = [(r["messages"][0]["content"], r["messages"][1]["content"]) for r in rows
+          if len(r["messages"]) == 2 and r["messages"][0]["role"] == "user"][:8]
+    gen = tmp_path / "persona.jsonl"  # a generation task: the greedy answer under the run's chat template
+    gen.write_text("".join(json.dumps({"question": q, "answer": a}) + "\n" for q, a in qa))
+    proc = lorastudio("eval", str(demo_run), "--tasks", str(gen))
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
+    out = json.loads((demo_run / "eval" / "lm-eval" / "lorastudio_persona__final.json").read_text())
+    assert out["n_samples"]["lorastudio_persona"]["effective"] == 8
+    assert out["results"]["lorastudio_persona"]["exact_match,none"] >= 0.75  # the adapter and template were used
+    assert "exact_match" in proc.stdout
+
+    # a multiple-choice task as lm-eval's own YAML, its rows a local file (no hub)
+    data = tmp_path / "mc.jsonl"
+    data.write_text("".join(json.dumps({"q": q, "options": [a, "Bananas are purple."], "gold": 0}) + "\n" for q, a in qa))
+    (tmp_path / "mc.yaml").write_text(
+        "task: my_mc\ndataset_path: json\ndataset_kwargs:\n  data_files:\n    test: " + str(data) + "\n"
+        "test_split: test\noutput_type: multiple_choice\ndoc_to_text: '{{q}}'\ndoc_to_choice: '{{options}}'\n"
+        "doc_to_target: gold\nmetric_list:\n  - metric: acc\n")
+    proc = lorastudio("eval", str(demo_run), "--tasks", str(tmp_path / "mc.yaml"), "--checkpoint",
+                      sorted(p.name for p in demo_run.glob("checkpoint-*"))[-1].split("-")[1])
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
+    mc = next((demo_run / "eval" / "lm-eval").glob("my_mc__checkpoint-*.json"))
+    assert json.loads(mc.read_text())["results"]["my_mc"]["acc,none"] >= 0.75
+
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text('{"question": "Q?", "choices": ["a", "b"], "answer": 5}\n')
+    proc = lorastudio("eval", str(demo_run), "--tasks", str(bad))
+    assert proc.returncode == 2 and "bad.jsonl, row 1: 'answer' must be the index of a choice" in proc.stderr
