@@ -6,7 +6,7 @@
                               checked by rendering both on a test conversation; a template that does
                               not decompose into per-message pieces (a system prompt folded into the
                               first user turn, say) gets no TEMPLATE line, and Ollama uses the GGUF's own
-    SYSTEM \"\"\"...\"\"\"          the system prompt given (the run has none of its own: a row may carry one)
+    SYSTEM \"\"\"...\"\"\"          the system prompt given, else the template's default one (Qwen2.5's, say)
     PARAMETER stop "..."      every end-of-turn / EOS string of the run
 """
 
@@ -46,21 +46,47 @@ def pieces(template, tokenizer) -> dict | None:
         su = _render(template, tokenizer, [system, user], False)
     except Exception:  # noqa: BLE001 - a template that refuses these shapes has no Go form here
         return None
-    if u0.count(MARK["user"]) != 1 or not u1.startswith(u0) or not ua.startswith(u0) or not su.endswith(u0):
+    # a BOS written once at the start of the conversation (Llama 3, Mistral) is a prefix of its own
+    bos = getattr(tokenizer, "bos_token", None) or ""
+    for prefix in ("", bos) if bos else ("",):
+        if all(t.startswith(prefix) for t in (u0, u1, ua, su)):
+            out = _pieces(*(t[len(prefix):] for t in (u0, u1, ua, su)))
+            if out is not None:
+                out["prefix"] = prefix
+                if _check(out, template, tokenizer):
+                    return out
+    return None
+
+
+def _pieces(u0: str, u1: str, ua: str, su: str) -> dict | None:
+    if u0.count(MARK["user"]) != 1 or not u1.startswith(u0) or not ua.startswith(u0):
         return None
-    u_pre, u_post = u0.split(MARK["user"])
     gen_prompt = u1[len(u0):]
     a_pre, sep, a_post = ua[len(u0):].partition(MARK["assistant"])
-    s_pre, sep2, s_post = su[: len(su) - len(u0)].partition(MARK["system"])
+    s_pre, sep2, after_system = su.partition(MARK["system"])
     if not sep or not sep2 or a_pre != gen_prompt:
         return None
-    out = {"system": (s_pre, s_post), "user": (u_pre, u_post), "assistant": (a_pre, a_post)}
-    return out if _check(out, template, tokenizer) else None
+    default = None
+    if su.endswith(u0):  # no system message: nothing of a system block written
+        s_post = after_system[: len(after_system) - len(u0)]
+        u_pre, u_post = u0.split(MARK["user"])
+    elif u0.startswith(s_pre) and u0.endswith(after_system) and len(u0) >= len(s_pre) + len(after_system):
+        # the template writes a default system prompt when there is none (Qwen2.5, SmolLM): Ollama's
+        # SYSTEM says it, and Ollama puts it first in every conversation that has no system message
+        default = u0[len(s_pre): len(u0) - len(after_system)]
+        s_post = a_post if after_system.startswith(a_post) else ""
+        u_pre, u_post = after_system[len(s_post):].split(MARK["user"])
+    else:
+        return None
+    return {"system": (s_pre, s_post), "user": (u_pre, u_post), "assistant": (a_pre, a_post),
+            "default_system": default}
 
 
 def go_render(p: dict, messages: list[dict], gen: bool) -> str:
     """What the Go template written by go_template() renders (the same pieces, in Python)."""
-    text = ""
+    text = p.get("prefix", "")
+    if p.get("default_system") is not None and (not messages or messages[0]["role"] != "system"):
+        messages = [{"role": "system", "content": p["default_system"]}] + list(messages)
     for m in messages:
         pre, post = p[m["role"]]
         text += pre + m["content"] + post
@@ -83,7 +109,7 @@ def _go_literal(s: str) -> str:
 def go_template(p: dict) -> str:
     """The pieces as an Ollama TEMPLATE: no trim markers (the pieces' whitespace is the template's),
     the generation prompt after the last message unless it is the assistant's."""
-    parts = ["{{ range $i, $m := .Messages }}{{ $last := eq (len (slice $.Messages $i)) 1 }}"]
+    parts = [_go_literal(p.get("prefix", "")), "{{ range $i, $m := .Messages }}{{ $last := eq (len (slice $.Messages $i)) 1 }}"]
     for i, role in enumerate(("system", "user", "assistant")):
         pre, post = p[role]
         parts.append(("{{ if" if i == 0 else "{{ else if") + f' eq $m.Role "{role}" }}}}'
@@ -108,6 +134,7 @@ def write(path, gguf_name: str, tokenizer, template, system: str | None = None) 
         lines.append(f'TEMPLATE """{go_template(p)}"""')
     else:
         lines.append("# no TEMPLATE: the run's chat template has no per-message Go form; Ollama reads the GGUF's own")
+    system = system or (p or {}).get("default_system")
     if system:
         lines.append(f'SYSTEM """{system}"""')
     lines += [f"PARAMETER stop {_quote(s)}" for s in stops]

@@ -283,6 +283,36 @@ def test_modelfile_parses_and_stops_where_the_run_does(gguf_run, f16):
         assert go_render(template, msgs) == want
 
 
+def test_modelfile_of_real_templates(tmp_path):
+    """Real tokenizers' templates: ChatML with a default system prompt (Qwen2.5, SmolLM: Ollama's
+    SYSTEM carries it), Zephyr-style (TinyLlama); Llama 2's folds the system prompt into the first
+    user turn, which has no per-message Go form: no TEMPLATE line, the GGUF's own is used."""
+    from conftest import shared_assets
+    from lorastudio.core import model as model_lib
+    from lorastudio.core import modelfile, templates
+
+    conv = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Hi!"},
+            {"role": "assistant", "content": "Hello!"}, {"role": "user", "content": "And you?"}]
+    for name, form in (("qwen2.5", "go"), ("smollm", "go"), ("tinyllama-chat", "go"), ("llama2-chat", "gguf")):
+        tok = model_lib.load_tokenizer(str(shared_assets() / "tokenizers" / name))
+        tpl = templates.resolve_template(tok, "auto")
+        said = modelfile.write(tmp_path / f"Modelfile.{name}", "m.gguf", tok, tpl)
+        entries = parse_modelfile((tmp_path / f"Modelfile.{name}").read_text())
+        stops = [v[1] for n, v in entries if n == "PARAMETER" and v[0] == "stop"]
+        assert said["template"] == form and stops == said["stops"] and tpl.eot(tok) == stops[0], name
+        assert tok.eos_token in stops
+        found = dict((n, v) for n, v in entries if n != "PARAMETER")
+        if form == "gguf":
+            assert "TEMPLATE" not in found
+            continue
+        for msgs in (conv, conv[1:], conv[:3], conv[1:3]):
+            gen = msgs[-1]["role"] != "assistant"
+            sent = msgs if msgs[0]["role"] == "system" or "SYSTEM" not in found else \
+                [{"role": "system", "content": found["SYSTEM"]}] + msgs  # what Ollama does with SYSTEM
+            assert go_render(found["TEMPLATE"], sent) == tpl.render(msgs, add_generation_prompt=gen, tokenizer=tok), name
+    assert "Qwen" in parse_modelfile((tmp_path / "Modelfile.qwen2.5").read_text())[2][1]  # its default system prompt
+
+
 def test_modelfile_parser_rejects_what_ollama_rejects():
     with pytest.raises(AssertionError):
         parse_modelfile('TEMPLATE """x"""\n')  # no FROM
