@@ -10,7 +10,7 @@ import shutil
 
 import pytest
 
-from conftest import ROOT, events, lorastudio
+from conftest import ROOT, _workspace_run, events, lorastudio, wait_for
 from lorastudio.core import config as C
 from lorastudio.core import preference_data as P
 from lorastudio.core import resolve as R
@@ -150,7 +150,7 @@ def _chosen_over_rejected(run_dir) -> float:
 @pytest.fixture(scope="module")
 def sft_parent(tmp_path_factory):
     """The presets' parent: 3 of the demo's 8 epochs (the sample's answers, mixed up)."""
-    run_dir = tmp_path_factory.mktemp("pref") / "tiny-sft"
+    run_dir = _workspace_run("pref-sft")  # in the workspace: the web app may read it (the Train tab test)
     lorastudio("train", "presets/tiny_demo.yaml", "--run-dir", str(run_dir), "--set", "training.epochs=3",
                "--set", "training.sample_every=0", "--set", "data.eval_split=0", check=True)
     return run_dir
@@ -158,7 +158,7 @@ def sft_parent(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def dpo_run(sft_parent):
-    run_dir = sft_parent.parent / "dpo"
+    run_dir = _workspace_run("pref-dpo")
     lorastudio("train", "presets/tiny_dpo.yaml", "--run-dir", str(run_dir), "--set",
                f"model.adapter_from={sft_parent}", check=True)
     return run_dir
@@ -209,7 +209,7 @@ def test_dpo_resumed_from_a_checkpoint_repeats_the_uninterrupted_losses(dpo_run,
 
 @pytest.mark.slow
 def test_kto_from_the_same_parent_prefers_the_good_answers(sft_parent):
-    run_dir = sft_parent.parent / "kto"
+    run_dir = _workspace_run("pref-kto")
     lorastudio("train", "presets/tiny_kto.yaml", "--run-dir", str(run_dir), "--set",
                f"model.adapter_from={sft_parent}", check=True)
     steps = events(run_dir, "step")
@@ -255,3 +255,29 @@ def test_estimate_counts_both_answers_of_a_pair_and_the_full_reference():
     path = ROOT / "presets" / "qwen2_5_7b_qlora_dpo.yaml"
     est = E.estimate(C.load(path), detect=False)
     assert f"# estimated peak VRAM: {est['total_rounded']} GiB" in path.read_text()
+
+
+@pytest.mark.slow
+def test_train_tab_starts_a_dpo_run_and_shows_its_rewards(sft_parent):
+    """The Train tab's /start path (the form over the tiny_dpo preset, the Stage and Continue-from
+    fields) and its live view: the rewards curves next to the loss."""
+    from lorastudio.core import runs
+    from lorastudio.webui import train_form, train_view
+    from lorastudio.webui.tab_train import start_from_dict
+
+    form = train_form.preset_form("tiny_dpo")
+    assert (form["stage"], form["pref_loss_type"], form["adapter_from"]) == ("dpo", "sigmoid+sft", "tiny-sft")
+    form = {**form, "adapter_from": str(sft_parent), "max_steps": 6, "sample_prompts": "", "pref_beta": 0.2}
+    run_dir, md, cmd = start_from_dict("tiny_dpo", form)
+    assert run_dir, md
+    assert wait_for(lambda: runs.read_json(run_dir).get("status") in ("done", "failed"), timeout=180)
+    cfg = C.load(f"{run_dir}/config.yaml")
+    assert (cfg.stage, cfg.preference.beta, cfg.model.adapter_from) == ("dpo", 0.2, str(sft_parent / "adapter"))
+    v = train_view.run_api(run_dir)
+    assert v["status"] == "done", v.get("error")
+    assert [s for s, _ in v["rewards"]["rewards/margins"]] == list(range(1, 7))
+    frame = train_view.reward_frame(v)
+    assert set(frame["series"]) == {"margins", "accuracies", "chosen", "rejected"} and len(frame) == 24
+    assert train_view.run_view("")["rewards"] == {}
+    with pytest.raises(Exception, match="not|outside|allowed"):  # a folder outside the allowed ones
+        train_form.build_config("tiny_dpo", {**form, "adapter_from": "/etc/ssl"})

@@ -20,7 +20,8 @@ from . import train_form
 from .helpers import LOSS_COLORS, err_md, error_text, preset_names, workspace_run
 from .train_form import CONTEXT, FORM_NAMES, build_config, preset_form
 from .train_history import delete, diff_frame, history_frame, overlay_frame
-from .train_view import OVERLAY, curve_frames, frame, run_api, run_view, signature, status_markdown, x_range
+from .train_view import (OVERLAY, curve_frames, frame, reward_frame, run_api, run_view, signature,
+                         status_markdown, x_range)
 
 
 _starting: set[str] = set()  # form keys whose Start is being handled right now
@@ -167,6 +168,9 @@ def build(ui: dict) -> None:
         ui["loss_plot"] = gr.LinePlot(x="step", y="value", color="series", title="Loss and eval loss", height=300,
                                       elem_id="loss-plot", color_map=LOSS_COLORS)
         ui["lr_plot"] = gr.LinePlot(x="step", y="lr", title="Learning rate", height=300, elem_id="lr-plot")
+        # preference stages: reward margin, accuracy, chosen and rejected rewards (no data for SFT runs)
+        ui["rewards_plot"] = gr.LinePlot(x="step", y="value", color="series", title="Rewards (preference stages)",
+                                         height=300, elem_id="rewards-plot")
     ui["cli"] = gr.Textbox(label="CLI command that reproduces this run", buttons=["copy"], interactive=False,
                            elem_id="cli-cmd")
     ui["samples_empty"] = gr.Markdown(SAMPLES_EMPTY)
@@ -263,7 +267,7 @@ def wire(ui: dict, demo) -> None:
     # a fresh page (or a restarted server) re-attaches to the latest run: all state is in the run dir
     demo.load(lambda: (choices_update(), ""), None, [ui["run"], ui["seen"]], api_visibility="private")
 
-    outs = [ui["run_status"], ui["loss_plot"], ui["lr_plot"], ui["samples_df"], ui["samples_empty"], ui["log"],
+    outs = [ui["run_status"], ui["loss_plot"], ui["lr_plot"], ui["rewards_plot"], ui["samples_df"], ui["samples_empty"], ui["log"],
             ui["cli"], ui["stop"], ui["resume"], ui["retry"], ui["seen"]]
 
     def tick(run_dir, seen):
@@ -281,6 +285,7 @@ def wire(ui: dict, demo) -> None:
         # no points: no data at all (an empty frame fixes the plot's series and axes for good)
         return [status_markdown(v), gr.LinePlot(value=loss if len(loss) else None, x_lim=x_range(v)),
                 lr if len(lr) else None,
+                gr.LinePlot(value=reward_frame(v) if v.get("rewards") else None, x_lim=x_range(v)),
                 gr.Dataframe(value=samples, visible=len(samples) > 0), empty_note(samples, SAMPLES_EMPTY), "\n".join(v["log"]), v.get("cli", ""),
                 *(gr.Button(interactive=b[n]) for n in ("stop", "resume", "retry")), key]
 

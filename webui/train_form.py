@@ -64,6 +64,21 @@ FORM: tuple[Field, ...] = (
           "choice", 6, ("auto", "keep", "strip")),
     Field("system_role", "template.system", "System message where the template has none (auto/fold: into the "
           "first user turn; refuse: skip the row)", "choice", 6, ("auto", "fold", "refuse")),
+    # preference training (core/stage.py): the stage, the SFT run it continues, the stage's knobs
+    Field("stage", "stage", "Stage (sft: supervised; dpo/orpo/simpo: chosen vs rejected pairs; kto: answers "
+          "labelled good/bad)", "choice", 7, ("sft", "dpo", "orpo", "simpo", "kto"), elem_id="stage"),
+    Field("adapter_from", "model.adapter_from", "Continue from run (a finished LoRA run's folder or name; "
+          "preference stages use it as the reference)", "optional_text", 7, elem_id="adapter-from"),
+    Field("pref_beta", "preference.beta", "Beta (0.1 usual; higher = stay closer to the reference; SimPO 2-10)",
+          "float", 8),
+    Field("pref_loss_type", "preference.loss_type", "Loss type (auto: the stage's own; dpo: sigmoid, ipo, hinge, "
+          "robust, ...; sigmoid+sft keeps chosen answers likely; kto: kto, apo_zero_unpaired)", "text", 8),
+    Field("pref_label_smoothing", "preference.label_smoothing", "Label smoothing (noisy labels; 0.1 with robust)",
+          "float", 8),
+    Field("pref_reference_free", "preference.reference_free", "Reference-free (DPO)", "bool", 8),
+    Field("pref_simpo_gamma", "preference.simpo_gamma", "SimPO gamma (target margin, 0.5-1.5)", "float", 9),
+    Field("pref_desirable_weight", "preference.desirable_weight", "KTO desirable weight", "float", 9),
+    Field("pref_undesirable_weight", "preference.undesirable_weight", "KTO undesirable weight", "float", 9),
 )
 FORM_NAMES = [f.name for f in FORM]
 FIELDS = {f.name: f for f in FORM}
@@ -175,6 +190,8 @@ def build_config(preset: str | None, values: dict):
         _set(data, "quantization.bits", None)
     if values.get("model"):
         _set(data, "model.name_or_path", readable(values["model"]))
+    if "/" in str(values.get("adapter_from") or ""):  # a folder (a bare name is a run of this workspace)
+        _set(data, "model.adapter_from", readable(values["adapter_from"]))
     if values.get("trust_remote_code") is not None:
         _set(data, "model.trust_remote_code", bool(values["trust_remote_code"]))
     if values.get("data"):

@@ -24,7 +24,7 @@ def run_view(run_dir: str) -> dict:
     """Everything the live view shows for RUN_DIR, read from the run directory alone."""
     if not (run_dir or "").strip():
         return {"run_dir": "", "status": "", "loss": [], "eval_loss": [], "lr": [], "samples": [],
-                "log": [], "best": None}
+                "log": [], "best": None, "rewards": {}}
     run_dir = workspace_run(run_dir)
     info = runs.status(run_dir)
     events, _ = runs.read_events(run_dir)
@@ -44,6 +44,7 @@ def run_view(run_dir: str) -> dict:
         "elapsed_s": _finite(last.get("elapsed_s")), "tokens_per_s": _finite(last.get("tokens_per_s")),
         "mem_mb": _finite(last.get("mem_mb")), "epoch": _finite(last.get("epoch")),
         "loss": c["loss"], "eval_loss": c["eval_loss"], "lr": c["lr"], "samples": samples,
+        "rewards": rewards(events),
         "best": history.best_checkpoint(run_dir, events), "data": data if isinstance(data, dict) else {},
         "log": runs.log_tail(run_dir, 20), "cli": f"lorastudio train {Path(run_dir) / 'config.yaml'}",
         "retry": info.get("retry") if isinstance(info.get("retry"), dict) else None,
@@ -116,6 +117,29 @@ def curve_frames(v: dict) -> tuple[pd.DataFrame, pd.DataFrame]:
     rows = [{"step": s, "value": y, "series": "loss"} for s, y in v["loss"]]
     rows += [{"step": s, "value": y, "series": "eval_loss"} for s, y in v["eval_loss"]]
     return frame(rows, CURVE), frame([{"step": s, "lr": y} for s, y in v["lr"]], LR)
+
+
+REWARDS = ("rewards/margins", "rewards/accuracies", "rewards/chosen", "rewards/rejected")
+
+
+def rewards(events: list[dict]) -> dict[str, list[tuple[int, float]]]:
+    """A preference run's curves: {"rewards/margins": [(step, v)], ...} (empty for SFT runs)."""
+    out: dict[str, list] = {k: [] for k in REWARDS}
+    for e in events:
+        step = _finite(e.get("step"))
+        if e.get("event") != "step" or step is None:
+            continue
+        for k in REWARDS:
+            if _finite(e.get(k)) is not None:
+                out[k].append((int(step), _finite(e[k])))
+    return out if any(out.values()) else {}
+
+
+def reward_frame(v: dict) -> pd.DataFrame:
+    """The rewards plot's data: margin, accuracy, chosen and rejected rewards by step."""
+    rows = [{"step": s, "value": y, "series": k.split("/")[1]} for k, pts in (v.get("rewards") or {}).items()
+            for s, y in pts]
+    return frame(rows, CURVE)
 
 
 def x_range(v: dict) -> list[float] | None:
