@@ -80,10 +80,14 @@ def cmd_eval(a) -> int:
     if a.tasks:
         return 0
     done = [e for e in mine if e.get("event") == "evaluate_target"]
-    print(f"{'TARGET':<18} {'LOSS':>8} {'PPL':>10} {'EXACT':>7} {'CHRF':>7}  FILE")
+    pairs = any("reward_accuracy" in e for e in done)  # a preference run: reward accuracy on pairs
+    print(f"{'TARGET':<18} " + (f"{'REWARD ACC':>10} {'MARGIN':>8}" if pairs else
+                                f"{'LOSS':>8} {'PPL':>10} {'EXACT':>7} {'CHRF':>7}") + "  FILE")
     for e in done:
-        print(f"{e['target']:<18} {_num(e.get('loss')):>8} {_num(e.get('perplexity')):>10} "
-              f"{_num(e.get('exact_match')):>7} {_num(e.get('chrf')):>7}  {e['file']}")
+        figures = ([f"{_num(e.get('reward_accuracy')):>10}", f"{_num(e.get('reward_margin')):>8}"] if pairs else
+                   [f"{_num(e.get(k)):>{w}}" for k, w in (("loss", 8), ("perplexity", 10), ("exact_match", 7),
+                                                          ("chrf", 7))])
+        print(f"{e['target']:<18} {' '.join(figures)}  {e['file']}")
     return 0
 
 

@@ -167,6 +167,12 @@ def evaluate(run_dir: str | Path, checkpoint: str | None = None, data: str | Non
     if not (run_dir / "config.yaml").is_file():
         raise EvalError(f"{run_dir} is not a run directory (no config.yaml)")
     names = targets(run_dir, checkpoint, base)
+    cfg = convert.run_config(run_dir)
+    tokenizer, template, _meta = convert.run_tokenizer(run_dir)
+    template = _template_as_trained(cfg, template)
+    stage = getattr(cfg, "stage", "sft")
+    if stage != "sft" and data is None or data and _pairs_file(data):
+        return _evaluate_pairs(run_dir, cfg, tokenizer, template, names, data, limit, chat.pick_device(device))
     path = evaluate_data.data_file(run_dir, data)
     examples, summary = evaluate_data.load_rows(path)
     if limit:
@@ -175,9 +181,6 @@ def evaluate(run_dir: str | Path, checkpoint: str | None = None, data: str | Non
         import sacrebleu  # noqa: F401 - checked before any model is loaded
     except ImportError:
         raise EvalError(evaluate_score.CHRF_MISSING) from None
-    cfg = convert.run_config(run_dir)
-    tokenizer, template, _meta = convert.run_tokenizer(run_dir)
-    template = _template_as_trained(cfg, template)
     device = chat.pick_device(device)
     stem = "eval_rows" if data is None else path.stem
     log(f"data: {summary}; scoring {len(examples)} rows on {', '.join(names)} ({device})")
@@ -203,6 +206,51 @@ def evaluate(run_dir: str | Path, checkpoint: str | None = None, data: str | Non
                perplexity=scores["perplexity"], exact_match=scores["exact_match"], chrf=scores["chrf"])
         log(f"{name}: loss {_fmt(scores['loss'])}, perplexity {_fmt(scores['perplexity'])}, exact match "
             f"{_fmt(scores['exact_match'])}, chrF {_fmt(scores['chrf'])} -> {out.name}")
+    return written
+
+
+def _pairs_file(data: str) -> bool:
+    from . import preference_data
+
+    return Path(data).is_file() and preference_data.kind_of(data) == "preference"
+
+
+def _evaluate_pairs(run_dir: Path, cfg, tokenizer, template, names, data, limit, device) -> list[Path]:
+    """A preference run (or a file of pairs): reward accuracy per target (core.evaluate_pref)."""
+    from . import evaluate_pref
+
+    stage = getattr(cfg, "stage", "sft")
+    if stage not in evaluate_pref.PAIRED:
+        raise EvalError(f"reward accuracy needs pairs and a dpo, orpo or simpo run (this one: stage {stage}); "
+                        "give --data a chat file to score answers instead")
+    ds = evaluate_pref.pairs(cfg, tokenizer, template, Path(data).resolve() if data else None)
+    if limit:
+        ds = ds.select(range(min(limit, len(ds))))
+    stem = "eval_pairs" if data is None else Path(data).stem
+    log(f"scoring {len(ds)} pairs on {', '.join(names)} ({device})")
+    _event(run_dir, "evaluate_start", targets=names, data=str(data or "held-out pairs"), data_stem=safe_stem(stem),
+           rows=len(ds))
+    eval_dir(run_dir).mkdir(exist_ok=True)
+    written = []
+    for k, (name, model, use_adapter) in enumerate(_models(run_dir, cfg, names, device)):
+        t0, every = time.time(), max(1, len(ds) // 25)
+
+        def progress(done, total, name=name, k=k):
+            if done % every == 0 or done == total:
+                _event(run_dir, "evaluate_progress", target=name, done=done, total=total, target_index=k,
+                       targets=len(names))
+
+        scores = evaluate_pref.reward_accuracy(model, cfg, ds, progress, use_adapter=use_adapter)
+        out = result_path(run_dir, stem, name)
+        _write(out, {"target": name, "step": _step_of(run_dir, name), "run_dir": str(run_dir), "stage": cfg.stage,
+                     "data": str(data or "held-out pairs"), "data_stem": safe_stem(stem), "rows": scores["pairs"],
+                     "loss": None, "perplexity": None, "exact_match": None, "chrf": None, "device": device,
+                     "elapsed_s": round(time.time() - t0, 2), "created": time.time(), **scores})
+        written.append(out)
+        _event(run_dir, "evaluate_target", target=name, file=str(out), loss=None, perplexity=None, exact_match=None,
+               chrf=None, reward_accuracy=scores["reward_accuracy"], reward_margin=scores["reward_margin"])
+        log(f"{name}: reward accuracy {_fmt(scores['reward_accuracy'])}, margin {_fmt(scores['reward_margin'])} "
+            f"-> {out.name}")
     return written
 
 

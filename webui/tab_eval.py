@@ -23,9 +23,9 @@ from lorastudio.core import runs, safe_io
 from .helpers import err_md, readable, whole, workspace_run
 from .tab_convert import checkpoint_choices
 
-METRICS = ["exact_match", "chrf", "loss", "perplexity"]
+METRICS = ["exact_match", "chrf", "loss", "perplexity", "reward_accuracy"]  # reward accuracy: preference runs
 MAX_RESULT = 64 * 2**20  # a result file read at most (a row's answer each)
-SCORE_COLUMNS = ["target", "step", "rows", "loss", "perplexity", "exact_match", "chrf"]
+SCORE_COLUMNS = ["target", "step", "rows", "loss", "perplexity", "exact_match", "chrf", "reward_accuracy"]
 CHANGED_COLUMNS = ["row", "prompt", "reference", "answer_a", "answer_b", "exact_a", "exact_b"]
 _JOBS: dict[str, object] = {}  # run dir -> the Popen of its evaluation started by this server (Stop signals it)
 
