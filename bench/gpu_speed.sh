@@ -15,6 +15,8 @@
 #                                     #   budgets and Unsloth on the same rows, one call
 #   CHECK=1 BUDGETS="12 16 24" MLPOFF=12 AGAIN=12 bash bench/gpu_speed.sh budgets  # + MLP recompute probes
 #   BUDGET=6 bash bench/gpu_speed.sh budgets-small  # the same for the 1.5B bf16 LoRA
+#   LOGS=/tmp/logs bash bench/gpu_speed.sh pyspy-budget  # issue 17: py-spy of the 1.5B (none, 6 GiB) and 8B (8 GiB)
+#   LOGS=/tmp/logs bash bench/gpu_speed.sh cache-ab  # issue 17: fused LoRA weight copies vs the previous fused_lora.py
 #   bash bench/gpu_speed.sh sdpa      # flash vs cuDNN attention on one 348k-token row (bench/sdpa_probe.py)
 # Needs .bench/chat_tokens.jsonl (here: python bench/speed.py prep .bench) and the .whl wheels
 # (trl, datasets, pydantic, liger-kernel, bitsandbytes cuda130); results: $OUT/speed.jsonl + logs.
@@ -134,6 +136,52 @@ case "$GROUP" in
     one 1.5b-fast "${M[@]}" "${S[@]}"
     one 1.5b-budget-${BUDGET:-6} "${M[@]}" --gpu-mem "${BUDGET:-6}" "${S[@]}"
     PEER_MODEL=/tmp/qwen2.5-1.5b peer --method lora "${S[@]}" --label unsloth-1.5b
+    ;;
+  pyspy-budget)  # issue 17: where the CPU time of the budgeted steps goes (py-spy, by function):
+    # the 1.5B bf16 LoRA without a budget and within 6 GiB, and the 8B QLoRA within 8 GiB, with
+    # Unsloth's figure for each shape in this call (py-spy's sampling costs the sampled runs a little)
+    python3 bench/make_random_model.py qwen2.5-1.5b /tmp/qwen2.5-1.5b
+    M=(--model /tmp/qwen2.5-1.5b --side fast --method lora); S=(--steps 30 --warmup 5)
+    one 1.5b-warm-up "${M[@]}" --steps 6
+    one 1.5b-fast-pyspy "${M[@]}" "${S[@]}" --pyspy 12 --pyspy-out "$LOGS/pyspy-1.5b-fast.txt"
+    one 1.5b-budget-6-pyspy "${M[@]}" --gpu-mem 6 "${S[@]}" --pyspy 12 --pyspy-out "$LOGS/pyspy-1.5b-b6.txt"
+    PEER_MODEL=/tmp/qwen2.5-1.5b peer --method lora "${S[@]}" --label unsloth-1.5b
+    python3 bench/make_random_model.py llama3.1-8b /tmp/m8b
+    M=(--model /tmp/m8b --side fast --method qlora); S=(--steps 24 --warmup 5)
+    one warm-up "${M[@]}" --steps 6
+    one budget-8-pyspy "${M[@]}" --gpu-mem 8 "${S[@]}" --pyspy 15 --pyspy-out "$LOGS/pyspy-8b-b8.txt"
+    peer "${S[@]}"
+    sleep 2
+    for f in 1.5b-fast 1.5b-b6 8b-b8; do
+      python3 bench/stacks.py "$LOGS/pyspy-$f.txt" --top 60 > "$OUT/pyspy-$f-summary.txt" 2>&1
+      echo "== $f"; head -70 "$OUT/pyspy-$f-summary.txt"
+    done
+    grep -h "memory plan" "$LOGS"/1.5b-budget-6-pyspy.log "$LOGS"/budget-8-pyspy.log | cut -c1-600
+    ;;
+  cache-ab)  # issue 17: the fused LoRA layers with the step's compute-dtype weight copies
+    # (fused_lora.compute_weights) against the previous commit's fused_lora.py (carried as
+    # .bench/fused_lora_old.py, with its memory.py) in this one call: 1.5B bf16 LoRA without a budget and within 6 GiB,
+    # 8B QLoRA within 8 GiB, Unsloth for each shape
+    rm -rf /tmp/lsroot_old; mkdir -p /tmp/lsroot_old/lorastudio; cp -r core /tmp/lsroot_old/lorastudio/core
+    cp .bench/fused_lora_old.py /tmp/lsroot_old/lorastudio/core/fused_lora.py
+    cp .bench/memory_old.py /tmp/lsroot_old/lorastudio/core/memory.py
+    for room in webui presets cli; do ln -sfn "$PWD/$room" "/tmp/lsroot_old/lorastudio/$room"; done
+    OLDPY="/tmp/site:$PWD/.whl/site:/tmp/lsroot_old"
+    python3 bench/make_random_model.py qwen2.5-1.5b /tmp/qwen2.5-1.5b
+    M=(--model /tmp/qwen2.5-1.5b --side fast --method lora); S=(--steps ${STEPS:-24} --warmup 5)
+    one 1.5b-warm-up "${M[@]}" --steps 6
+    one 1.5b-fast "${M[@]}" "${S[@]}"
+    PYTHONPATH="$OLDPY" one 1.5b-fast-old "${M[@]}" "${S[@]}"
+    one 1.5b-budget-6 "${M[@]}" --gpu-mem 6 "${S[@]}"
+    PYTHONPATH="$OLDPY" one 1.5b-budget-6-old "${M[@]}" --gpu-mem 6 "${S[@]}"
+    PEER_MODEL=/tmp/qwen2.5-1.5b peer --method lora "${S[@]}" --label unsloth-1.5b
+    python3 bench/make_random_model.py llama3.1-8b /tmp/m8b
+    M=(--model /tmp/m8b --side fast --method qlora)
+    one warm-up "${M[@]}" --steps 6
+    one budget-8 "${M[@]}" --gpu-mem 8 "${S[@]}"
+    PYTHONPATH="$OLDPY" one budget-8-old "${M[@]}" --gpu-mem 8 "${S[@]}"
+    for b in ${BUDGETS:-}; do one budget-$b "${M[@]}" --gpu-mem "$b" "${S[@]}"; done
+    peer "${S[@]}"
     ;;
   tune)  # which row layout and allocator the fast path wants: padding-free rows padded to a
     # multiple of 1 (none), 8, 64 (the default), 256; the expandable-segments allocator; liger off.

@@ -16,6 +16,7 @@ from __future__ import annotations
 import types
 
 import torch
+from torch.optim.optimizer import register_optimizer_step_post_hook
 
 
 def _frozen_weight(base, dtype):
@@ -66,35 +67,68 @@ def _dequantize_direct(packed, qs):
     return out
 
 
+_STEPS = [0]  # optimizer steps taken in this process (the hook below): the adapter weights' clock
+
+
+def _count_step(optimizer, args, kwargs) -> None:
+    _STEPS[0] += 1
+
+
+# Every optimizer's step (torch's own and bitsandbytes', whose CUDA kernels update the weights in
+# place without bumping their version counters) tells the weight cache below that A and B changed.
+register_optimizer_step_post_hook(_count_step)
+
+
+def compute_weights(owner, A, B, scaling: float, dtype):
+    """(s * A, B) in the compute dtype, made once per optimizer step and shared by every forward,
+    checkpointing's recompute and the backward until the next step: per layer call two casts and
+    two scalings fewer (the step is CPU-bound: ~10 kernel launches a LoRA layer instead of ~16).
+    Kept on `owner` (the LoRA layer or MLP); stale after an optimizer step, an in-place change of
+    A or B (their version counters) or a new tensor. Costs 2 bytes a LoRA parameter of memory the
+    old path held only while a layer's saved tensors lived (core.memory counts it)."""
+    key = (_STEPS[0], A._version, B._version, A.data_ptr(), B.data_ptr(), dtype, scaling)
+    cached = owner.__dict__.get("_lorastudio_w16")
+    if cached is not None and cached[0] == key:
+        return cached[1]
+    with torch.no_grad():
+        w = ((A * scaling).to(dtype), B.to(dtype))
+    owner.__dict__["_lorastudio_w16"] = (key, w)
+    return w
+
+
+def drop_compute_weights(model) -> None:
+    """Free the cached copies (after training, before a merge or chat in the same process)."""
+    for m in model.modules():
+        m.__dict__.pop("_lorastudio_w16", None)
+
+
 class LoRALinear(torch.autograd.Function):
+    """y = x W^T + (x (sA)^T) B^T with sA and B the step's compute-dtype copies (compute_weights):
+    grad B = g^T (x (sA)^T), grad A = s (g B)^T x, grad x = g W + (g B)(sA)."""
+
     @staticmethod
-    def forward(ctx, x, A, B, base, scaling, dtype):
+    def forward(ctx, x, A, B, base, scaling, dtype, w16):
         shape = x.shape
         x2 = x.reshape(-1, shape[-1]).to(dtype)
-        a16, b16 = A.to(dtype), B.to(dtype)
+        a16s, b16 = w16
         bias = base.bias.to(dtype) if base.bias is not None else None
-        xa = x2 @ a16.t()  # tokens x r
+        xas = x2 @ a16s.t()  # tokens x r, scaled
         y = torch.nn.functional.linear(x2, _frozen_weight(base, dtype), bias)
-        y.addmm_(xa, b16.t(), alpha=scaling)
-        ctx.save_for_backward(x2, xa, a16, b16)
+        y.addmm_(xas, b16.t())
+        ctx.save_for_backward(x2, xas, a16s, b16)
         ctx.base, ctx.scaling, ctx.dtype, ctx.shape = base, scaling, dtype, shape
         ctx.dtypes = x.dtype, A.dtype, B.dtype
         return y.reshape(*shape[:-1], y.shape[-1])
 
     @staticmethod
     def backward(ctx, g):
-        x2, xa, a16, b16 = ctx.saved_tensors
+        x2, xas, a16s, b16 = ctx.saved_tensors
         g2 = g.reshape(-1, g.shape[-1]).to(ctx.dtype)
-        s = ctx.scaling
-        grad_B = (g2.t() @ xa).mul_(s)  # out x r
-        gxa = (g2 @ b16).mul_(s)  # tokens x r
-        grad_A = gxa.t() @ x2  # r x in
-        grad_x = None
-        if ctx.needs_input_grad[0]:
-            grad_x = g2 @ _frozen_weight(ctx.base, ctx.dtype)
-            grad_x.addmm_(gxa, a16)
+        grad_x, grad_a, grad_b = _project_backward(g2, x2, ctx.base, (a16s, b16), ctx.scaling, xas, ctx.dtype,
+                                                   ctx.needs_input_grad[0], ctx.dtypes[1:])
+        if grad_x is not None:
             grad_x = grad_x.reshape(ctx.shape).to(ctx.dtypes[0])
-        return grad_x, grad_A.to(ctx.dtypes[1]), grad_B.to(ctx.dtypes[2]), None, None, None
+        return grad_x, grad_a, grad_b, None, None, None, None
 
 
 def _fused_forward(self, x, *args, **kwargs):
@@ -108,7 +142,8 @@ def _fused_forward(self, x, *args, **kwargs):
         return type(self).forward(self, x, *args, **kwargs)
     device_type = x.device.type
     dtype = torch.get_autocast_dtype(device_type) if torch.is_autocast_enabled(device_type) else x.dtype
-    return LoRALinear.apply(x, self.lora_A[name].weight, self.lora_B[name].weight, base, self.scaling[name], dtype)
+    A, B, s = self.lora_A[name].weight, self.lora_B[name].weight, self.scaling[name]
+    return LoRALinear.apply(x, A, B, base, s, dtype, compute_weights(self, A, B, s, dtype))
 
 
 def install(model) -> int:
@@ -135,8 +170,8 @@ MLP_PROJECTIONS = ("gate_proj", "up_proj", "down_proj")
 
 
 def _plain_part(layer):
-    """(base layer, A, B, scaling) of one MLP projection in the plain training case: a LoRA layer
-    _fused_forward would fuse, or a frozen base layer (A, B None); None for anything else."""
+    """(base layer, A, B, scaling, the layer) of one MLP projection in the plain training case: a
+    LoRA layer _fused_forward would fuse, or a frozen base layer (A, B None); None for anything else."""
     from peft.tuners.lora import LoraLayer
 
     if isinstance(layer, LoraLayer) and hasattr(layer, "lora_A"):
@@ -146,10 +181,10 @@ def _plain_part(layer):
         if (not layer.training or layer.disable_adapters or layer.merged or name not in layer.lora_A
                 or name in getattr(layer, "lora_variant", {}) or not isinstance(layer.lora_dropout[name], torch.nn.Identity)):
             return None
-        part = (base, layer.lora_A[name].weight, layer.lora_B[name].weight, layer.scaling[name])
+        part = (base, layer.lora_A[name].weight, layer.lora_B[name].weight, layer.scaling[name], layer)
     else:
         base = layer
-        part = (base, None, None, 1.0)
+        part = (base, None, None, 1.0, layer)
     w = getattr(base, "weight", None)
     four_bit = getattr(w, "quant_state", None) is not None
     if w is None or w.requires_grad or (type(base) is not torch.nn.Linear and not four_bit):
@@ -157,40 +192,48 @@ def _plain_part(layer):
     return part
 
 
-def _project(x2, base, w16, scaling, dtype, xa=None):
-    """x2 W^T (+ bias) + s (x2 A^T) B^T, as LoRALinear.forward computes it; xa: x2 A^T if known."""
+def _project(x2, base, w16, dtype, xas=None):
+    """x2 W^T (+ bias) + (x2 (sA)^T) B^T, as LoRALinear.forward computes it; w16: (sA, B) in the
+    compute dtype (compute_weights); xas: x2 (sA)^T if known."""
     bias = base.bias.to(dtype) if base.bias is not None else None
     y = torch.nn.functional.linear(x2, _frozen_weight(base, dtype), bias)
     if w16 is not None:
-        a16, b16 = w16
-        if xa is None:
-            xa = x2 @ a16.t()
-        y.addmm_(xa, b16.t(), alpha=scaling)
-    return y, xa
+        a16s, b16 = w16
+        if xas is None:
+            xas = x2 @ a16s.t()
+        y.addmm_(xas, b16.t())
+    return y, xas
 
 
-def _project_backward(g2, x2, base, w16, scaling, xa, dtype, need_input: bool):
-    """LoRALinear.backward's sums, in its order: (grad of the input, grad A, grad B)."""
+def _project_backward(g2, x2, base, w16, scaling, xas, dtype, need_input: bool, grad_dtypes=(None, None)):
+    """LoRALinear.backward's sums: (grad of the input, grad A, grad B), the adapter gradients in
+    grad_dtypes (the fp32 adapter weights' own: the scaling and the cast are one kernel for A)."""
     grad_a = grad_b = None
     gxa = None
     if w16 is not None:
-        a16, b16 = w16
-        grad_b = (g2.t() @ xa).mul_(scaling)
-        gxa = (g2 @ b16).mul_(scaling)
+        a16s, b16 = w16
+        grad_b = g2.t() @ xas  # out x r: s is already in xas
+        gxa = g2 @ b16  # tokens x r, unscaled
         grad_a = gxa.t() @ x2
+        da, db = grad_dtypes
+        grad_a = torch.mul(grad_a, scaling, out=torch.empty(grad_a.shape, dtype=da or grad_a.dtype,
+                                                            device=grad_a.device))
+        if db is not None and grad_b.dtype != db:
+            grad_b = grad_b.to(db)
     grad_x = None
     if need_input:
         grad_x = g2 @ _frozen_weight(base, dtype)
         if gxa is not None:
-            grad_x.addmm_(gxa, w16[0])
+            grad_x.addmm_(gxa, w16[0])  # (g B)(sA)
     return grad_x, grad_a, grad_b
 
 
 class _MLPMeta:
-    __slots__ = ("bases", "scalings", "act_mul", "dtype")
+    __slots__ = ("bases", "scalings", "act_mul", "dtype", "w16")
 
-    def __init__(self, bases, scalings, act_mul, dtype):
+    def __init__(self, bases, scalings, act_mul, dtype, w16):
         self.bases, self.scalings, self.act_mul, self.dtype = bases, scalings, act_mul, dtype
+        self.w16 = w16  # per projection (sA, B) in the compute dtype (compute_weights) or None
 
 
 class LoRAMLP(torch.autograd.Function):
@@ -206,13 +249,13 @@ class LoRAMLP(torch.autograd.Function):
     def forward(ctx, x, meta, *ab):
         shape, dtype = x.shape, meta.dtype
         x2 = x.reshape(-1, shape[-1]).to(dtype)
-        w16 = [None if ab[2 * i] is None else (ab[2 * i].to(dtype), ab[2 * i + 1].to(dtype)) for i in range(3)]
-        (bg, bu, bd), (sg, su, sd) = meta.bases, meta.scalings
-        g, xa_g = _project(x2, bg, w16[0], sg, dtype)
-        u, xa_u = _project(x2, bu, w16[1], su, dtype)
+        w16 = meta.w16
+        bg, bu, bd = meta.bases
+        g, xa_g = _project(x2, bg, w16[0], dtype)
+        u, xa_u = _project(x2, bu, w16[1], dtype)
         h = meta.act_mul(g, u)
         del g, u
-        y, xa_d = _project(h, bd, w16[2], sd, dtype)
+        y, xa_d = _project(h, bd, w16[2], dtype)
         flat = [t for w in w16 for t in (w if w is not None else (None, None))]
         ctx.save_for_backward(x2, xa_g, xa_u, xa_d, *flat)
         ctx.meta, ctx.shape, ctx.dtypes = meta, shape, (x.dtype, [None if t is None else t.dtype for t in ab])
@@ -225,26 +268,25 @@ class LoRAMLP(torch.autograd.Function):
         w16 = [None if flat[2 * i] is None else (flat[2 * i], flat[2 * i + 1]) for i in range(3)]
         (bg, bu, bd), (sg, su, sd) = meta.bases, meta.scalings
         gy2 = gy.reshape(-1, gy.shape[-1]).to(dtype)
-        g, _ = _project(x2, bg, w16[0], sg, dtype, xa_g)  # the forward's values again
-        u, _ = _project(x2, bu, w16[1], su, dtype, xa_u)
+        g, _ = _project(x2, bg, w16[0], dtype, xa_g)  # the forward's values again
+        u, _ = _project(x2, bu, w16[1], dtype, xa_u)
         with torch.enable_grad():
             g.requires_grad_(True)
             u.requires_grad_(True)
             h = meta.act_mul(g, u)
-        grad_h, grad_ad, grad_bd = _project_backward(gy2, h.detach(), bd, w16[2], sd, xa_d, dtype, True)
+        gd = ctx.dtypes[1]
+        grad_h, grad_ad, grad_bd = _project_backward(gy2, h.detach(), bd, w16[2], sd, xa_d, dtype, True, gd[4:6])
         grad_g, grad_u = torch.autograd.grad(h, (g, u), grad_h)
         del h, grad_h, g, u
         need_x = ctx.needs_input_grad[0]
-        gx_g, grad_ag, grad_bg = _project_backward(grad_g, x2, bg, w16[0], sg, xa_g, dtype, need_x)
+        gx_g, grad_ag, grad_bg = _project_backward(grad_g, x2, bg, w16[0], sg, xa_g, dtype, need_x, gd[0:2])
         del grad_g
-        gx_u, grad_au, grad_bu = _project_backward(grad_u, x2, bu, w16[1], su, xa_u, dtype, need_x)
+        gx_u, grad_au, grad_bu = _project_backward(grad_u, x2, bu, w16[1], su, xa_u, dtype, need_x, gd[2:4])
         grad_x = None
         if need_x:  # autograd's sum of the two input gradients, in the input's dtype
             x_dtype = ctx.dtypes[0]
             grad_x = (gx_g.to(x_dtype) + gx_u.to(x_dtype)).reshape(ctx.shape)
-        grads = [grad_ag, grad_bg, grad_au, grad_bu, grad_ad, grad_bd]
-        out = [None if g is None else g.to(d) for g, d in zip(grads, ctx.dtypes[1])]
-        return (grad_x, None, *out)
+        return (grad_x, None, grad_ag, grad_bg, grad_au, grad_bu, grad_ad, grad_bd)
 
 
 def _act_mul(mlp):
@@ -281,7 +323,8 @@ def _recompute_forward(self, x, *args, **kwargs):
         return inner(x)
     device_type = x.device.type
     dtype = torch.get_autocast_dtype(device_type) if torch.is_autocast_enabled(device_type) else x.dtype
-    meta = _MLPMeta([p[0] for p in parts], [p[3] for p in parts], act_mul, dtype)
+    w16 = [None if p[1] is None else compute_weights(p[4], p[1], p[2], p[3], dtype) for p in parts]
+    meta = _MLPMeta([p[0] for p in parts], [p[3] for p in parts], act_mul, dtype, w16)
     return LoRAMLP.apply(x, meta, *[t for p in parts for t in (p[1], p[2])])
 
 

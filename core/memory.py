@@ -127,6 +127,8 @@ def breakdown(cfg, arch: dict) -> dict:
     if method in ("lora", "qlora"):
         n_lora, targets = lora_params(arch, cfg.lora.target_modules, cfg.lora.r, cfg.lora.use_dora)
         comp["lora"] = n_lora * (4 + 4 + (2 if opt_8bit else 8))
+        if cfg.training.fused_lora is True:  # + the step's compute-dtype copies (fused_lora.compute_weights)
+            comp["lora"] += n_lora * b
         trainable = n_lora
     else:
         comp["gradients"] = pc["total"] * b

@@ -525,6 +525,58 @@ def test_padded_padding_free_rows_keep_samples_apart(smoke_run):
     assert resolve_lib.resolve(config_lib.from_dict({"training": {"device": "cpu"}})).template.pad_to_multiple_of == 1
 
 
+def test_fused_lora_weight_copies_follow_every_optimizer_step(smoke_run):
+    """The fused layers keep (s*A, B) in the compute dtype for one optimizer step
+    (fused_lora.compute_weights). An optimizer that writes the weights behind autograd's back, as
+    bitsandbytes' CUDA kernels do (no version bump), must still be seen: after each step the
+    fused forward and gradients equal PEFT's own on the new weights."""
+    from lorastudio.core import fused_lora
+
+    class RawSGD(torch.optim.Optimizer):  # updates through .data: the version counter stays put
+        def __init__(self, params, lr):
+            super().__init__(params, {"lr": lr})
+
+        @torch.no_grad()
+        def step(self, closure=None):
+            for group in self.param_groups:
+                for p in group["params"]:
+                    if p.grad is not None:
+                        p.data.add_(p.grad, alpha=-group["lr"])
+
+    torch.set_num_threads(1)
+    cfg = _cfg(smoke_run, "lora")
+    cfg.training.fused_lora = True
+    tokenizer, _template, _m, new_ids = train_lib.load_tokenizer_and_template(cfg)
+    model = model_lib.load_for_training(cfg, tokenizer, new_ids)
+    layer = next(m for m in model.modules() if hasattr(m, "lora_A"))
+    A, B = layer.lora_A["default"].weight, layer.lora_B["default"].weight
+    torch.nn.init.normal_(B)
+    x = torch.randn(2, 5, layer.in_features)
+    opt = RawSGD([A, B], lr=0.05)
+    for _ in range(3):
+        versions = A._version, B._version
+        model.train()
+        y = layer(x)
+        cached = layer.__dict__["_lorastudio_w16"][1]
+        y.square().mean().backward()
+        fused_grads = A.grad.clone(), B.grad.clone()
+        A.grad = B.grad = None
+        model.eval()  # PEFT's own forward on the same weights
+        y_ref = layer(x)
+        y_ref.square().mean().backward()
+        torch.testing.assert_close(y, y_ref, rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(fused_grads[0], A.grad, rtol=1e-4, atol=1e-5)
+        torch.testing.assert_close(fused_grads[1], B.grad, rtol=1e-4, atol=1e-5)
+        opt.step()
+        assert (A._version, B._version) == versions  # the update was invisible to autograd
+        A.grad = B.grad = None
+        model.train()
+        layer(x)
+        assert layer.__dict__["_lorastudio_w16"][1] is not cached  # a new copy after the step
+    fused_lora.drop_compute_weights(model)
+    assert "_lorastudio_w16" not in layer.__dict__
+
+
 def test_fused_lora_falls_back_outside_plain_training(smoke_run):
     """Chat's disable_adapter(), eval mode and LoRA dropout take PEFT's own forward."""
     from lorastudio.core import fused_lora
