@@ -245,7 +245,9 @@ def build_trainer(cfg, run_dir: Path, model, tokenizer, train_ds, eval_ds, callb
     else:
         collator = SidesCollator(pad_id, multiple)
     lean = trainer_class(cfg.training.offload_activations is True)
-    cls = type(f"Lean{trl_cls.__name__}", (lean, trl_cls), {"_prepare_dataset": _as_is, "tokenize_row": _row_as_is})
+    extra = {"_track_num_input_tokens": _count_sides} if cfg.stage in stage_lib.EXPERIMENTAL else {}
+    cls = type(f"Lean{trl_cls.__name__}", (lean, trl_cls), {"_prepare_dataset": _as_is, "tokenize_row": _row_as_is,
+                                                             **extra})
     fresh = cfg.method != "full" and not cfg.model.adapter_from
     trainer = cls(model=model, args=args, train_dataset=train_ds, eval_dataset=eval_ds, data_collator=collator,
                   processing_class=tokenizer, callbacks=callbacks or [])
@@ -268,6 +270,13 @@ def _as_is(self, dataset, *args, **kwargs):
 
 def _row_as_is(self, feature, model=None):
     return feature
+
+
+def _count_sides(self, inputs):
+    """Tokens seen (tokens/s in metrics.jsonl) of a chosen_*/rejected_* batch, which has no input_ids."""
+    n = sum(inputs[k].sum() for k in ("chosen_attention_mask", "rejected_attention_mask") if k in inputs)
+    if hasattr(n, "to"):
+        self.state.num_input_tokens_seen += int(self.accelerator.gather(n.to(self.args.device)).sum().item())
 
 
 def describe(cfg) -> str:

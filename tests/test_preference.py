@@ -188,26 +188,6 @@ def test_dpo_raises_the_margin_and_the_chosen_answers_over_its_sft_parent(sft_pa
 
 
 @pytest.mark.slow
-def test_dpo_resumed_from_a_checkpoint_repeats_the_uninterrupted_losses(dpo_run, tmp_path):
-    """A run whose child died after checkpoint-40 (its later files gone), resumed: steps 41-48
-    give the uninterrupted run's losses and rewards."""
-    victim = tmp_path / "victim"
-    shutil.copytree(dpo_run, victim, ignore=shutil.ignore_patterns("checkpoint-48", "adapter"))
-    kept = [e for e in events(dpo_run) if e.get("step", 0) <= 40 and e["event"] in ("start", "step", "checkpoint")]
-    (victim / "metrics.jsonl").write_text("".join(json.dumps(e) + "\n" for e in kept))
-    info = json.loads((victim / "run.json").read_text())
-    (victim / "run.json").write_text(json.dumps({**info, "status": "failed", "exit_code": 1}))
-    out = lorastudio("resume", str(victim))
-    assert out.returncode == 0, out.stdout[-2000:] + out.stderr[-2000:]
-    ref = {e["step"]: e for e in events(dpo_run, "step")}
-    resumed = [e for e in events(victim, "step") if e["step"] > 40]
-    assert [e["step"] for e in resumed] == list(range(41, 49))
-    for e in resumed:
-        for k in ("loss", "rewards/margins", "rewards/chosen"):
-            assert e[k] == pytest.approx(ref[e["step"]][k], rel=1e-4, abs=1e-6), (e["step"], k)
-
-
-@pytest.mark.slow
 def test_kto_from_the_same_parent_prefers_the_good_answers(sft_parent):
     run_dir = _workspace_run("pref-kto")
     lorastudio("train", "presets/tiny_kto.yaml", "--run-dir", str(run_dir), "--set",
@@ -233,6 +213,7 @@ def test_orpo_and_simpo_run_from_trl_experimental(tmp_path):
                    "training.max_steps=2", "--set", "training.sample_prompts=[]", check=True)
         steps = events(run_dir, "step")
         assert len(steps) == 2 and all("rewards/margins" in e and "rewards/accuracies" in e for e in steps)
+        assert steps[-1]["tokens_seen"] > 0 and steps[-1]["tokens_per_s"] > 0
         info = json.loads((run_dir / "run.json").read_text())
         assert info["stage"]["trainer"].startswith(trainer) and info["stage"]["experimental"]
         assert "trl.experimental: may change" in (run_dir / "train.log").read_text()
@@ -281,3 +262,38 @@ def test_train_tab_starts_a_dpo_run_and_shows_its_rewards(sft_parent):
     assert train_view.run_view("")["rewards"] == {}
     with pytest.raises(Exception, match="not|outside|allowed"):  # a folder outside the allowed ones
         train_form.build_config("tiny_dpo", {**form, "adapter_from": "/etc/ssl"})
+
+
+@pytest.mark.slow
+def test_dpo_stopped_then_resumed_repeats_the_uninterrupted_losses(sft_parent, dpo_run):
+    """Stop (SIGTERM) between steps: status stopped, exit 3, adapter/ without the reference copy, a
+    checkpoint at the stop step; resumed, the later steps give the uninterrupted run's losses and
+    rewards. (A greedy sample after every step only slows the run so the signal lands mid-way.)"""
+    import os
+    import signal
+
+    from lorastudio.core import runs
+
+    run_dir = _workspace_run("pref-stop")
+    out = lorastudio("train", "presets/tiny_dpo.yaml", "--run-dir", str(run_dir), "--detach", "--set",
+                     f"model.adapter_from={sft_parent}", "--set", "training.sample_every=1")
+    assert out.returncode == 0, out.stderr
+    assert wait_for(lambda: len(events(run_dir, "step")) >= 4, timeout=120), (run_dir / "train.log").read_text()[-2000:]
+    os.killpg(runs.read_json(run_dir)["pgid"], signal.SIGTERM)
+    assert wait_for(lambda: runs.read_json(run_dir).get("status") in ("stopped", "failed", "done"), timeout=60)
+    info = runs.read_json(run_dir)
+    assert (info["status"], info["exit_code"]) == ("stopped", 3), info
+    stop = events(run_dir, "stopped")[-1]["step"]
+    assert 4 <= stop < 48 and (run_dir / f"checkpoint-{stop}" / "adapter_model.safetensors").exists()
+    assert (run_dir / "adapter" / "adapter_model.safetensors").exists() and not (run_dir / "adapter" / "ref").exists()
+    cfg_path = run_dir / "config.yaml"  # the rest at full speed (samples change no training number)
+    cfg_path.write_text(cfg_path.read_text().replace("sample_every: 1\n", "sample_every: 0\n"))
+    out = lorastudio("resume", str(run_dir))
+    assert out.returncode == 0, out.stdout[-2000:] + out.stderr[-2000:]
+    assert events(run_dir, "resume")[-1]["step"] == stop
+    ref = {e["step"]: e for e in events(dpo_run, "step")}
+    resumed = [e for e in events(run_dir, "step") if e["time"] > events(run_dir, "resume")[-1]["time"]]
+    assert [e["step"] for e in resumed] == list(range(stop + 1, 49))
+    for e in resumed:
+        for k in ("loss", "rewards/margins", "rewards/chosen"):
+            assert e[k] == pytest.approx(ref[e["step"]][k], rel=1e-4, abs=1e-6), (e["step"], k)
