@@ -443,6 +443,45 @@ def test_a_single_eval_point_is_drawn(page):
         shutil.rmtree(run_dir, ignore_errors=True)
 
 
+def test_a_preference_run_shows_its_rewards_and_the_form_its_stage(page):
+    """Issue 20: a DPO run's rewards (margin, accuracy, chosen, rejected) drawn beside its loss,
+    and the form's Stage and preference fields."""
+    import json
+    import shutil
+
+    run_dir = runs_dir() / f"dpo-view-{time.time_ns()}"
+    run_dir.mkdir(parents=True)
+    shutil.copy(ROOT / "tests" / "fixtures" / "run-318d927" / "config.yaml", run_dir / "config.yaml")
+    (run_dir / "run.json").write_text('{"status": "done"}')
+    events = [{"event": "step", "step": s, "loss": 0.69 - s * 0.02, "lr": 1e-3, "total_steps": 12, "time": 1,
+               "rewards/margins": 0.1 * s, "rewards/accuracies": min(1.0, 0.5 + 0.05 * s),
+               "rewards/chosen": 0.02 * s, "rewards/rejected": -0.08 * s} for s in range(1, 13)]
+    (run_dir / "metrics.jsonl").write_text("".join(json.dumps(e) + "\n" for e in events))
+    try:
+        tab(page, "Train")
+        type_choice(page, "#run-select", str(run_dir))
+        wait_for(lambda: "12 loss points" in status_text(page), 30, "the run on screen")
+
+        def reward_lines():  # four series of 12 points each
+            ds = page.eval_on_selector_all("#rewards-plot g.mark-line path", "els => els.map(e => e.getAttribute('d'))")
+            return sum(1 for d in ds if d and d.count("L") == 11) == 4 and ds
+
+        wait_for(reward_lines, 30, "four reward curves on the rewards plot")
+        legend = page.locator("#rewards-plot").inner_text()
+        assert all(k in legend for k in ("margins", "accuracies", "chosen", "rejected")), legend
+        page.locator("#rewards-plot").screenshot(path=str(ARTIFACTS / "browser_rewards_plot.png"))
+        opts = page.get_by_text("Training options")
+        if not page.locator("#stage").is_visible():
+            opts.click()
+        assert options(page, "#stage") == ["sft", "dpo", "orpo", "simpo", "kto"]
+        page.keyboard.press("Escape")
+        assert page.get_by_label("Beta (0.1 usual", exact=False).first.is_visible()
+        assert page.locator("#adapter-from").is_visible()
+        page.locator("#stage").screenshot(path=str(ARTIFACTS / "browser_stage_field.png"))
+    finally:
+        shutil.rmtree(run_dir, ignore_errors=True)
+
+
 def test_screenshot_of_every_tab_and_no_network_fonts(page):
     page.reload()  # a fresh page, as a person coming back finds it: the finished run on the Train tab
     for i, (name, elem) in enumerate((("Model", "model"), ("Dataset", "dataset"), ("Template", "template"),
