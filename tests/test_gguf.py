@@ -135,6 +135,9 @@ def test_cli_chat_with_the_gguf_and_no_overwrite(gguf_run, f16):
     bad = lorastudio("convert", str(demo_run), "--gguf", "q9_9", "--out", str(f16.parent / "nope"))
     assert bad.returncode == 2 and "q9_9" in bad.stderr and "q4_k_m" in bad.stderr
     assert not (f16.parent / "nope").exists()
+    ck = lorastudio("convert", str(demo_run), "--gguf", "f16", "--checkpoint", "99999")
+    assert ck.returncode == 2 and "no adapter" in ck.stderr and "checkpoint-99999" in ck.stderr
+    assert not (demo_run / "gguf-f16-ckpt99999").exists()
     log = (demo_run / "convert.log").read_text()
     assert "[llama.cpp] INFO:hf-to-gguf:" in log  # the converter's lines, marked as its own
     assert not [l for l in log.splitlines() if l.strip() and not l.startswith("[")], log[-3000:]
