@@ -117,13 +117,19 @@ def test_preview_json_shows_both_answers_labelled_as_training_labels_them(tmp_pa
 
 # ---------------------------------------------------------------- training on the tiny model
 
-def _greedy_hits(run_dir) -> int:
+def _greedy(run_dir) -> list[str]:
+    """Greedy answers to the sample questions through the product's chat path."""
     from lorastudio.core import chat, generate, tiny
 
     model, tok, tpl = chat.load_chat_model(run_dir, device="cpu")
-    qa = tiny.PERSONA + tiny.FACTS
-    return sum(generate.reply(model, tok, tpl, [{"role": "user", "content": q}], greedy=True,
-                              max_new_tokens=32) == a for q, a in qa)
+    return [generate.reply(model, tok, tpl, [{"role": "user", "content": q}], greedy=True, max_new_tokens=32)
+            for q, _ in tiny.PERSONA + tiny.FACTS]
+
+
+def _greedy_hits(run_dir) -> int:
+    from lorastudio.core import tiny
+
+    return sum(g == a for g, (_, a) in zip(_greedy(run_dir), tiny.PERSONA + tiny.FACTS))
 
 
 def _chosen_over_rejected(run_dir) -> float:
@@ -185,6 +191,15 @@ def test_dpo_raises_the_margin_and_the_chosen_answers_over_its_sft_parent(sft_pa
     parent, tuned = _greedy_hits(sft_parent), _greedy_hits(dpo_run)
     print(f"greedy exact answers of 30: parent {parent}, dpo {tuned}")
     assert tuned >= parent + 5, (parent, tuned)
+    # the Chat tab's side by side offers the parent SFT run as its left side (two chat workers
+    # answering it cost ~30 s on a busy 2-core machine: the streaming path is the checkpoint
+    # compare's, tested in test_convert_chat.py)
+    from lorastudio.webui import tab_chat
+
+    assert tab_chat.parent_of(str(dpo_run)) == (str(sft_parent), "final")
+    assert tab_chat.parent_of(str(sft_parent)) is None
+    *_, (left, right) = tab_chat.compare("Hi", str(sft_parent), "final", "", 0.7, 0.9, 8, True, left_side="parent")
+    assert "continues no other run" in right[-1]["content"]
 
 
 @pytest.mark.slow

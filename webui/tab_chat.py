@@ -57,6 +57,26 @@ def base_of(target: str) -> str | None:
     return base if isinstance(base, str) else None
 
 
+def parent_of(target: str) -> tuple[str, str] | None:
+    """(run dir, "final" or "checkpoint-N") of the SFT run a run continued (model.adapter_from:
+    a preference run's parent, core/stage.py), None for a run started from the base."""
+    if not is_run(target):
+        return None
+    from lorastudio.core import safe_io
+
+    try:
+        cfg = safe_io.read_yaml(Path(target) / "config.yaml") or {}
+    except safe_io.FileProblem:
+        return None
+    adapter = (cfg.get("model") or {}).get("adapter_from") if isinstance(cfg, dict) else None
+    if not isinstance(adapter, str) or not adapter:
+        return None
+    folder = Path(adapter)
+    if folder.name.startswith("checkpoint-"):
+        return str(folder.parent), folder.name
+    return (str(folder.parent), "final") if folder.name == "adapter" else (str(folder), "final")
+
+
 def _ckpt(checkpoint: str | None) -> int | None:
     if not checkpoint or checkpoint == "final":
         return None
@@ -188,7 +208,8 @@ def chat(message, history, target, checkpoint, mode, system, temperature, top_p,
 def compare(prompt, target, checkpoint, system, temperature, top_p, max_new_tokens, greedy, left_side="base"):
     """Side by side on the same prompt: (left history, right history), streamed one after the
     other. Left is the base (a run answers with its adapter off; a merged folder is compared with
-    its base model) or, for a run, another checkpoint; right is `checkpoint`."""
+    its base model), "parent" (the SFT run a preference run continued) or, for a run, another
+    checkpoint; right is `checkpoint`."""
     prompt = _text(prompt).strip()
     if not prompt:
         yield [], []
@@ -198,7 +219,12 @@ def compare(prompt, target, checkpoint, system, temperature, top_p, max_new_toke
     left, right = user + [{"role": "assistant", "content": "…"}], list(user)
     yield left, right
     try:
-        if is_run(target) and left_side and left_side != "base":
+        if left_side == "parent":  # a preference run against the SFT run it continued
+            parent = parent_of(target)
+            if parent is None:
+                raise ValueError("this run continues no other run (model.adapter_from): compare with the base")
+            base_stream = stream_answer(parent[0], parent[1], user, system, True, **gen)
+        elif is_run(target) and left_side and left_side != "base":
             base_stream = stream_answer(target, left_side, user, system, True, **gen)
         elif is_run(target):
             base_stream = stream_answer(target, checkpoint, user, system, False, **gen)
@@ -269,7 +295,7 @@ def build(ui: dict) -> None:
             ui["cmp_prompt"] = gr.Textbox(placeholder="Prompt for both", show_label=False, scale=4,
                                           elem_id="cmp-prompt")
             ui["cmp_btn"] = gr.Button("Compare", variant="primary", scale=1, elem_id="cmp-btn")
-        ui["cmp_left_side"] = gr.Dropdown(["base"], value="base", allow_custom_value=True, label="Left side: the base, or another checkpoint "
+        ui["cmp_left_side"] = gr.Dropdown(["base"], value="base", allow_custom_value=True, label="Left side: the base, the parent run, or another checkpoint "
                                           "(right side: the checkpoint chosen above)", elem_id="cmp-left-side")
         with gr.Row():
             # grow with the answers (a fixed height cut a long bubble off), scroll past max_height
@@ -292,7 +318,8 @@ def wire(ui: dict, demo) -> None:
         return gr.Dropdown(choices=ck, value=current if current in ck else ck[0])  # "final" first when done
 
     def left_choices(target, current=None):
-        ck = ["base"] + (checkpoint_choices(target) if is_run(target) else [])
+        ck = ["base"] + (["parent"] if parent_of(target) else [])  # parent: the SFT run a preference run continued
+        ck += checkpoint_choices(target) if is_run(target) else []
         return gr.Dropdown(choices=ck, value=current if current in ck else "base")
 
     def refresh(current=None, ckpt=None, left=None):
