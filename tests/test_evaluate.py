@@ -157,6 +157,7 @@ def test_eval_view_helpers_read_the_result_files(tracked_run, scored):
     from lorastudio.webui import tab_eval
 
     files = {t: _result(tracked_run, "eval_rows", t) for t in ("checkpoint-3", "checkpoint-6", "final", "base")}
+    assert tab_eval.target_choices(str(tracked_run)) == ["final", "checkpoint-6", "checkpoint-3"]
     table = tab_eval.scores_table(str(tracked_run), "eval_rows")
     assert list(table["target"]) == ["base", "checkpoint-3", "checkpoint-6", "final"]
     assert list(table["loss"]) == pytest.approx([files[t]["loss"] for t in table["target"]], abs=1e-4)

@@ -30,9 +30,16 @@ CHANGED_COLUMNS = ["row", "prompt", "reference", "answer_a", "answer_b", "exact_
 _JOBS: dict[str, object] = {}  # run dir -> the Popen of its evaluation started by this server (Stop signals it)
 
 
+def target_choices(run_dir: str | None) -> list[str]:
+    """final and the checkpoints with an adapter (Convert's list), or final for a full fine-tune."""
+    if not run_dir:
+        return []
+    return checkpoint_choices(run_dir) or (["final"] if (Path(run_dir) / "model" / "config.json").is_file() else [])
+
+
 def run_choices() -> list[str]:
-    """Runs with an adapter or checkpoint to score, newest first, as on disk now."""
-    return [i["run_dir"] for i in runs.list_runs() if checkpoint_choices(i["run_dir"])]
+    """Runs with something to score, newest first, as on disk now."""
+    return [i["run_dir"] for i in runs.list_runs() if target_choices(i["run_dir"])]
 
 
 # ---------------------------------------------------------------- results on disk
@@ -102,7 +109,7 @@ def launch_eval(run_dir: str, targets: list[str] | None, data: str | None, base:
     info = runs.status(run_dir)
     if info.get("status") in runs.ACTIVE:
         raise ValueError(f"{Path(run_dir).name} is still {info['status']}: wait for it to finish or stop it")
-    choices = checkpoint_choices(run_dir)
+    choices = target_choices(run_dir)
     bad = [t for t in targets or [] if t not in choices]
     if not choices or bad:
         raise ValueError(f"{Path(run_dir).name} has no {bad[0] if bad else 'adapter or checkpoint'} to evaluate"
@@ -251,7 +258,7 @@ def wire(ui: dict, demo) -> None:
     view_in = [ui["ev_run"], ui["ev_stem"], ui["ev_metric"], ui["ev_a"], ui["ev_b"]]
 
     def on_run(run_dir, current=None):
-        ck = checkpoint_choices(run_dir) if run_dir else []
+        ck = target_choices(run_dir)
         keep = [c for c in current or [] if c in ck]
         return gr.Dropdown(choices=ck, value=keep or ck[:1])
 
