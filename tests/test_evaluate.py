@@ -222,3 +222,18 @@ def test_a_dpo_run_scores_reward_accuracy_as_trl_logged_it(tmp_path):
         assert got["pairs"] == 9 and got["reference"] == "base"
         assert got["reward_accuracy"] == pytest.approx(logged[step]["eval_rewards/accuracies"], abs=1e-6)
         assert got["reward_margin"] == pytest.approx(logged[step]["eval_rewards/margins"], rel=1e-3, abs=1e-5)
+
+
+def test_eval_view_acts_only_on_workspace_runs_and_allowed_files(tracked_run, tmp_path):
+    from lorastudio.webui import tab_eval
+
+    outside = tmp_path / "elsewhere"
+    outside.mkdir()
+    (outside / "run.json").write_text("{}")
+    with pytest.raises(Exception, match="not a run of this workspace"):
+        tab_eval.launch_eval(str(outside), None, None, False)
+    with pytest.raises(Exception, match="outside the folders"):
+        tab_eval.launch_eval(str(tracked_run), None, "/etc/passwd", False)
+    with pytest.raises(ValueError, match="no checkpoint-99"):
+        tab_eval.launch_eval(str(tracked_run), ["checkpoint-99"], None, False)
+    assert "no evaluation of this run is running" in tab_eval.stop_eval(str(tracked_run))
