@@ -71,7 +71,9 @@ def make_model(out: Path, tiny: bool, shape: str) -> Path:
             subprocess.run([sys.executable, str(ROOT / "bench" / "make_random_model.py"), shape, str(model_dir)],
                            check=True)
     tok = ASSETS / "tokenizers" / "qwen2.5"
-    for f in tok.iterdir():  # the real tokenizer and template over make_random_model's tiny one
+    for name in ("tokenizer.json", "tokenizer_config.json", "chat_template.jinja"):  # make_random_model's tiny
+        (model_dir / name).unlink(missing_ok=True)  # tokenizer: transformers would read its files first
+    for f in tok.iterdir():  # the real tokenizer and template
         if f.is_file() and f.name.startswith(("tokenizer", "vocab", "merges", "special_tokens", "chat_template")):
             shutil.copy(f, model_dir / f.name)
     return model_dir

@@ -34,12 +34,17 @@ from .data_formats import DETECT_ROWS, normalise_row
 from .data_messages import preference_kind
 
 KINDS = ("preference", "kto")
+TOP_KEYS = ("prompt", "chosen", "rejected", "completion", "label", "kto_tag", "messages", "conversations",
+            "instruction", "input", "system", "tools")
 LABEL_KEYS = ("label", "kto_tag")
 
 
-def detect(rows: list[Any]) -> str | None:
-    """'preference' or 'kto' by a majority of the first rows, None for SFT data."""
-    votes = collections.Counter(_kind(r) for r in rows[:DETECT_ROWS])
+def detect(rows: list[Any], columns: dict | None = None) -> str | None:
+    """'preference' or 'kto' by a majority of the first rows (their columns mapped), None for SFT data."""
+    col = (columns or {}).get
+    rows = [{k: r[col(k, k)] for k in TOP_KEYS if col(k, k) in r} if isinstance(r, dict) and columns else r
+            for r in rows[:DETECT_ROWS]]
+    votes = collections.Counter(_kind(r) for r in rows)
     votes.pop(None, None)
     return votes.most_common(1)[0][0] if votes else None
 
@@ -55,7 +60,7 @@ def kind_of(path, fmt: str = "auto", columns: dict | None = None) -> str | None:
         rows, _skipped, _enc, _unit = read_file(Path(path), columns)
     except DataError:
         return None
-    return detect([r for _, r in rows])
+    return detect([r for _, r in rows], columns)
 
 
 def _kind(raw: Any) -> str | None:
@@ -130,9 +135,8 @@ def normalise(raw: Any, kind: str, columns: dict | None = None, placeholders: di
         raise RowError(f"row is {tname(raw)}, expected an object", "not an object",
                        fix="write the row as a JSON object, or drop the row")
     col = (columns or {}).get
-    raw = {k: raw[col(k, k)] for k in ("prompt", "chosen", "rejected", "completion", "label", "kto_tag", "messages",
-                                       "conversations", "instruction", "input", "system", "tools")
-           if col(k, k) in raw}
+    raw = {k: raw[col(k, k)] for k in TOP_KEYS if col(k, k) in raw}  # the file's columns under our names
+    columns = {k: v for k, v in (columns or {}).items() if k not in TOP_KEYS} or None  # the rest: turn keys
     if kind == "preference":
         chosen, c_convo = _answer(raw, "chosen")
         rejected, r_convo = _answer(raw, "rejected")
@@ -205,7 +209,7 @@ def load_file(path, fmt: str = "auto", columns: dict | None = None, placeholders
     rows_total = len(rows) + len(skipped)
     if not rows_total:
         raise DataError(f"{name}: holds no rows")
-    kind = fmt if fmt in KINDS else detect([r for _, r in rows])
+    kind = fmt if fmt in KINDS else detect([r for _, r in rows], columns)
     if kind is None:
         raise DataError(f"{name}: no preference rows (a prompt with 'chosen' and 'rejected' answers, or an answer "
                         "with a true/false 'label'); SFT data trains under stage: sft")

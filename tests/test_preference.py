@@ -312,3 +312,15 @@ def test_dpo_stopped_then_resumed_repeats_the_uninterrupted_losses(sft_parent, d
     for e in resumed:
         for k in ("loss", "rewards/margins", "rewards/chosen"):
             assert e[k] == pytest.approx(ref[e["step"]][k], rel=1e-4, abs=1e-6), (e["step"], k)
+
+
+def test_preference_columns_are_mapped_like_the_sft_formats(tmp_path):
+    rows = [{"q": "Hi", "good": "Hello", "bad": "No"}] * 3
+    cols = {"prompt": "q", "chosen": "good", "rejected": "bad"}
+    pairs, report = P.load_file(_jsonl(tmp_path / "m.jsonl", rows), columns=cols)
+    assert report.format == "preference" and report.rows_used == 3
+    assert pairs[0]["rejected"]["messages"] == [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "No"}]
+    conv = [{"conv": [{"from": "human", "value": "Hi"}], "chosen": {"from": "gpt", "value": "A"},
+             "rejected": {"from": "gpt", "value": "B"}}]
+    pairs, _ = P.load_file(_jsonl(tmp_path / "c.jsonl", conv), columns={"conversations": "conv"})
+    assert pairs[0]["chosen"]["messages"][-1] == {"role": "assistant", "content": "A"}
