@@ -6,7 +6,8 @@
     python bench/dpo_speed.py --tiny
 
 Data: alpaca_en_demo (/work/shared/assets/data) as pairs: the row's output is chosen, another
-row's output rejected; the Qwen2.5 tokenizer and template (/work/shared/assets/tokenizers/qwen2.5).
+row's output rejected; the Qwen2.5 tokenizer and its own template (/work/shared/assets/tokenizers/qwen2.5;
+template auto: the one TRL applies on the stock side).
 
   project = `lorastudio train` on a stage: dpo config (core.preference: TRL's DPOTrainer under
             LeanTrainer, our labelling and collator, the memory plan, the reference = the 4-bit
@@ -84,7 +85,7 @@ def run_project(a, model_dir: Path, pairs: Path, work: Path) -> dict:
 
     cfg = {"stage": "dpo", "model": {"name_or_path": str(model_dir)},
            "data": {"sources": [{"path": str(pairs)}], "eval_split": 0.0},
-           "template": {"name": "qwen", "cutoff_len": a.cutoff}, "method": "qlora",
+           "template": {"name": "auto", "cutoff_len": a.cutoff}, "method": "qlora",
            "lora": {"r": 16, "alpha": 32, "dropout": 0.0, "target_modules": "all-linear"},
            "preference": {"beta": 0.1, "loss_type": "sigmoid"},
            "training": {"max_steps": a.steps, "micro_batch_size": a.mb, "grad_accum": 1, "learning_rate": 5e-6,
