@@ -105,7 +105,7 @@ def cmd_convert(a) -> int:
     run_dir = Path(a.run_dir).resolve()
     if not (run_dir / "config.yaml").exists():
         return err(f"{run_dir} is not a run directory (no config.yaml)")
-    cmd = [sys.executable, "-m", "lorastudio.core.convert", str(run_dir), "--dtype", a.dtype]
+    cmd = [sys.executable, "-m", "lorastudio.core.convert_job", str(run_dir), "--dtype", a.dtype]
     cmd += ["--merge"] if a.merge else []
     cmd += ["--gguf", a.gguf] if a.gguf else []
     cmd += ["--checkpoint", str(a.checkpoint)] if a.checkpoint is not None else []

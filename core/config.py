@@ -15,10 +15,7 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from . import safe_io
-
-
-class ConfigError(ValueError):
-    """A config problem; the message names the field path(s)."""
+from .errors import ConfigError  # noqa: F401 - raised and caught as core.config.ConfigError
 
 
 # Upper bounds where a typo would cost a machine (a plan of 3e13 steps, a million-rank LoRA): far

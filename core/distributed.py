@@ -24,6 +24,7 @@ launch_command()).
 from __future__ import annotations
 
 import json
+import math
 import os
 import sys
 import time
@@ -371,3 +372,19 @@ def main(argv: list[str] | None = None) -> int:
 
 if __name__ == "__main__":
     sys.exit(main())
+
+
+def planned_steps(cfg, rows: int) -> int:
+    """The optimizer steps the run plans (training.max_steps, else epochs x rows / effective batch);
+    a ConfigError past core.config.MAX_TOTAL_STEPS (a typo of 1e12 epochs, not a run)."""
+    from . import config as config_lib
+
+    t = cfg.training
+    batches = -(-rows // (t.micro_batch_size * world_size()))  # ceil: micro-batches per epoch
+    per_epoch = max(1, -(-batches // t.grad_accum))
+    steps = t.max_steps if t.max_steps > 0 else math.ceil(per_epoch * t.epochs)
+    if steps > config_lib.MAX_TOTAL_STEPS:
+        raise config_lib.ConfigError(
+            f"training.epochs: {t.epochs:g} epochs of {rows:,} rows make {steps:,} steps; at most "
+            f"{config_lib.MAX_TOTAL_STEPS:,} (lower training.epochs, or set training.max_steps)")
+    return steps

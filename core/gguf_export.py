@@ -1,4 +1,4 @@
-"""GGUF export of a run (core.gguf_export): `python -m lorastudio.core.convert RUN_DIR --gguf TYPE [--checkpoint N] [--out DIR]`.
+"""GGUF export of a run (core.gguf_export): `python -m lorastudio.core.convert_job RUN_DIR --gguf TYPE [--checkpoint N] [--out DIR]`.
 
     OUT (default RUN_DIR/gguf-TYPE[-ckptN]/)
         model-TYPE.gguf     llama.cpp's converter (f32/f16/bf16 written by it; other types

@@ -47,9 +47,9 @@ def prepare_data(cfg, tokenizer, template, held_out=None):
     if not examples:
         raise data_lib.DataError("the mixture is empty (every ratio rounds to 0 rows)")
     random.Random(cfg.data.seed).shuffle(examples)
-    from .train import _check_steps
+    from .distributed import planned_steps
 
-    _check_steps(cfg, round(len(examples) * (1 - cfg.data.eval_split)))
+    planned_steps(cfg, round(len(examples) * (1 - cfg.data.eval_split)))
     ds, stats = preference_data.tokenize(examples, tokenizer, template, cfg.template.cutoff_len)
     if stats.kept == 0 and stats.refused:
         raise data_lib.DataError(f"the chat template refused every row; the first: {stats.refusals[0]}")

@@ -56,7 +56,7 @@ def parent_adapter(path: str) -> Path:
     """model.adapter_from -> the adapter folder: a run folder (its adapter/), an adapter folder or
     a checkpoint-N/; a bare name is looked up among the workspace's runs."""
     from . import workspace
-    from .config import ConfigError
+    from .errors import ConfigError
 
     given = Path(path).expanduser()
     tries = [given] if given.is_absolute() or given.exists() else [given, workspace.runs_dir() / path]
@@ -85,7 +85,7 @@ def resolve(cfg) -> None:
     loss type, the parent adapter's folder and its LoRA shape, and the fast-path settings the
     preference trainers cannot take (they pad both answers of a pair and score each one)."""
     from . import tiny
-    from .config import ConfigError
+    from .errors import ConfigError
 
     t, p = cfg.training, cfg.preference
     if cfg.model.adapter_from:

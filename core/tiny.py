@@ -233,7 +233,7 @@ def resolve_model(name_or_path: str) -> str:
 def resolve_data(path: str) -> str:
     from . import tiny_preference
 
-    found = tiny_preference.resolve(path)  # builtin:preference, builtin:kto
+    found = tiny_preference.resolve(path, PERSONA + FACTS)  # builtin:preference, builtin:kto
     if found:
         return found
     p = parse(path)

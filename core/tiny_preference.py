@@ -15,16 +15,15 @@ import os
 import random
 from pathlib import Path
 
-from . import tiny, workspace
+from . import workspace  # (core.tiny hands its questions in: it imports this module)
 
 VERSION = "1"
 NAMES = {"builtin:preference": "pairs.jsonl", "builtin:kto": "kto.jsonl"}
 WRONG_PER_QUESTION = 3
 
 
-def pairs() -> list[dict]:
-    """(prompt, chosen, rejected) rows, shuffled with a fixed seed."""
-    qa = tiny.PERSONA + tiny.FACTS
+def pairs(qa: list[tuple[str, str]]) -> list[dict]:
+    """(prompt, chosen, rejected) rows from core.tiny's (question, answer) list, shuffled with a fixed seed."""
     rng = random.Random(20)
     rows = []
     for i, (q, a) in enumerate(qa):
@@ -35,22 +34,22 @@ def pairs() -> list[dict]:
     return rows
 
 
-def kto_rows() -> list[dict]:
-    return [r for p in pairs() for r in ({"prompt": p["prompt"], "completion": p["chosen"], "label": True},
+def kto_rows(qa: list[tuple[str, str]]) -> list[dict]:
+    return [r for p in pairs(qa) for r in ({"prompt": p["prompt"], "completion": p["chosen"], "label": True},
                                          {"prompt": p["prompt"], "completion": p["rejected"], "label": False})]
 
 
-def path(name: str) -> Path:
+def path(name: str, qa: list[tuple[str, str]]) -> Path:
     """The file of a builtin preference set (written on first use)."""
     out = workspace.cache_dir() / f"preference-v{VERSION}" / NAMES[name]
     if not out.exists():
         out.parent.mkdir(parents=True, exist_ok=True)
-        rows = pairs() if name == "builtin:preference" else kto_rows()
+        rows = pairs(qa) if name == "builtin:preference" else kto_rows(qa)
         tmp = out.with_name(f"{out.name}.tmp{os.getpid()}")
         tmp.write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows), encoding="utf-8")
         os.replace(tmp, out)  # whole or absent: a second process writes the same bytes
     return out
 
 
-def resolve(name: str) -> str | None:
-    return str(path(name.strip())) if isinstance(name, str) and name.strip() in NAMES else None
+def resolve(name: str, qa: list[tuple[str, str]]) -> str | None:
+    return str(path(name.strip(), qa)) if isinstance(name, str) and name.strip() in NAMES else None

@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import math
 import os
 import platform
 import signal
@@ -58,7 +57,7 @@ def prepare_data(cfg, tokenizer, template, held_out: list | None = None):
     for s in sources:
         s["path"] = tiny.resolve_data(s["path"])
     ds, reports = data_lib.load_mixture(sources, seed=cfg.data.seed)
-    _check_steps(cfg, round(len(ds) * (1 - cfg.data.eval_split)))  # before tokenising a typo's worth of rows
+    distributed.planned_steps(cfg, round(len(ds) * (1 - cfg.data.eval_split)))  # before tokenising a typo's worth of rows
     tokenized, stats = dataset_lib.tokenize(ds, tokenizer, template, cfg.template.cutoff_len)
     if stats.kept == 0 and stats.refused == stats.samples:
         raise data_lib.DataError(f"the chat template refused every row; the first: {stats.refusals[0]}")
@@ -204,20 +203,6 @@ def build_trainer(cfg, run_dir: Path, model, tokenizer, template, train_ds, eval
 
         trainer.add_callback(EarlyStoppingCallback(early_stopping_patience=t.early_stopping_patience))
     return trainer
-
-
-def _check_steps(cfg, rows: int) -> int:
-    """The optimizer steps the run plans (training.max_steps, else epochs x rows / effective batch);
-    a ConfigError past core.config.MAX_TOTAL_STEPS (a typo of 1e12 epochs, not a run)."""
-    t = cfg.training
-    batches = -(-rows // (t.micro_batch_size * distributed.world_size()))  # ceil: micro-batches per epoch
-    per_epoch = max(1, -(-batches // t.grad_accum))
-    steps = t.max_steps if t.max_steps > 0 else math.ceil(per_epoch * t.epochs)
-    if steps > config_lib.MAX_TOTAL_STEPS:
-        raise config_lib.ConfigError(
-            f"training.epochs: {t.epochs:g} epochs of {rows:,} rows make {steps:,} steps; at most "
-            f"{config_lib.MAX_TOTAL_STEPS:,} (lower training.epochs, or set training.max_steps)")
-    return steps
 
 
 def train(cfg, run_dir: Path, resume: bool) -> int:

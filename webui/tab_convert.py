@@ -1,6 +1,6 @@
 """Convert tab: pick a run and a checkpoint; export the adapter, merge it into the base, or export a
 GGUF for llama.cpp / Ollama (through the merge, verified against it, with a Modelfile). The work
-runs in the core's child job (`python -m lorastudio.core.convert`, output to RUN_DIR/convert.log), reporting
+runs in the core's child job (`python -m lorastudio.core.convert_job`, output to RUN_DIR/convert.log), reporting
 convert_start / convert_end / convert_failed in RUN_DIR/metrics.jsonl, which this tab reads."""
 
 from __future__ import annotations
@@ -65,7 +65,7 @@ def launch_convert(run_dir: str, checkpoint: str | None, merge: bool, dtype: str
         raise ValueError(f"merged dtype {dtype!r}: one of {', '.join(DTYPES)}")
     if gguf is not None and gguf not in GGUF_TYPES:
         raise ValueError(f"GGUF type {gguf!r}: one of {', '.join(GGUF_TYPES)}")
-    cmd = [sys.executable, "-m", "lorastudio.core.convert", str(run_dir), "--dtype", dtype or "auto"]
+    cmd = [sys.executable, "-m", "lorastudio.core.convert_job", str(run_dir), "--dtype", dtype or "auto"]
     cmd += ["--gguf", gguf] if gguf else []
     ck = _checkpoint_arg(checkpoint)
     if ck is not None:
