@@ -64,6 +64,28 @@ def _merged(run_dir: Path, checkpoint: int | None, device: str) -> Path:
     return merged
 
 
+def _converter_input(merged: Path, cfg, tmp: Path) -> Path:
+    """The folder llama.cpp's converter reads: the merge, plus the base's SentencePiece
+    tokenizer.model where the merge (saved from the fast tokenizer) lacks it. Without that file the
+    converter builds a Llama vocabulary from tokenizer.json with every score at -1000, and
+    llama.cpp's SentencePiece tokenizer then merges left to right instead of by the model's merge
+    order: the tiny model's "assistant" became ass|ist|ant, so llama.cpp and Ollama rendering the
+    template themselves fed the model other ids than training did. The merge itself is left as
+    verified: the converter reads a folder of links to it and the base's file."""
+    from . import model as model_lib
+
+    base_spm = Path(model_lib.resolve_path(cfg.model.name_or_path)) / "tokenizer.model"
+    if (merged / "tokenizer.model").exists() or not base_spm.is_file():
+        return merged
+    staged = tmp / "converter-input"
+    staged.mkdir()
+    for f in merged.iterdir():
+        (staged / f.name).symlink_to(f.resolve())
+    (staged / "tokenizer.model").symlink_to(base_spm.resolve())
+    convert.log("the base's tokenizer.model beside the merge for the converter (SentencePiece merge scores)")
+    return staged
+
+
 def export(run_dir: str | Path, qtype: str = "q8_0", checkpoint: int | None = None, out: str | Path | None = None,
            device: str = "auto") -> dict:
     qtype = (qtype or "").lower()
@@ -85,16 +107,19 @@ def export(run_dir: str | Path, qtype: str = "q8_0", checkpoint: int | None = No
     name = gguf_name(qtype)
     try:
         target = tmp / name
+        source = _converter_input(merged, cfg, tmp)
         if qtype in gguf_tools.CONVERTER_TYPES:
             convert.log(f"converting {merged.name} to GGUF {qtype} (llama.cpp's convert_hf_to_gguf.py)")
-            gguf_tools.run_converter(merged, target, qtype, convert.log)
+            gguf_tools.run_converter(source, target, qtype, convert.log)
         else:
             f16 = tmp / "intermediate-f16.gguf"
             convert.log(f"converting {merged.name} to GGUF f16 (llama.cpp's convert_hf_to_gguf.py)")
-            gguf_tools.run_converter(merged, f16, "f16", convert.log)
+            gguf_tools.run_converter(source, f16, "f16", convert.log)
             convert.log(f"quantizing to {qtype} (llama.cpp's llama_model_quantize)")
             gguf_tools.quantize(f16, target, qtype)
             f16.unlink()
+        if source != merged:
+            shutil.rmtree(source)  # (links only)
         (tmp / gguf_chat_dir()).mkdir()
         for f in TOKENIZER_FILES:
             if (merged / f).exists():

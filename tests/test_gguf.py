@@ -86,6 +86,10 @@ def test_f16_export_answers_as_the_merged_model(gguf_run, f16, merged_chat):
     assert next(iter(report)) == "passed" and report["passed"] is True and v["passed"]
     assert v["answers"]["identical"] == v["answers"]["prompts"] >= 8
     assert v["answers"]["top1_agreement"] == 1.0 and all(v["metadata"]["checks"].values())
+    # llama.cpp's own tokenizer (what Ollama feeds the model) splits every prompt as training did:
+    # the converter read the base's SentencePiece merge scores, not a tokenizer.json at -1000 each
+    assert v["tokenization"]["passed"] and v["warnings"] == [], v["warnings"]
+    assert all(r["own_tokenization_identical"] for r in v["answers"]["rows"])
     assert report["architecture"] == "LlamaForCausalLM" and report["merged"] == str(demo_run / "merged")
     # the run's sample prompts are among the verified ones
     from lorastudio.core import config as config_lib
