@@ -279,6 +279,8 @@ def test_build_config_from_preset_and_form():
     assert cfg.training.sample_prompts == ["a", "b"] and cfg.data.sources[0].ratio == 0.5
     cfg = build_config("tiny_smoke", {**form, "method": "lora"})
     assert cfg.quantization.bits is None
+    assert form["report_to"] == "none"  # the tracker: metrics.jsonl alone unless asked
+    assert build_config("tiny_smoke", {**form, "report_to": "tensorboard"}).training.report_to == "tensorboard"
     from lorastudio.core.config import ConfigError
 
     with pytest.raises(ConfigError, match="training.learning_rate"):

@@ -79,6 +79,9 @@ FORM: tuple[Field, ...] = (
     Field("pref_simpo_gamma", "preference.simpo_gamma", "SimPO gamma (target margin, 0.5-1.5)", "float", 9),
     Field("pref_desirable_weight", "preference.desirable_weight", "KTO desirable weight", "float", 9),
     Field("pref_undesirable_weight", "preference.undesirable_weight", "KTO undesirable weight", "float", 9),
+    Field("report_to", "training.report_to", "Also log to (none: metrics.jsonl only; tensorboard: RUN_DIR/tensorboard; "
+          "trackio: a local dashboard; these two need the [track] extra)", "choice", 4,
+          ("none", "tensorboard", "trackio", "wandb", "mlflow"), elem_id="report-to"),
 )
 FORM_NAMES = [f.name for f in FORM]
 FIELDS = {f.name: f for f in FORM}
