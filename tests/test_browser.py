@@ -438,6 +438,7 @@ def test_a_single_eval_point_is_drawn(page):
         paths = wait_for(curves, 20, "this run's curves on the plot")
         single = [m for d, m in paths if d and "L" not in d]
         assert single and all("eval-dot" in m for m in single), paths
+        assert not page.locator("#rewards-plot").is_visible()  # an SFT run: no empty rewards plot beside it
         page.locator("#loss-plot").screenshot(path=str(ARTIFACTS / "browser_single_eval_point.png"))
     finally:
         shutil.rmtree(run_dir, ignore_errors=True)

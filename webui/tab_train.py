@@ -168,9 +168,10 @@ def build(ui: dict) -> None:
         ui["loss_plot"] = gr.LinePlot(x="step", y="value", color="series", title="Loss and eval loss", height=300,
                                       elem_id="loss-plot", color_map=LOSS_COLORS)
         ui["lr_plot"] = gr.LinePlot(x="step", y="lr", title="Learning rate", height=300, elem_id="lr-plot")
-        # preference stages: reward margin, accuracy, chosen and rejected rewards (no data for SFT runs)
+        # preference stages: reward margin, accuracy, chosen and rejected rewards (shown only for a
+        # run that logs them: an SFT run has none, and an empty plot would read as a broken one)
         ui["rewards_plot"] = gr.LinePlot(x="step", y="value", color="series", title="Rewards (preference stages)",
-                                         height=300, elem_id="rewards-plot")
+                                         height=300, elem_id="rewards-plot", visible=False)
     ui["cli"] = gr.Textbox(label="CLI command that reproduces this run", buttons=["copy"], interactive=False,
                            elem_id="cli-cmd")
     ui["samples_empty"] = gr.Markdown(SAMPLES_EMPTY)
@@ -285,7 +286,8 @@ def wire(ui: dict, demo) -> None:
         # no points: no data at all (an empty frame fixes the plot's series and axes for good)
         return [status_markdown(v), gr.LinePlot(value=loss if len(loss) else None, x_lim=x_range(v)),
                 lr if len(lr) else None,
-                gr.LinePlot(value=reward_frame(v) if v.get("rewards") else None, x_lim=x_range(v)),
+                gr.LinePlot(value=reward_frame(v) if v.get("rewards") else None, x_lim=x_range(v),
+                            visible=bool(v.get("rewards"))),
                 gr.Dataframe(value=samples, visible=len(samples) > 0), empty_note(samples, SAMPLES_EMPTY), "\n".join(v["log"]), v.get("cli", ""),
                 *(gr.Button(interactive=b[n]) for n in ("stop", "resume", "retry")), key]
 
