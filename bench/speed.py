@@ -137,6 +137,7 @@ def build_fast(a, tokenizer, ds, callbacks):
     from lorastudio.core import config as config_lib
     from lorastudio.core import resolve as resolve_lib
     from lorastudio.core import model as model_lib
+    from lorastudio.core import plan as plan_lib
     from lorastudio.core import train as train_lib
 
     training = {"micro_batch_size": a.mb, "grad_accum": 1, "max_steps": a.steps, "learning_rate": 2e-4,
@@ -172,7 +173,7 @@ def build_fast(a, tokenizer, ds, callbacks):
     if a.gpu_mem:
         cfg.training.gpu_memory_gib = a.gpu_mem
     if cfg.training.device == "cuda":  # what the training child does once the data is known
-        _decided, why, budget = train_lib.memory_plan(cfg, [len(r["input_ids"]) for r in ds])
+        _decided, why, budget = plan_lib.memory_plan(cfg, [len(r["input_ids"]) for r in ds])
         print("memory plan:", "; ".join(why), flush=True)
         plan_line = "; ".join(why)
     model = model_lib.load_for_training(cfg, tokenizer, [])

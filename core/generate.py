@@ -15,6 +15,7 @@ disable_adapter(). A template of None is plain completion (the prompt is the mes
 from __future__ import annotations
 
 import contextlib
+import itertools
 import threading
 
 
@@ -65,6 +66,29 @@ def _inputs_and_settings(model, tokenizer, template, messages, system, temperatu
 def _first_stop(text: str, stops: list[str]) -> int | None:
     found = [text.find(s) for s in stops if s and s in text]
     return min(found) if found else None
+
+
+def until_stops(texts, stops: list[str]):
+    """The new part of each of TEXTS (the reply so far, growing), cut at the first stop string; the
+    last len(stop) - 1 characters are held back while a stop string may still be arriving, and a
+    text ending in half a multi-byte character waits for the rest. Used by transformers' and
+    llama.cpp's streams alike."""
+    hold = max((len(s) for s in stops), default=1) - 1
+    text, sent = "", 0
+    for text in texts:
+        cut = _first_stop(text, stops)
+        if cut is not None:
+            text = text[:cut]
+            break
+        if text.endswith("\ufffd"):
+            continue
+        if len(text) - hold > sent:
+            yield text[sent:len(text) - hold]
+            sent = len(text) - hold
+    cut = _first_stop(text, stops)
+    text = text[:cut] if cut is not None else text
+    if len(text) > sent:
+        yield text[sent:]
 
 
 @contextlib.contextmanager
@@ -134,22 +158,8 @@ def stream(model, tokenizer, template, messages: list[dict], system: str | None 
 
     thread = threading.Thread(target=run, daemon=True)
     thread.start()
-    text, sent = "", 0
-    hold = max((len(s) for s in stops), default=1) - 1  # a stop string may be arriving: hold it back
     try:
-        for chunk in streamer:
-            text += chunk
-            cut = _first_stop(text, stops)
-            if cut is not None:
-                text = text[:cut]
-                break
-            if len(text) - hold > sent:
-                yield text[sent:len(text) - hold]
-                sent = len(text) - hold
-        cut = _first_stop(text, stops)
-        text = text[:cut] if cut is not None else text
-        if len(text) > sent:
-            yield text[sent:]
+        yield from until_stops(itertools.accumulate(streamer), stops)
     finally:
         cancel.set()
         thread.join()

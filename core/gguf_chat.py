@@ -65,39 +65,28 @@ class GGUFModel:
     def stream(self, tokenizer, template, messages: list[dict], system: str | None = None, temperature: float = 0.7,
                top_p: float = 0.9, top_k: int = 50, max_new_tokens: int = 256, repetition_penalty: float = 1.0,
                greedy: bool = False, use_adapter: bool = True):
-        from .generate import _first_stop, build_prompt, eos_ids
+        from .generate import build_prompt, eos_ids, until_stops
 
         prompt = build_prompt(tokenizer, template, messages, system)
         ids = tokenizer(prompt, add_special_tokens=template is None)["input_ids"]
         stop_ids = set(eos_ids(tokenizer, template)) | self.eog
         stops = list(getattr(template, "stop_strings", None) or [])
-        hold = max((len(s) for s in stops), default=1) - 1
         if len(ids) + max_new_tokens > self.llm.n_ctx():
             raise ValueError(f"the prompt is {len(ids)} tokens; with {max_new_tokens} new ones that is more than "
                              f"the {self.llm.n_ctx()} this GGUF chat holds (Clear starts anew)")
         greedy = greedy or temperature <= 0
         tokens = self.llm.generate(ids, temp=0.0 if greedy else temperature, top_p=top_p, top_k=top_k, min_p=0.0,
                                    repeat_penalty=repetition_penalty, reset=True)
-        out: list[int] = []
-        text, sent = "", 0
-        for n, tok in enumerate(tokens):
-            if tok in stop_ids or n >= max_new_tokens:
-                break
-            out.append(tok)
-            text = tokenizer.decode(out, skip_special_tokens=True)
-            cut = _first_stop(text, stops)
-            if cut is not None:
-                text = text[:cut]
-                break
-            if text.endswith("\ufffd"):  # half of a multi-byte character: wait for the rest
-                continue
-            if len(text) - hold > sent:
-                yield text[sent:len(text) - hold]
-                sent = len(text) - hold
-        cut = _first_stop(text, stops)
-        text = text[:cut] if cut is not None else text
-        if len(text) > sent:
-            yield text[sent:]
+
+        def texts():  # the reply so far, one token longer each time
+            out: list[int] = []
+            for n, tok in enumerate(tokens):
+                if tok in stop_ids or n >= max_new_tokens:
+                    return
+                out.append(tok)
+                yield tokenizer.decode(out, skip_special_tokens=True)
+
+        yield from until_stops(texts(), stops)
 
     def reply(self, tokenizer, template, messages, **gen) -> str:
         return "".join(self.stream(tokenizer, template, messages, **gen)).strip()

@@ -28,6 +28,7 @@ from .callbacks import make_callbacks, write_samples
 from .child import (STOP, StopRequested, discard_partial_checkpoints, event, explain, log, model_revision,
                     on_sigterm, quiet_libraries, take_device, versions, write_json)
 from .faults import install_faults
+from .plan import memory_plan, pad_multiple
 from .trainer import liger_config, trainer_class
 
 def load_tokenizer_and_template(cfg):
@@ -77,59 +78,6 @@ def prepare_data(cfg, tokenizer, template, held_out: list | None = None):
     if cfg.template.packing:
         tokenized = dataset_lib.pack(tokenized, cfg.template.cutoff_len)
     return tokenized, eval_ds, stats, reports, data_lib.dataset_hash(sources)
-
-
-def memory_plan(cfg, lengths: list[int]) -> tuple[dict, list[str], float]:
-    """Fill the auto memory settings of a CUDA run in place (core.resolve.plan, stage 3) and cap
-    torch's allocator at training.gpu_memory_gib when set. The worst micro-batch in tokens:
-    packed rows are full; padding-free rows hold the mb longest samples; padded rows are mb x
-    the longest. Returns (the decided fields, reasons, the budget in GiB)."""
-    import torch
-
-    from . import arch as arch_lib
-    from . import resolve
-
-    t = cfg.training
-    mb = t.micro_batch_size * (2 if cfg.stage in ("dpo", "orpo", "simpo") else 1)  # a pair: both answers
-    longest = sorted(lengths, reverse=True)
-    pad = _pad_multiple(cfg)
-    up = lambda n: -(-n // pad) * pad  # noqa: E731 - rows are padded up to a multiple of pad
-    if cfg.template.packing:
-        max_tokens = up(cfg.template.cutoff_len * mb)
-    elif cfg.template.padding_free:
-        max_tokens = up(sum(longest[:mb]))
-    else:
-        max_tokens = up(longest[0] if longest else cfg.template.cutoff_len) * mb
-    # a typical micro-batch: mb rows of the median length (what most steps hold)
-    median = longest[len(longest) // 2] if longest else cfg.template.cutoff_len
-    typical = max_tokens if cfg.template.packing else min(max_tokens, up(median * mb))
-    free, total = torch.cuda.mem_get_info()
-    budget = free / 2 ** 30
-    reasons = []
-    if t.gpu_memory_gib:
-        budget = min(budget, t.gpu_memory_gib)
-        # the allocator's cap (the CUDA context and managed memory come on top: the plan counts them)
-        torch.cuda.set_per_process_memory_fraction(min(1.0, t.gpu_memory_gib * 2 ** 30 / total))
-        reasons.append(f"budget {t.gpu_memory_gib:g} GiB (training.gpu_memory_gib)")
-    # multi-GPU: every rank must make the same choice (an optimizer per rank that differs would
-    # split the replicas) and free memory differs by rank: the safe static settings, those the
-    # plan gives an unknown architecture
-    arch = None
-    if t.gpus == 1:
-        try:
-            arch = arch_lib.arch_for(cfg.model.name_or_path)
-        except Exception:  # noqa: BLE001 - an unknown architecture keeps the safe settings
-            pass
-    decided, why = resolve.plan(cfg, arch, max_tokens, budget, typical_tokens=typical)
-    resolve.fill(cfg, decided)
-    if t.gpus > 1:
-        why = ["multi-GPU: checkpointing on, fused AdamW, embeddings and activations on the GPU unless set"]
-    return decided, reasons + why, budget
-
-
-def _pad_multiple(cfg) -> int:
-    pad = cfg.template.pad_to_multiple_of
-    return pad if isinstance(pad, int) else 1  # "auto" unresolved (a caller of build_trainer alone): none
 
 
 def build_trainer(cfg, run_dir: Path, model, tokenizer, template, train_ds, eval_ds, callbacks=None,
@@ -188,7 +136,7 @@ def build_trainer(cfg, run_dir: Path, model, tokenizer, template, train_ds, eval
         return preference.build_trainer(cfg, run_dir, model, tokenizer, train_ds, eval_ds, callbacks, args)
     trainer = trainer_class(t.offload_activations is True)(
         model=model, args=args, train_dataset=train_ds, eval_dataset=eval_ds,
-        data_collator=dataset_lib.collator(tokenizer, padding_free, _pad_multiple(cfg)), processing_class=tokenizer,
+        data_collator=dataset_lib.collator(tokenizer, padding_free, pad_multiple(cfg)), processing_class=tokenizer,
         callbacks=callbacks or [],
     )
     trainer.remove_callback(PrinterCallback)  # our Metrics callback logs one line per step instead
@@ -281,7 +229,7 @@ def train(cfg, run_dir: Path, resume: bool) -> int:
         # the fused loss reads lm_head.weight directly and would miss the trained rows of added tokens
         log("kernels: fused loss off (added tokens train rows of an untied lm_head)")
         cfg.training.kernels = "off"
-    padding_free, pad = bool(cfg.template.padding_free or cfg.template.packing), _pad_multiple(cfg)
+    padding_free, pad = bool(cfg.template.padding_free or cfg.template.packing), pad_multiple(cfg)
     write_json(run_dir, speed_path={
         "padding_free": padding_free, "packing": cfg.template.packing, "pad_to_multiple_of": pad,
         "kernels": t.kernels, "gradient_checkpointing": t.gradient_checkpointing,

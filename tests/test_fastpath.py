@@ -12,6 +12,7 @@ from lorastudio.core import config as config_lib
 from lorastudio.core import resolve as resolve_lib
 from lorastudio.core import dataset as dataset_lib
 from lorastudio.core import model as model_lib
+from lorastudio.core import plan as plan_lib
 from lorastudio.core import train as train_lib
 from lorastudio.core import trainer as trainer_lib
 
@@ -623,11 +624,11 @@ def test_memory_plan_sizes_the_largest_padded_row(monkeypatch):
     cfg = resolve_lib.resolve(cfg)
     cfg.training.gradient_checkpointing = "auto"  # what a CUDA run leaves to the plan
     cfg.template.pad_to_multiple_of = 64
-    _decided, why, _budget = train_lib.memory_plan(cfg, [100, 90, 80])
+    _decided, why, _budget = plan_lib.memory_plan(cfg, [100, 90, 80])
     assert any("largest micro-batch (192 tokens)" in w for w in why), why
     cfg.template.pad_to_multiple_of = 1
     cfg.training.gradient_checkpointing = "auto"
-    _decided, why, _budget = train_lib.memory_plan(cfg, [100, 90, 80])
+    _decided, why, _budget = plan_lib.memory_plan(cfg, [100, 90, 80])
     assert any("largest micro-batch (190 tokens)" in w for w in why), why
 
 
