@@ -16,10 +16,11 @@
 #   CHECK=1 BUDGETS="12 16 24" MLPOFF=12 AGAIN=12 bash bench/gpu_speed.sh budgets  # + MLP recompute probes
 #   BUDGET=6 bash bench/gpu_speed.sh budgets-small  # the same for the 1.5B bf16 LoRA
 #   LOGS=/tmp/logs bash bench/gpu_speed.sh pyspy-budget  # issue 17: py-spy of the 1.5B (none, 6 GiB) and 8B (8 GiB)
-#   LOGS=/tmp/logs bash bench/gpu_speed.sh cache-ab  # issue 17: fused LoRA weight copies vs the previous fused_lora.py
+#   LOGS=/tmp/logs PART=1.5b bash bench/gpu_speed.sh cache-ab  # issue 17: fused LoRA weight copies vs the
+#                                     #   previous fused_lora.py (PART=8b: the 8B half; none: both)
 #   bash bench/gpu_speed.sh sdpa      # flash vs cuDNN attention on one 348k-token row (bench/sdpa_probe.py)
 # Needs .bench/chat_tokens.jsonl (here: python bench/speed.py prep .bench) and the .whl wheels
-# (trl, datasets, pydantic, liger-kernel, bitsandbytes cuda130); results: $OUT/speed.jsonl + logs.
+# (bash bench/device_wheels.sh builds .whl and .peer); results: $OUT/speed.jsonl + logs.
 set -uo pipefail
 source bench/device_env.sh
 GROUP="${1:-qlora8b}"; shift || true
@@ -46,7 +47,7 @@ peer() {  # Unsloth's SFTTrainer on the same rows: its own trl/datasets (.peer/w
     python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --target /tmp/su .peer/w/*.whl \
       $(ls .whl/*.whl | grep -v 'trl-\|datasets-\|transformers-\|liger') || return 1
   fi
-  PYTHONPATH=/tmp/su python3 .peer/unsloth_sft.py "${PEER_MODEL:-/tmp/m8b}" "$TOK" --label unsloth --out "$OUT/peer.jsonl" "$@" \
+  PYTHONPATH="/tmp/su:$PWD/.whl/site" python3 .peer/unsloth_sft.py "${PEER_MODEL:-/tmp/m8b}" "$TOK" --label unsloth --out "$OUT/peer.jsonl" "$@" \
     > "$LOGS/unsloth.log" 2>&1
   local rc=$?
   echo "unsloth rc=$rc $((SECONDS - t0))s $(grep -o '"non_pad_tokens_per_s": [0-9.]*\|"peak_device_used_gib": [0-9.]*' "$LOGS/unsloth.log" | tr '\n' ' ')"
@@ -167,14 +168,18 @@ case "$GROUP" in
     cp .bench/memory_old.py /tmp/lsroot_old/lorastudio/core/memory.py
     for room in webui presets cli; do ln -sfn "$PWD/$room" "/tmp/lsroot_old/lorastudio/$room"; done
     OLDPY="/tmp/site:$PWD/.whl/site:/tmp/lsroot_old"
+    S=(--steps ${STEPS:-24} --warmup 5)
+    if [ "${PART:-all}" != 8b ]; then  # PART=1.5b or 8b: one shape per call
     python3 bench/make_random_model.py qwen2.5-1.5b /tmp/qwen2.5-1.5b
-    M=(--model /tmp/qwen2.5-1.5b --side fast --method lora); S=(--steps ${STEPS:-24} --warmup 5)
+    M=(--model /tmp/qwen2.5-1.5b --side fast --method lora)
     one 1.5b-warm-up "${M[@]}" --steps 6
     one 1.5b-fast "${M[@]}" "${S[@]}"
     PYTHONPATH="$OLDPY" one 1.5b-fast-old "${M[@]}" "${S[@]}"
     one 1.5b-budget-6 "${M[@]}" --gpu-mem 6 "${S[@]}"
     PYTHONPATH="$OLDPY" one 1.5b-budget-6-old "${M[@]}" --gpu-mem 6 "${S[@]}"
     PEER_MODEL=/tmp/qwen2.5-1.5b peer --method lora "${S[@]}" --label unsloth-1.5b
+    fi
+    [ "${PART:-all}" != 1.5b ] || exit 0
     python3 bench/make_random_model.py llama3.1-8b /tmp/m8b
     M=(--model /tmp/m8b --side fast --method qlora)
     one warm-up "${M[@]}" --steps 6
